@@ -1,0 +1,284 @@
+"""A small index over an ONNX GraphProto: producers, consumers, constants and unique names.
+
+Nodes are referred to by their position in ``graph.node``. Rewrites go through the index so that it
+stays true, and :meth:`GraphIndex.commit` writes the surviving nodes back in their original order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def outer_names(graph: onnx.GraphProto) -> Set[str]:
+    """Names a (sub)graph reads from enclosing scopes: used inside, defined nowhere inside."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    used: Set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for g in subgraphs(node):
+            used |= outer_names(g)
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def all_names(graph: onnx.GraphProto, into: Set[str]) -> Set[str]:
+    """Every value and node name in a graph and its subgraphs."""
+    for seq in (graph.input, graph.output, graph.value_info):
+        into.update(v.name for v in seq)
+    into.update(t.name for t in graph.initializer)
+    for node in graph.node:
+        into.update(node.input)
+        into.update(node.output)
+        into.add(node.name)
+        for g in subgraphs(node):
+            all_names(g, into)
+    into.discard("")
+    return into
+
+
+class GraphIndex:
+    """Who produces and who reads each value of one graph, and which values are constants.
+
+    ``constant_of`` is a hook through which a caller can provide values the index cannot see
+    (outer-scope constants of a subgraph, constant-subgraph evaluation).
+    """
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        *,
+        ir_version: int,
+        opset: int,
+        load_tensor: Callable[[onnx.TensorProto], np.ndarray],
+        taken_names: Optional[Set[str]] = None,
+        outer: Optional["GraphIndex"] = None,
+    ) -> None:
+        self.graph = graph
+        self.ir_version = ir_version
+        self.opset = opset
+        self.outer = outer
+        self._load_tensor = load_tensor
+        self.nodes: List[Optional[onnx.NodeProto]] = list(graph.node)
+        self.initializers: Dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.input_names = [i.name for i in graph.input]
+        self.output_names = [o.name for o in graph.output]
+        self.graph_outputs = set(self.output_names)
+        # IR >= 4: an initializer listed among the inputs is a default a caller may override.
+        # IR 3: every initializer must be listed as an input, and that says nothing.
+        self.overridable = (
+            set(self.input_names) & set(self.initializers) if ir_version >= 4 else set()
+        )
+        self.taken = taken_names if taken_names is not None else all_names(graph, set())
+        self._constants: Dict[str, Optional[np.ndarray]] = {}
+        self._dropped: Set[str] = set()
+        self.producer: Dict[str, int] = {}
+        self.consumers: Dict[str, List[int]] = {}
+        for i, node in enumerate(self.nodes):
+            self._link(i, node)
+
+    # -- structure -----------------------------------------------------------------------------
+    def _reads(self, node: onnx.NodeProto) -> Iterable[str]:
+        names = [n for n in node.input if n]
+        for g in subgraphs(node):
+            names.extend(sorted(outer_names(g)))
+        return names
+
+    def _link(self, i: int, node: onnx.NodeProto) -> None:
+        for name in self._reads(node):
+            self.consumers.setdefault(name, []).append(i)
+        for name in node.output:
+            if name:
+                self.producer[name] = i
+
+    def _unlink(self, i: int, node: onnx.NodeProto) -> None:
+        for name in self._reads(node):
+            users = self.consumers.get(name, [])
+            if i in users:
+                users.remove(i)
+        for name in node.output:
+            if self.producer.get(name) == i:
+                del self.producer[name]
+
+    def node_of(self, name: str) -> Optional[onnx.NodeProto]:
+        i = self.producer.get(name)
+        return None if i is None else self.nodes[i]
+
+    def readers(self, name: str) -> List[int]:
+        return self.consumers.get(name, [])
+
+    def uses(self, name: str) -> int:
+        """How many node inputs and graph outputs read ``name``."""
+        return len(self.readers(name)) + (name in self.graph_outputs)
+
+    def live_nodes(self) -> Iterator[int]:
+        return (i for i, n in enumerate(self.nodes) if n is not None)
+
+    # -- constants -----------------------------------------------------------------------------
+    def is_overridable(self, name: str) -> bool:
+        if name in self.initializers:
+            return name in self.overridable
+        return self.outer is not None and name not in self.producer and self.outer.is_overridable(name)
+
+    def constant(self, name: str) -> Optional[np.ndarray]:
+        """The value of ``name`` when it cannot change between runs, else None."""
+        if name not in self._constants:
+            self._constants[name] = self._evaluate(name)
+        return self._constants[name]
+
+    def _evaluate(self, name: str) -> Optional[np.ndarray]:
+        if name in self.initializers:
+            if name in self.overridable:
+                return None
+            return self._load_tensor(self.initializers[name])
+        node = self.node_of(name)
+        if node is None:
+            if self.outer is not None and name not in self.input_names:
+                return self.outer.constant(name)
+            return None
+        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
+            return constant_node_value(node)
+        return None
+
+    # -- rewriting -----------------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        """A name used nowhere in the model (subgraphs included)."""
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+    def add_initializer(self, array: np.ndarray, base: str) -> str:
+        name = self.fresh(base)
+        tensor = self.graph.initializer.add()  # add() returns the stored message; append() copies
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        self.initializers[name] = tensor
+        self._constants[name] = array
+        if self.ir_version < 4:
+            self.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(array.shape))
+            )
+        return name
+
+    def replace_initializer(self, name: str, array: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(array, name)
+        old = self.initializers[name]
+        old.Clear()
+        old.CopyFrom(tensor)
+        self._constants[name] = array
+
+    def replace_node(self, i: int, node: onnx.NodeProto) -> None:
+        self._unlink(i, self.nodes[i])
+        self.nodes[i] = node
+        self._link(i, node)
+
+    def remove_node(self, i: int) -> None:
+        self._unlink(i, self.nodes[i])
+        self.nodes[i] = None
+
+    def set_input(self, i: int, slot: int, name: str) -> None:
+        node = onnx.NodeProto()
+        node.CopyFrom(self.nodes[i])
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+        self.replace_node(i, node)
+
+    def drop_if_unused(self, names: Iterable[str]) -> None:
+        """Remove initializers and constant-producing nodes that nothing reads any more."""
+        pending = list(names)
+        while pending:
+            name = pending.pop()
+            if not name or self.uses(name):
+                continue
+            if name in self.initializers and name not in self.overridable:
+                del self.initializers[name]
+                self._constants.pop(name, None)
+                self._dropped.add(name)
+            elif name in self.producer:
+                i = self.producer[name]
+                node = self.nodes[i]
+                if any(self.uses(o) for o in node.output if o) or not _pure(node):
+                    continue
+                self.remove_node(i)
+                pending.extend(node.input)
+
+    def commit(self) -> None:
+        """Write nodes, initializers and declarations back to the GraphProto."""
+        graph = self.graph
+        kept = [n for n in self.nodes if n is not None]
+        del graph.node[:]
+        graph.node.extend(kept)
+        kept_init = [t for t in graph.initializer if self.initializers.get(t.name) is t]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_init)
+        # IR 3 lists every initializer as an input: those that were dropped go from the inputs too.
+        for vi in [i for i in graph.input if i.name in self._dropped]:
+            graph.input.remove(vi)
+        self._dropped.clear()
+        live = set(self.producer) | set(self.initializers) | set(self.input_names)
+        for vi in [v for v in graph.value_info if v.name not in live]:
+            graph.value_info.remove(vi)
+        self.nodes = list(graph.node)
+        self.producer.clear()
+        self.consumers.clear()
+        for i, node in enumerate(self.nodes):
+            self._link(i, node)
+
+
+def _pure(node: onnx.NodeProto) -> bool:
+    # Only nodes that compute constants are removed when orphaned; anything else stays as it was.
+    return node.domain in ONNX_DOMAINS and not any(True for _ in subgraphs(node))
+
+
+def constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for o in model.opset_import:
+        if o.domain in ((domain,) if domain else ONNX_DOMAINS):
+            return o.version
+    return 0
