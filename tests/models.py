@@ -31,7 +31,7 @@ class Builder:
         return f"{base}{k}"
 
     def input(self, name: str, shape: Sequence[Union[int, str, None]], elem=None) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, elem or self._elem(), list(shape)))
+        self.inputs.append(helper.make_tensor_value_info(name, elem or self._elem(), None if shape is None else list(shape)))
         return name
 
     def output(self, name: str, elem=None, shape=None) -> str:
@@ -92,10 +92,13 @@ class Builder:
         ins = [x, w] + ([self.const(self.randn(n), "fc_b")] if bias else [])
         return self.op("Gemm", ins, "gemm", transB=trans_b, **attrs)
 
-    def model(self, *outputs: str, elem=None) -> onnx.ModelProto:
+    def model(self, *outputs: str, elem=None, shape=None) -> onnx.ModelProto:
         for o in outputs:
-            self.output(o, elem)
-        graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits)
+            self.output(o, elem, shape)
+        inputs = list(self.inputs)
+        if self.ir_version and self.ir_version < 4:  # IR 3 lists every initializer as a graph input
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
+        graph = helper.make_graph(self.nodes, "g", inputs, self.outputs, self.inits)
         kw = {"ir_version": self.ir_version} if self.ir_version else {}
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="bnfold-tests", **kw)
         if not self.ir_version:

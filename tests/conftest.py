@@ -1,0 +1,79 @@
+"""Shared checks: every fold test runs both models through onnxruntime with optimizations off."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bnfold  # noqa: E402
+from bnfold.fold.common import is_batchnorm  # noqa: E402
+from bnfold.verify import input_specs, random_input, resolve_shape  # noqa: E402
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], provider="CPUExecutionProvider") -> Dict[str, np.ndarray]:
+    opts = ort.SessionOptions()
+    # From the BASIC level on onnxruntime fuses Conv+BN itself: the reference must run unoptimized.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, dict(feeds))))
+
+
+def feeds_for(model: onnx.ModelProto, seed: int = 0, dims: Optional[Mapping[str, int]] = None) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: random_input(rng, dt, resolve_shape(n, d, dims or {}, {})) for n, dt, d in input_specs(model)}
+
+
+def rel_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """Largest absolute difference relative to the output's largest magnitude."""
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    return float(np.max(np.abs(ref64 - got64)) / max(float(np.max(np.abs(ref64))), 1e-30))
+
+
+def assert_same(original: onnx.ModelProto, folded: onnx.ModelProto, tol: float = 1e-5, dims=None, samples: int = 2) -> None:
+    for seed in range(samples):
+        feeds = feeds_for(original, seed, dims)
+        ref, got = run_ort(original, feeds), run_ort(folded, feeds)
+        assert list(ref) == list(got)
+        for name in ref:
+            assert ref[name].shape == got[name].shape, name
+            assert ref[name].dtype == got[name].dtype, name
+            err = rel_error(ref[name], got[name])
+            assert err <= tol, f"output {name}: relative error {err:.3g} > {tol:g}"
+
+
+def count_bn(model: onnx.ModelProto) -> int:
+    return sum(is_batchnorm(n) for n in model.graph.node)
+
+
+def check_fold(model: onnx.ModelProto, left: int = 0, tol: float = 1e-5, dims=None, full_check: bool = True):
+    """Fold, then check every invariant: numerics, BN count, names, checker, input untouched, determinism."""
+    original_bytes = model.SerializeToString()
+    folded, report = bnfold.fold(model)
+    assert model.SerializeToString() == original_bytes, "the input model was modified"
+    assert count_bn(folded) == left, report.render_text()
+    assert report.after.batchnorms == left and len(report.left) == left
+    assert [i.name for i in folded.graph.input if i.name not in {t.name for t in folded.graph.initializer}] == [
+        i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
+    ]
+    assert [o.name for o in folded.graph.output] == [o.name for o in model.graph.output]
+    assert len({t.name for t in folded.graph.initializer}) == len(folded.graph.initializer)
+    if full_check:
+        onnx.checker.check_model(folded, full_check=True)
+    assert bnfold.fold(model)[0].SerializeToString() == folded.SerializeToString(), "not deterministic"
+    assert_same(model, folded, tol, dims)
+    return folded, report
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDAExecutionProvider is not available")
