@@ -1,0 +1,226 @@
+"""bnfold verify: API and CLI, every option, and the ways a candidate can be wrong."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import bnfold
+from bnfold.cli import cli
+from bnfold.errors import BnfoldError
+from bnfold.verify import ErrorStats, verify
+from conftest import HAS_CUDA, requires_cuda
+from models import Builder, resnet_bottleneck
+
+
+def save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    model = resnet_bottleneck()
+    folded, _ = bnfold.fold(model)
+    return save(model, tmp_path / "orig.onnx"), save(folded, tmp_path / "folded.onnx"), model, folded
+
+
+def scaled_channel(folded, conv_index=2, channel=1, factor=1.01):
+    """The folded model with one output channel of one Conv weight scaled: a deliberately wrong fold."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(folded)
+    conv = [n for n in bad.graph.node if n.op_type == "Conv"][conv_index]
+    tensor = next(t for t in bad.graph.initializer if t.name == conv.input[1])
+    arr = numpy_helper.to_array(tensor).copy()
+    arr[channel] *= factor
+    tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+    return bad, conv.output[0]
+
+
+def test_correct_fold_verifies(pair):
+    orig, folded, *_ = pair
+    report = verify(orig, folded, samples=2, dims={"N": 2})
+    assert report and report.passed and report.samples == 2
+    assert report.outputs[0].max_abs < 1e-5 and report.outputs[0].mismatches == 0
+    result = invoke("verify", orig, folded, "--dim", "N=2")
+    assert result.exit_code == 0 and "PASSED" in result.output
+
+
+def test_wrong_channel_fails_and_per_layer_names_it(pair, tmp_path):
+    orig, _, model, folded = pair
+    bad, layer = scaled_channel(folded)
+    bad_path = save(bad, tmp_path / "bad.onnx")
+    result = invoke("verify", orig, bad_path, "--per-layer", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.output)
+    assert doc["passed"] is False and doc["first_divergent_layer"] == layer
+    names = [entry["name"] for entry in doc["layers"]]
+    assert names.index(layer) > 0  # earlier layers are compared too, and pass
+    assert all(entry["passed"] for entry in doc["layers"][: names.index(layer)])
+
+
+def test_wrong_epsilon_fails(tmp_path):
+    model = resnet_bottleneck()
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bn = next(n for n in bad.graph.node if n.op_type == "BatchNormalization")
+    bn.attribute.append(helper.make_attribute("epsilon", 1e-1))
+    assert not verify(model, bad)
+    assert invoke("verify", save(model, tmp_path / "a.onnx"), save(bad, tmp_path / "b.onnx")).exit_code == 1
+
+
+def test_tolerance_options_and_what_would_pass(pair, tmp_path):
+    orig, _, _, folded = pair
+    bad, _ = scaled_channel(folded, factor=1.001)
+    report = verify(orig, bad)
+    assert not report
+    out = report.outputs[0]
+    assert out.atol_needed > out.atol and out.rtol_needed > out.rtol
+    assert verify(orig, bad, atol=out.atol_needed * 1.01)
+    assert verify(orig, bad, rtol=out.rtol_needed * 1.01)
+    result = invoke("verify", orig, save(bad, tmp_path / "b.onnx"), "--rtol", "0.5", "--atol", "0.5", "--json")
+    doc = json.loads(result.output)
+    assert result.exit_code == 0 and doc["rtol"] == 0.5 and doc["outputs"][0]["rtol"] == 0.5
+
+
+def test_json_has_every_number(pair):
+    orig, folded, *_ = pair
+    doc = json.loads(invoke("verify", orig, folded, "--json", "--per-layer", "--samples", "2").output)
+    assert doc["passed"] is True and doc["providers"] == ["CPUExecutionProvider"] and doc["samples"] == 2
+    for entry in doc["outputs"] + doc["layers"]:
+        for key in ("max_abs", "max_rel", "mean_abs", "mismatches", "atol_needed", "rtol_needed", "rtol", "atol"):
+            assert key in entry
+    assert len(doc["layers"]) == 7 and doc["first_divergent_layer"] is None
+
+
+def test_seed_and_samples(pair):
+    orig, _, _, folded = pair
+    bad, _ = scaled_channel(folded)
+    a, b = verify(orig, bad, seed=1), verify(orig, bad, seed=1)
+    c = verify(orig, bad, seed=2)
+    assert a.outputs[0].max_abs == b.outputs[0].max_abs != c.outputs[0].max_abs
+    calls = []
+    verify(orig, folded, samples=4, progress=calls.append)
+    assert calls == [1, 2, 3, 4]
+
+
+def multi_input_model():
+    b = Builder(seed=3)
+    x = b.input("x", ["batch", 3, 6, 6])
+    idx = b.input("idx", ["batch"], elem=onnx.TensorProto.INT64)
+    flag = b.input("flag", ["batch", 4, 6, 6], elem=onnx.TensorProto.BOOL)
+    y = b.bn(b.conv(x, 3, 4), 4)
+    y = b.op("Where", [flag, y, b.relu(y)])
+    picked = b.op("Gather", [y, idx], axis=0)
+    count = b.op("ReduceSum", [b.op("Cast", [flag], to=onnx.TensorProto.INT64)], keepdims=0)
+    return b.model(picked, count, elem=None)
+
+
+def test_multi_input_int64_bool_dynamic_batch_and_output_order(tmp_path):
+    model = multi_input_model()
+    model.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    folded, _ = bnfold.fold(model)
+    folded.graph.output.reverse()  # the candidate lists its outputs in another order
+    report = verify(model, folded, dims={"batch": 3}, samples=2)
+    assert report, report.render_text()
+    assert [o.name for o in report.outputs] == [o.name for o in model.graph.output]
+    assert report.outputs[1].rtol == 0 and report.outputs[1].atol == 0  # integers compare exactly
+    o, c = save(model, tmp_path / "m.onnx"), save(folded, tmp_path / "f.onnx")
+    assert invoke("verify", o, c, "--dim", "batch=5").exit_code == 0
+    assert invoke("verify", o, c, "--input-shape", "x=2,3,6,6", "--input-shape", "idx=2",
+                  "--input-shape", "flag=2,4,6,6").exit_code == 0
+
+
+def test_npz_inputs(pair, tmp_path):
+    orig, folded, *_ = pair
+    rng = np.random.default_rng(0)
+    path = tmp_path / "in.npz"
+    np.savez(path, input=rng.standard_normal((4, 3, 16, 16)).astype(np.float32))
+    doc = json.loads(invoke("verify", orig, folded, "--inputs", path, "--json").output)
+    assert doc["passed"] and doc["outputs"][0]["elements"] == 40
+    np.savez(tmp_path / "wrong.npz", other=np.zeros(1))
+    result = invoke("verify", orig, folded, "--inputs", tmp_path / "wrong.npz")
+    assert result.exit_code == 2 and "lacks graph input" in result.output
+
+
+def test_missing_output_fails(pair, tmp_path):
+    orig, _, _, folded = pair
+    b = Builder(seed=0)
+    x = b.input("x", [1, 3, 4, 4])
+    one = b.model(b.relu(x))
+    two = Builder(seed=0)
+    y = two.input("x", [1, 3, 4, 4])
+    both = two.model(two.relu(y), two.op("Sigmoid", [y]))
+    report = verify(both, one)
+    assert not report and report.outputs[1].missing
+
+
+def test_graph_optimization_level_for_candidate(pair):
+    orig, folded, *_ = pair
+    report = verify(orig, folded, graph_optimization="all")
+    assert report and report.graph_optimization == "all"
+    with pytest.raises(BnfoldError):
+        verify(orig, folded, graph_optimization="fast")
+
+
+def test_nan_and_inf_compare_by_place():
+    s = ErrorStats("y", 1e-4, 1e-5)
+    s.add(np.array([np.nan, np.inf, 1.0]), np.array([np.nan, np.inf, 1.0]))
+    assert s.passed
+    s.add(np.array([np.nan, 1.0]), np.array([1.0, np.nan]))
+    assert s.mismatches == 2 and not s.passed
+    t = ErrorStats("y", 1e-4, 1e-5)
+    t.add(np.array([np.inf]), np.array([-np.inf]))
+    assert not t.passed
+
+
+def test_element_fails_only_outside_both_tolerances():
+    s = ErrorStats("y", rtol=0.1, atol=0.01)
+    s.add(np.array([100.0, 0.0]), np.array([105.0, 0.005]))  # within rtol; within atol
+    assert s.passed
+    s.add(np.array([0.05]), np.array([0.1]))  # outside both
+    assert s.mismatches == 1
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the path taken when CUDA is absent")
+def test_cuda_not_available_is_one_line_exit_2(pair):
+    orig, folded, *_ = pair
+    result = invoke("verify", orig, folded, "--providers", "cpu,cuda")
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: CUDA is not available") and result.output.count("\n") == 1
+    assert "onnxruntime-gpu" in result.output
+    result = invoke("fold", orig, "-o", orig.with_name("x.onnx"), "--verify", "--providers", "cuda")
+    assert result.exit_code == 2 and "CUDA is not available" in result.output
+
+
+def test_unknown_provider_exits_2(pair):
+    orig, folded, *_ = pair
+    assert invoke("verify", orig, folded, "--providers", "tpu").exit_code == 2
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [False, True], ids=["tf32_off", "tf32_on"])
+def test_cuda_verifies_a_fold_and_catches_a_wrong_one(pair, tf32):
+    orig, folded, _, folded_model = pair
+    report = verify(orig, folded, providers=["cpu", "cuda"], allow_tf32=tf32, samples=2)
+    assert report, report.render_text()
+    assert report.providers == ["CPUExecutionProvider", "CUDAExecutionProvider"] and report.tf32 is tf32
+    assert any("TF32" in n for n in report.notes)
+    bad, layer = scaled_channel(folded_model)
+    bad_report = verify(orig, bad, providers=["cuda"], per_layer=True, allow_tf32=tf32)
+    assert not bad_report and bad_report.first_divergent_layer == layer
+
+
+def test_fold_verify_flag(pair, tmp_path):
+    orig, *_ = pair
+    result = invoke("fold", orig, "-o", tmp_path / "o.onnx", "--verify", "--samples", "2", "--json")
+    doc = json.loads(result.output)
+    assert result.exit_code == 0 and doc["verify"]["passed"] and doc["fold"]["after"]["batchnorms"] == 0
