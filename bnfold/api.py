@@ -29,24 +29,41 @@ def default_output(path: Path) -> Path:
     return path.with_name(f"{path.stem}_folded{path.suffix or '.onnx'}")
 
 
+def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in_place: bool) -> None:
+    if path is None or in_place:
+        return
+    out = Path(output).resolve()
+    protected = {path.resolve()} | io.data_files(proto, path.parent)
+    if out in protected or out.with_name(out.name + ".data") in protected:
+        raise BnfoldError(
+            f"{output}: writing there would overwrite the input model or its external data; "
+            "choose another output path (or pass --in-place to replace the input)"
+        )
+
+
 def fold(
     model: ModelLike,
     output: Optional[Union[str, os.PathLike]] = None,
     *,
     dry_run: bool = False,
+    lower_standalone: bool = False,
+    external_data: Optional[bool] = None,
+    in_place: bool = False,
 ) -> Tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
     ``model`` is a path or an ``onnx.ModelProto`` (never modified: the fold works on a copy). With
-    ``output``, the folded model is also written there atomically. Returns the folded model and a
-    :class:`FoldReport` that names each folded BN and gives a reason for each BN left alone.
+    ``output``, the folded model is also written there atomically; ``external_data`` forces (True)
+    or forbids (False) an external data file beside it (default: as the input had, or when over
+    2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add. Returns the folded model
+    and a :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     """
     proto, path = _open(model)
-    if output is not None and path is not None and Path(output).resolve() == path.resolve():
-        raise BnfoldError(f"{output}: the output would overwrite the input; choose another path")
+    if output is not None:
+        _check_output(Path(output), path, proto, in_place)
     base_dir = path.parent if path is not None else None
     before = stats(proto)
-    outcome = fold_model(proto, io.TensorLoader(base_dir), dry_run=dry_run)
+    outcome = fold_model(proto, io.TensorLoader(base_dir), dry_run=dry_run, lower_standalone=lower_standalone)
     report = FoldReport(
         before=before,
         after=stats(proto),
@@ -57,6 +74,6 @@ def fold(
         dry_run=dry_run,
     )
     if output is not None and not dry_run:
-        report.after.bytes = io.save(proto, output)
+        report.after.bytes = io.save(proto, output, source_dir=base_dir, external=external_data)
         report.output = str(output)
     return proto, report

@@ -104,18 +104,26 @@ def cli() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the folded model (default: MODEL_folded.onnx beside MODEL).")
 @click.option("--dry-run", is_flag=True, help="Decide and report, write nothing.")
+@click.option("--lower-standalone", is_flag=True, help="Turn BNs that can fold nowhere into Mul + Add by per-channel constants.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write weights to OUT.data beside the output, or inline (default: as the input, or external over 2 GB).")
+@click.option("--in-place", is_flag=True, help="Allow the output to replace MODEL (still written atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify the folded model against MODEL right after folding.")
 @verify_options
-def fold(model: Path, output: Optional[Path], dry_run: bool, as_json: bool, do_verify: bool, **verify_opts) -> None:
+def fold(model: Path, output: Optional[Path], dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
+         in_place: bool, as_json: bool, do_verify: bool, **verify_opts) -> None:
     """Fold every inference BatchNormalization of MODEL that can fold without changing meaning.
 
     Each BN left in the model is reported with a reason code. Exit codes: 0 done (and verified, with
     --verify), 1 verification failed, 2 bad input or usage.
     """
     kwargs = _verify_kwargs(verify_opts) if do_verify else None
-    out_path = output or default_output(model)
-    _, report = fold_model(model, None if dry_run else out_path, dry_run=dry_run)
+    out_path = output or (model if in_place else default_output(model))
+    if kwargs is not None and in_place and not dry_run:
+        raise UserError("--verify needs the original: it cannot be combined with --in-place")
+    _, report = fold_model(model, None if dry_run else out_path, dry_run=dry_run, lower_standalone=lower_standalone,
+                           external_data=external_data, in_place=in_place)
     result = None
     if kwargs is not None and not dry_run:
         result = _run_verify(model, out_path, kwargs)

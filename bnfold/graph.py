@@ -6,13 +6,17 @@ stays true, and :meth:`GraphIndex.commit` writes the surviving nodes back in the
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Set
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+if TYPE_CHECKING:
+    from .types import TypeLookup
+
 ONNX_DOMAINS = ("", "ai.onnx")
+MAX_CONSTANT_DEPTH = 64  # constant subgraphs are small; deeper chains are not evaluated
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -68,22 +72,27 @@ class GraphIndex:
         load_tensor: Callable[[onnx.TensorProto], np.ndarray],
         taken_names: Optional[Set[str]] = None,
         outer: Optional["GraphIndex"] = None,
+        types: Optional["TypeLookup"] = None,
+        lists_initializers: Optional[bool] = None,
     ) -> None:
         self.graph = graph
+        self.types = types
+        # IR 3 main graphs list every initializer among the inputs; subgraphs never do.
+        self.lists_initializers = ir_version < 4 if lists_initializers is None else lists_initializers
+        self._depth = 0
         self.ir_version = ir_version
         self.opset = opset
         self.outer = outer
         self._load_tensor = load_tensor
         self.nodes: List[Optional[onnx.NodeProto]] = list(graph.node)
+        self._order: List[tuple] = [(i, 0) for i in range(len(self.nodes))]  # position on commit
         self.initializers: Dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self.input_names = [i.name for i in graph.input]
         self.output_names = [o.name for o in graph.output]
         self.graph_outputs = set(self.output_names)
         # IR >= 4: an initializer listed among the inputs is a default a caller may override.
         # IR 3: every initializer must be listed as an input, and that says nothing.
-        self.overridable = (
-            set(self.input_names) & set(self.initializers) if ir_version >= 4 else set()
-        )
+        self.overridable = set() if self.lists_initializers else set(self.input_names) & set(self.initializers)
         self.taken = taken_names if taken_names is not None else all_names(graph, set())
         self._constants: Dict[str, Optional[np.ndarray]] = {}
         self._dropped: Set[str] = set()
@@ -138,7 +147,14 @@ class GraphIndex:
     def constant(self, name: str) -> Optional[np.ndarray]:
         """The value of ``name`` when it cannot change between runs, else None."""
         if name not in self._constants:
-            self._constants[name] = self._evaluate(name)
+            if self._depth >= MAX_CONSTANT_DEPTH:
+                return None
+            self._constants[name] = None  # guards against cycles in malformed graphs
+            self._depth += 1
+            try:
+                self._constants[name] = self._evaluate(name)
+            finally:
+                self._depth -= 1
         return self._constants[name]
 
     def _evaluate(self, name: str) -> Optional[np.ndarray]:
@@ -151,9 +167,32 @@ class GraphIndex:
             if self.outer is not None and name not in self.input_names:
                 return self.outer.constant(name)
             return None
-        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
+        if node.domain not in ONNX_DOMAINS:
+            return None
+        if node.op_type == "Constant":
             return constant_node_value(node)
-        return None
+        return self._evaluate_node(node)
+
+    def _evaluate_node(self, node: onnx.NodeProto) -> Optional[np.ndarray]:
+        from .constants import EVALUATORS, TYPE_ONLY, Operand, evaluate
+
+        if node.op_type not in EVALUATORS:
+            return None
+        type_only = TYPE_ONLY.get(node.op_type, ())
+        operands: List[Optional[Operand]] = []
+        for slot, name in enumerate(node.input):
+            value = None if not name or self.is_overridable(name) else self.constant(name)
+            if value is not None:
+                operands.append(Operand(value))
+            elif not name:
+                operands.append(None)
+            elif slot in type_only and self.types is not None:
+                elem = self.types.elem_type(name)
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else None
+                operands.append(Operand(None, dtype, self.types.static_shape(name)))
+            else:
+                return None
+        return evaluate(node, operands, self.opset)
 
     # -- rewriting -----------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -171,7 +210,7 @@ class GraphIndex:
         tensor.CopyFrom(numpy_helper.from_array(array, name))
         self.initializers[name] = tensor
         self._constants[name] = array
-        if self.ir_version < 4:
+        if self.lists_initializers:
             self.graph.input.append(
                 onnx.helper.make_tensor_value_info(name, tensor.data_type, list(array.shape))
             )
@@ -193,13 +232,12 @@ class GraphIndex:
         self._unlink(i, self.nodes[i])
         self.nodes[i] = None
 
-    def set_input(self, i: int, slot: int, name: str) -> None:
-        node = onnx.NodeProto()
-        node.CopyFrom(self.nodes[i])
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = name
-        self.replace_node(i, node)
+    def insert_nodes(self, at: int, nodes: List[onnx.NodeProto]) -> None:
+        """Add nodes that :meth:`commit` writes where node ``at`` stands, in the order given."""
+        for k, node in enumerate(nodes, start=1):
+            self.nodes.append(node)
+            self._order.append((self._order[at][0], k))
+            self._link(len(self.nodes) - 1, node)
 
     def drop_if_unused(self, names: Iterable[str]) -> None:
         """Remove initializers and constant-producing nodes that nothing reads any more."""
@@ -223,7 +261,8 @@ class GraphIndex:
     def commit(self) -> None:
         """Write nodes, initializers and declarations back to the GraphProto."""
         graph = self.graph
-        kept = [n for n in self.nodes if n is not None]
+        order = sorted(range(len(self.nodes)), key=self._order.__getitem__)
+        kept = [self.nodes[i] for i in order if self.nodes[i] is not None]
         del graph.node[:]
         graph.node.extend(kept)
         kept_init = [t for t in graph.initializer if self.initializers.get(t.name) is t]
@@ -237,6 +276,7 @@ class GraphIndex:
         for vi in [v for v in graph.value_info if v.name not in live]:
             graph.value_info.remove(vi)
         self.nodes = list(graph.node)
+        self._order = [(i, 0) for i in range(len(self.nodes))]
         self.producer.clear()
         self.consumers.clear()
         for i, node in enumerate(self.nodes):

@@ -24,6 +24,7 @@ REASONS: Dict[str, str] = OrderedDict(
     axis_mismatch="its channel axis is not the output-channel axis of the node before it",
     unknown_rank="the rank of the MatMul's input is unknown, so its channel axis cannot be checked",
     unsupported_dtype="the weights are of a type that cannot be folded",
+    padded_consumer="nothing before it can absorb it, and the Conv after it pads its input: folding into that Conv would change the border",
 )
 
 

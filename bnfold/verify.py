@@ -380,7 +380,9 @@ def verify(
     output_names = [o.name for o in ref_model.graph.output]
     layer_names: List[str] = []
     if per_layer:
-        layer_names = [n for n in _bn_outputs(ref_model) if n not in {o.name for o in ref_model.graph.output}]
+        # A BN folded backward or lowered leaves no tensor of its own name: only names both have count.
+        produced = {o for n in cand_model.graph.node for o in n.output}
+        layer_names = [n for n in _bn_outputs(ref_model) if n in produced and n not in set(output_names)]
         types = _elem_types(ref_model)
         ref_model = _with_outputs(ref_model, layer_names, types)
         cand_model = _with_outputs(cand_model, layer_names, types)

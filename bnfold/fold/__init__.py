@@ -1,17 +1,25 @@
-"""The fold pipeline: decide for every BN of a model, then rewrite what folds."""
+"""The fold pipeline: decide for every BN of a model, then rewrite what folds.
+
+Each graph (the main graph, every If/Loop/Scan body, every model-local function) goes through the
+same passes: forward folds into producers, backward folds into consumers for what is left, and, when
+asked, lowering of the rest to Mul+Add. Bodies are folded before the graph that holds them, so that
+the outer graph sees which of its values the bodies still read.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..graph import GraphIndex, all_names, opset_of, subgraphs
 from ..io import external_location
-from ..report import FoldedBN, LeftBN, ModelStats
-from . import forward
+from ..report import FoldedBN, LeftBN, ModelStats, Reason
+from ..types import TypeLookup
+from . import backward, forward, lower
 from .common import is_batchnorm, node_label
 
 
@@ -22,43 +30,30 @@ class Outcome:
     absorbed: List[str] = field(default_factory=list)
 
 
-class RankLookup:
-    """Rank of a value from the model's declarations, running onnx shape inference once if needed."""
+@dataclass
+class Context:
+    ir_version: int
+    opset: int
+    load_tensor: Callable[[onnx.TensorProto], np.ndarray]
+    taken: Set[str]
+    types: TypeLookup
+    dry_run: bool
+    lower_standalone: bool
+    out: Outcome = field(default_factory=Outcome)
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.ranks: Optional[Dict[str, int]] = None
-        self.inferred = False
-
-    def __call__(self, name: str) -> Optional[int]:
-        if self.ranks is None:
-            self.ranks = _declared_ranks(self.model.graph, {})
-        if name not in self.ranks and not self.inferred:
-            self.inferred = True
-            try:
-                inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
-                _declared_ranks(inferred.graph, self.ranks)
-            except Exception:  # inference is a convenience; without it the fold is only declined
-                pass
-        return self.ranks.get(name)
-
-
-def _declared_ranks(graph: onnx.GraphProto, into: Dict[str, int]) -> Dict[str, int]:
-    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-        t = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and t.HasField("shape"):
-            into[vi.name] = len(t.shape.dim)
-    for init in graph.initializer:
-        into[init.name] = len(init.dims)
-    for node in graph.node:
-        for g in subgraphs(node):
-            _declared_ranks(g, into)
-    return into
+    def index(self, graph: onnx.GraphProto, outer: Optional[GraphIndex], opset: Optional[int] = None,
+              lists_initializers: Optional[bool] = None) -> GraphIndex:
+        return GraphIndex(
+            graph, ir_version=self.ir_version, opset=opset or self.opset, load_tensor=self.load_tensor,
+            taken_names=self.taken, outer=outer, types=self.types,
+            lists_initializers=(False if outer is not None else None) if lists_initializers is None else lists_initializers,
+        )
 
 
-def fold_graph(index: GraphIndex, rank_of: Callable[[str], Optional[int]], dry_run: bool) -> Outcome:
-    plan = forward.plan(index, rank_of)
-    out = Outcome()
+def _passes(index: GraphIndex, ctx: Context) -> List[str]:
+    """Run every pass over one graph; returns the names the rewrites may have left unused."""
+    out, freed = ctx.out, []
+    plan = forward.plan(index)
     for chain in plan.chains:
         producer = index.nodes[chain.producer]
         for i in chain.steps:
@@ -67,30 +62,92 @@ def fold_graph(index: GraphIndex, rank_of: Callable[[str], Optional[int]], dry_r
                 out.folded.append(FoldedBN(node_label(node), node.output[0], node_label(producer), chain.target.op))
             else:
                 out.absorbed.append(f"{node.op_type} '{node_label(node)}'")
-    for i, reason in sorted(plan.left.items()):
+    left: Dict[int, Reason] = dict(plan.left)
+    backs = backward.plan(index, left)
+    for b in backs:
+        bn, consumer = index.nodes[b.bn], index.nodes[b.consumer]
+        out.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(consumer), consumer.op_type, "backward"))
+    lowered = lower.plan(index, left) if ctx.lower_standalone else []
+    for low in lowered:
+        bn = index.nodes[low.bn]
+        out.folded.append(FoldedBN(node_label(bn), bn.output[0], "Mul+Add", "Mul+Add", "lowered"))
+    for i, reason in sorted(left.items()):
         node = index.nodes[i]
         out.left.append(LeftBN(node_label(node), node.output[0], reason.code, reason.message))
-    if not dry_run:
-        for chain in plan.chains:
-            index.drop_if_unused(forward.apply(index, chain))
-        index.commit()
-    return out
+    if ctx.dry_run:
+        return freed
+    for chain in plan.chains:
+        freed += forward.apply(index, chain)
+    for b in backs:
+        freed += backward.apply(index, b)
+    for low in lowered:
+        freed += lower.apply(index, low)
+    return freed
 
 
-def fold_model(model: onnx.ModelProto, load_tensor: Callable[[onnx.TensorProto], np.ndarray], dry_run: bool = False) -> Outcome:
-    """Fold ``model`` in place (unless ``dry_run``) and say what was done to each BN."""
-    index = GraphIndex(
-        model.graph,
-        ir_version=model.ir_version,
-        opset=opset_of(model),
-        load_tensor=load_tensor,
-        taken_names=all_names(model.graph, set()),
+def _fold_graph(graph: onnx.GraphProto, ctx: Context, outer: Optional[GraphIndex], opset: Optional[int] = None,
+                lists_initializers: Optional[bool] = None) -> List[str]:
+    """Fold one graph and its bodies; returns freed names this graph does not define (outer ones)."""
+    index = ctx.index(graph, outer, opset, lists_initializers)
+    freed: List[str] = []
+    bodies = [g for node in graph.node for g in subgraphs(node)]
+    for body in bodies:
+        freed += _fold_graph(body, ctx, index, opset)
+    if bodies and not ctx.dry_run:
+        index = ctx.index(graph, outer, opset, lists_initializers)  # the bodies' reads have changed
+    freed += _passes(index, ctx)
+    if ctx.dry_run:
+        return []
+    index.drop_if_unused(freed)
+    index.commit()
+    local = set(index.producer) | set(index.initializers) | set(index.input_names)
+    return [n for n in freed if n and n not in local]
+
+
+def _fold_function(fn: onnx.FunctionProto, ctx: Context) -> None:
+    """Functions have no initializers: fold them as a graph, then turn new constants into Constant nodes."""
+    opset = next((o.version for o in fn.opset_import if o.domain in ("", "ai.onnx")), ctx.opset)
+    graph = onnx.helper.make_graph(
+        list(fn.node), fn.name, [onnx.helper.make_empty_tensor_value_info(n) for n in fn.input],
+        [onnx.helper.make_empty_tensor_value_info(n) for n in fn.output],
     )
-    return fold_graph(index, RankLookup(model), dry_run)
+    _fold_graph(graph, ctx, None, opset, lists_initializers=False)
+    if ctx.dry_run:
+        return
+    constants = [
+        onnx.helper.make_node("Constant", [], [t.name], name=t.name, value=numpy_helper.from_array(ctx.load_tensor(t), t.name))
+        for t in graph.initializer
+    ]
+    del fn.node[:]
+    fn.node.extend(constants + list(graph.node))
+
+
+def fold_model(model: onnx.ModelProto, load_tensor: Callable[[onnx.TensorProto], np.ndarray],
+               dry_run: bool = False, lower_standalone: bool = False) -> Outcome:
+    """Fold ``model`` in place (unless ``dry_run``) and say what was done to each BN."""
+    taken = all_names(model.graph, set())
+    for fn in model.functions:
+        taken.update(fn.input)
+        taken.update(fn.output)
+        for node in fn.node:
+            taken.update(node.output)
+            taken.add(node.name)
+    ctx = Context(model.ir_version, opset_of(model), load_tensor, taken, TypeLookup(model), dry_run, lower_standalone)
+    _fold_graph(model.graph, ctx, None)
+    for fn in model.functions:
+        _fold_function(fn, ctx)
+    return ctx.out
 
 
 def stats(model: onnx.ModelProto) -> ModelStats:
     counts = {"bn": 0, "nodes": 0, "inits": 0, "external": 0}
+
+    def walk_nodes(nodes) -> None:
+        for node in nodes:
+            counts["nodes"] += 1
+            counts["bn"] += is_batchnorm(node)
+            for g in subgraphs(node):
+                walk(g)
 
     def walk(graph: onnx.GraphProto) -> None:
         counts["inits"] += len(graph.initializer)
@@ -98,11 +155,9 @@ def stats(model: onnx.ModelProto) -> ModelStats:
             loc = external_location(t)
             if loc is not None:
                 counts["external"] += int(loc.get("length", 0))
-        for node in graph.node:
-            counts["nodes"] += 1
-            counts["bn"] += is_batchnorm(node)
-            for g in subgraphs(node):
-                walk(g)
+        walk_nodes(graph.node)
 
     walk(model.graph)
+    for fn in model.functions:
+        walk_nodes(fn.node)
     return ModelStats(counts["bn"], counts["nodes"], counts["inits"], model.ByteSize() + counts["external"])

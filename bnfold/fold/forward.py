@@ -18,9 +18,6 @@ from ..graph import ONNX_DOMAINS, GraphIndex, attr, set_attr
 from ..report import Reason
 from .common import Affine, channel_vector, check_batchnorm, is_batchnorm, is_float, node_label
 
-RankOf = Callable[[str], Optional[int]]
-
-
 @dataclass
 class Target:
     """How one producer absorbs ``y -> s * y + t`` on its output channels."""
@@ -75,7 +72,7 @@ def _bias_ok(index: GraphIndex, node: onnx.NodeProto, slot: int, role: str) -> O
     return None
 
 
-def _conv(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) -> Union[Target, Reason]:
+def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
     w = _weight(index, node, 1, "weight")
     if isinstance(w, Reason):
         return w
@@ -89,7 +86,7 @@ def _conv(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) -> Union[Tar
     return Target("Conv", w.shape[0], w.ndim, 1, 2, scale)
 
 
-def _conv_transpose(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) -> Union[Target, Reason]:
+def _conv_transpose(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
     w = _weight(index, node, 1, "weight")
     if isinstance(w, Reason):
         return w
@@ -110,7 +107,7 @@ def _conv_transpose(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) ->
     return Target("ConvTranspose", per_group * group, w.ndim, 1, 2, scale)
 
 
-def _gemm(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) -> Union[Target, Reason]:
+def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
     b = _weight(index, node, 1, "B")
     if isinstance(b, Reason):
         return b
@@ -125,11 +122,11 @@ def _gemm(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) -> Union[Tar
     return Target("Gemm", b.shape[0] if trans_b else b.shape[1], 2, 1, 2, scale, bias_scale=attr(node, "beta", 1.0))
 
 
-def _matmul(index: GraphIndex, node: onnx.NodeProto, rank_of: RankOf) -> Union[Target, Reason]:
+def _matmul(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
     w = _weight(index, node, 1, "weight")
     if isinstance(w, Reason):
         return w
-    rank = rank_of(node.input[0])
+    rank = index.types.rank(node.input[0]) if index.types else None
     if w.ndim == 2 and rank is None:
         return Reason("unknown_rank", f"the rank of '{node.input[0]}' (input of MatMul '{node_label(node)}') is unknown")
     if w.ndim != 2 or rank != 2:
@@ -181,14 +178,14 @@ def _affine_operand(index: GraphIndex, node: onnx.NodeProto) -> Optional[Tuple[s
     return (b, ca) if cb is None else (a, cb)
 
 
-def plan(index: GraphIndex, rank_of: RankOf) -> Plan:
+def plan(index: GraphIndex) -> Plan:
     chains: Dict[str, Chain] = {}  # keyed by the chain's current end
     left: Dict[int, Reason] = {}
     for i in list(index.live_nodes()):
         node = index.nodes[i]
         if is_batchnorm(node):
             affine = check_batchnorm(index, node)
-            found = affine if isinstance(affine, Reason) else _extend(index, chains, i, node.input[0], lambda c: affine, rank_of)
+            found = affine if isinstance(affine, Reason) else _extend(index, chains, i, node.input[0], lambda c: affine)
             if isinstance(found, Reason):
                 left[i] = found
             else:
@@ -197,12 +194,12 @@ def plan(index: GraphIndex, rank_of: RankOf) -> Plan:
             operand = _affine_operand(index, node)
             if operand:
                 x, const = operand
-                _extend(index, chains, i, x, lambda c: _affine_of(node, x, const, c.target.rank, c.target.channels), rank_of)
+                _extend(index, chains, i, x, lambda c: _affine_of(node, x, const, c.target.rank, c.target.channels))
     kept = [c for c in chains.values() if c.bns]
     return Plan(sorted(kept, key=lambda c: c.producer), left)
 
 
-def _extend(index: GraphIndex, chains: Dict[str, Chain], i: int, x: str, affine_for, rank_of: RankOf) -> Union[Chain, Reason]:
+def _extend(index: GraphIndex, chains: Dict[str, Chain], i: int, x: str, affine_for) -> Union[Chain, Reason]:
     """Add node ``i`` (reading ``x``) to the chain that ends at ``x``, starting one if needed."""
     chain = chains.get(x)
     if chain is None:
@@ -213,7 +210,7 @@ def _extend(index: GraphIndex, chains: Dict[str, Chain], i: int, x: str, affine_
         make = TARGETS.get(producer.op_type) if producer.domain in ONNX_DOMAINS else None
         if make is None:
             return Reason("unsupported_producer", f"its input comes from {producer.op_type} '{node_label(producer)}'")
-        target = make(index, producer, rank_of)
+        target = make(index, producer)
         if isinstance(target, Reason):
             return target
         chain = Chain(p, target, x)

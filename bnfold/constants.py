@@ -1,0 +1,168 @@
+"""Evaluate small subgraphs whose value does not depend on the values of any graph input.
+
+Exporters build weights this way: Caffe2 with ConstantOfShape of a constant shape, torch's dynamo
+exporter (optimizer off) a missing Conv bias as
+``Expand(CastLike(Constant 0, x), Expand(Shape(W)[0:1], [1]))``, where only the dtype of the graph
+input ``x`` matters. Some inputs are read only for their type or static shape (``TYPE_ONLY``); the
+rest must be constants. Results larger than ``MAX_ELEMENTS`` are not evaluated.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from .graph import attr
+
+MAX_ELEMENTS = 1 << 24
+
+# Input slots that are read only for their element type or static shape.
+TYPE_ONLY = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
+
+
+class Operand:
+    """What an evaluator may know about an input: its value, or only its dtype and static shape."""
+
+    def __init__(self, value: Optional[np.ndarray] = None, dtype: Optional[np.dtype] = None, shape=None) -> None:
+        self.value = value
+        self.dtype = value.dtype if value is not None else dtype
+        self.shape = tuple(value.shape) if value is not None else shape
+
+
+def _int_list(a: np.ndarray) -> List[int]:
+    return [int(v) for v in np.asarray(a).reshape(-1)]
+
+
+def _shape(node, ops, opset):
+    shape = ops[0].shape
+    if shape is None:
+        return None
+    start, end = attr(node, "start", 0), attr(node, "end", None)
+    return np.array(shape[start:end], dtype=np.int64)
+
+
+def _size(node, ops, opset):
+    return None if ops[0].shape is None else np.array(int(np.prod(ops[0].shape)), dtype=np.int64)
+
+
+def _cast_like(node, ops, opset):
+    return None if ops[1].dtype is None else ops[0].value.astype(ops[1].dtype)
+
+
+def _constant_of_shape(node, ops, opset):
+    shape = _int_list(ops[0].value)
+    if int(np.prod(shape)) > MAX_ELEMENTS:
+        return None
+    value = attr(node, "value")
+    fill = onnx.numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
+    return np.full(shape, fill[0], dtype=fill.dtype)
+
+
+def _reshape(node, ops, opset):
+    data, shape = ops[0].value, _int_list(ops[1].value)
+    if not attr(node, "allowzero", 0):
+        shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return data.reshape(shape)
+
+
+def _axes(node, ops, opset, since: int):
+    if opset >= since:
+        return _int_list(ops[1].value) if len(ops) > 1 and ops[1].value is not None else None
+    return attr(node, "axes")
+
+
+def _unsqueeze(node, ops, opset):
+    data, axes = ops[0].value, _axes(node, ops, opset, 13)
+    rank = data.ndim + len(axes)
+    out = data
+    for a in sorted(a % rank for a in axes):
+        out = np.expand_dims(out, a)
+    return out
+
+
+def _squeeze(node, ops, opset):
+    data, axes = ops[0].value, _axes(node, ops, opset, 13)
+    return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
+
+
+def _expand(node, ops, opset):
+    shape = np.broadcast_shapes(ops[0].value.shape, tuple(_int_list(ops[1].value)))
+    if int(np.prod(shape)) > MAX_ELEMENTS:
+        return None
+    return np.broadcast_to(ops[0].value, shape).copy()
+
+
+def _slice(node, ops, opset):
+    data = ops[0].value
+    if opset < 10:
+        starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+    else:
+        starts, ends = _int_list(ops[1].value), _int_list(ops[2].value)
+        axes = _int_list(ops[3].value) if len(ops) > 3 and ops[3].value is not None else None
+        steps = _int_list(ops[4].value) if len(ops) > 4 and ops[4].value is not None else None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    index = [slice(None)] * data.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[a % data.ndim] = slice(s, e, st)
+    return data[tuple(index)]
+
+
+def _div(a, b):
+    if a.dtype.kind in "iu":
+        return (np.trunc(a / b)).astype(a.dtype)  # ONNX integer Div truncates toward zero
+    return a / b
+
+
+def _same_dtype(fn):
+    def run(node, ops, opset):
+        out = np.asarray(fn(*[o.value for o in ops]))
+        return out.astype(ops[0].value.dtype)
+    return run
+
+
+EVALUATORS: Dict[str, Callable] = {
+    "Shape": _shape,
+    "Size": _size,
+    "CastLike": _cast_like,
+    "ConstantOfShape": _constant_of_shape,
+    "Cast": lambda node, ops, opset: ops[0].value.astype(onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to"))),
+    "Identity": lambda node, ops, opset: ops[0].value,
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Transpose": lambda node, ops, opset: np.transpose(ops[0].value, attr(node, "perm")),
+    "Expand": _expand,
+    "Concat": lambda node, ops, opset: np.concatenate([o.value for o in ops], axis=attr(node, "axis")),
+    "Gather": lambda node, ops, opset: np.take(ops[0].value, ops[1].value, axis=attr(node, "axis", 0)),
+    "Slice": _slice,
+    "Add": _same_dtype(np.add),
+    "Sub": _same_dtype(np.subtract),
+    "Mul": _same_dtype(np.multiply),
+    "Div": lambda node, ops, opset: _div(ops[0].value, ops[1].value),
+    "Neg": _same_dtype(np.negative),
+    "Abs": _same_dtype(np.abs),
+    "Sqrt": _same_dtype(np.sqrt),
+    "Reciprocal": _same_dtype(np.reciprocal),
+    "Pow": _same_dtype(np.power),
+}
+
+
+def evaluate(node: onnx.NodeProto, operands: Sequence[Operand], opset: int) -> Optional[np.ndarray]:
+    """The value of the node's single output, or None when it cannot be computed here.
+
+    ``operands`` holds None for an absent optional input; every other input is a value, except in
+    ``TYPE_ONLY`` slots, which may carry only a dtype and static shape."""
+    fn = EVALUATORS.get(node.op_type)
+    if fn is None or len(node.output) != 1:
+        return None
+    with np.errstate(all="ignore"):
+        try:
+            out = fn(node, list(operands), opset)
+        except (ValueError, TypeError, IndexError, AttributeError):
+            return None
+    if out is None or np.asarray(out).size > MAX_ELEMENTS:
+        return None
+    return np.asarray(out)
