@@ -108,9 +108,17 @@ def load(path: PathLike) -> onnx.ModelProto:
     return model
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp(path: Path) -> str:
+    """A temporary file beside ``path``, with the mode a newly created file would get."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     return tmp
 
 

@@ -250,7 +250,7 @@ def resolve_shape(name: str, dims, dim_sizes: Mapping[str, int], shapes: Mapping
 
 def random_input(rng: np.random.Generator, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a numpy scalar otherwise
     if dtype.kind in "iu":
         return rng.integers(0, 3, size=shape).astype(dtype)  # small values are valid indices, counts, axes
     if dtype.kind == "f" or dtype.name == "bfloat16":
