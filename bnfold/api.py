@@ -16,13 +16,14 @@ from .report import FoldReport
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 
-def _open(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
+def _open(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], io.Source]:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return copy, None
+        return copy, None, io.Source(None)
     path = Path(model)
-    return io.load(path), path
+    proto, source = io.open_model(path)
+    return proto, path, source
 
 
 def default_output(path: Path) -> Path:
@@ -41,6 +42,28 @@ def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in
         )
 
 
+def _fold(model: ModelLike, output, dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
+          in_place: bool) -> Tuple[onnx.ModelProto, FoldReport, io.Source]:
+    proto, path, source = _open(model)
+    if output is not None:
+        _check_output(Path(output), path, proto, in_place)
+    before = stats(proto, io.file_size(path, proto) if path is not None else None)
+    outcome = fold_model(proto, source, dry_run=dry_run, lower_standalone=lower_standalone)
+    report = FoldReport(
+        before=before,
+        after=stats(proto, before.bytes if dry_run else 0),
+        folded=outcome.folded,
+        left=outcome.left,
+        absorbed=outcome.absorbed,
+        input=str(path) if path is not None else None,
+        dry_run=dry_run,
+    )
+    if output is not None and not dry_run:
+        report.after.bytes = io.save(proto, output, source=source, external=external_data)
+        report.output = str(output)
+    return proto, report, source
+
+
 def fold(
     model: ModelLike,
     output: Optional[Union[str, os.PathLike]] = None,
@@ -55,25 +78,32 @@ def fold(
     ``model`` is a path or an ``onnx.ModelProto`` (never modified: the fold works on a copy). With
     ``output``, the folded model is also written there atomically; ``external_data`` forces (True)
     or forbids (False) an external data file beside it (default: as the input had, or when over
-    2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add. Returns the folded model
-    and a :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
+    2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add. Returns the folded model,
+    with its weights in memory (or in the external data file it was written with), and a
+    :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
+    For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
-    proto, path = _open(model)
-    if output is not None:
-        _check_output(Path(output), path, proto, in_place)
-    base_dir = path.parent if path is not None else None
-    before = stats(proto)
-    outcome = fold_model(proto, io.TensorLoader(base_dir), dry_run=dry_run, lower_standalone=lower_standalone)
-    report = FoldReport(
-        before=before,
-        after=stats(proto),
-        folded=outcome.folded,
-        left=outcome.left,
-        absorbed=outcome.absorbed,
-        input=str(path) if path is not None else None,
-        dry_run=dry_run,
-    )
-    if output is not None and not dry_run:
-        report.after.bytes = io.save(proto, output, source_dir=base_dir, external=external_data)
-        report.output = str(output)
+    proto, report, source = _fold(model, output, dry_run, lower_standalone, external_data, in_place)
+    source.materialize(proto)
+    if output is None and not dry_run:
+        report.after.bytes = proto.ByteSize() + sum(
+            int(loc.get("length", 0)) for t in io.initializers(proto) if (loc := io.external_location(t)))
     return proto, report
+
+
+def fold_file(
+    model: Union[str, os.PathLike],
+    output: Optional[Union[str, os.PathLike]] = None,
+    *,
+    dry_run: bool = False,
+    lower_standalone: bool = False,
+    external_data: Optional[bool] = None,
+    in_place: bool = False,
+) -> FoldReport:
+    """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it),
+    streaming: weights are read from their files only where they change, and written one at a time.
+    Options as for :func:`fold`. Returns the :class:`FoldReport`."""
+    path = Path(model)
+    if output is None:
+        output = path if in_place else default_output(path)
+    return _fold(path, None if dry_run else output, dry_run, lower_standalone, external_data, in_place)[1]

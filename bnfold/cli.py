@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import click
 
 from . import __version__
-from .api import default_output, fold as fold_model
+from .api import default_output, fold_file
 from .errors import BnfoldError
 
 class UserError(click.ClickException):
@@ -122,8 +122,8 @@ def fold(model: Path, output: Optional[Path], dry_run: bool, lower_standalone: b
     out_path = output or (model if in_place else default_output(model))
     if kwargs is not None and in_place and not dry_run:
         raise UserError("--verify needs the original: it cannot be combined with --in-place")
-    _, report = fold_model(model, None if dry_run else out_path, dry_run=dry_run, lower_standalone=lower_standalone,
-                           external_data=external_data, in_place=in_place)
+    report = fold_file(model, out_path, dry_run=dry_run, lower_standalone=lower_standalone,
+                       external_data=external_data, in_place=in_place)
     result = None
     if kwargs is not None and not dry_run:
         result = _run_verify(model, out_path, kwargs)

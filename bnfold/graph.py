@@ -6,13 +6,14 @@ stays true, and :meth:`GraphIndex.commit` writes the surviving nodes back in the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Set, Union
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 if TYPE_CHECKING:
+    from .io import Deferred, Source
     from .types import TypeLookup
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -69,7 +70,7 @@ class GraphIndex:
         *,
         ir_version: int,
         opset: int,
-        load_tensor: Callable[[onnx.TensorProto], np.ndarray],
+        source: "Source",
         taken_names: Optional[Set[str]] = None,
         outer: Optional["GraphIndex"] = None,
         types: Optional["TypeLookup"] = None,
@@ -83,7 +84,7 @@ class GraphIndex:
         self.ir_version = ir_version
         self.opset = opset
         self.outer = outer
-        self._load_tensor = load_tensor
+        self.source = source
         self.nodes: List[Optional[onnx.NodeProto]] = list(graph.node)
         self._order: List[tuple] = [(i, 0) for i in range(len(self.nodes))]  # position on commit
         self.initializers: Dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
@@ -145,7 +146,13 @@ class GraphIndex:
         return self.outer is not None and name not in self.producer and self.outer.is_overridable(name)
 
     def constant(self, name: str) -> Optional[np.ndarray]:
-        """The value of ``name`` when it cannot change between runs, else None."""
+        """The value of ``name`` when it cannot change between runs, else None.
+
+        Values of file-backed and deferred initializers are not kept: each call maps (or computes)
+        afresh, so that mapped pages are released once the caller is done with them."""
+        tensor = self.initializers.get(name)
+        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None if name in self.overridable else self.source(tensor)
         if name not in self._constants:
             if self._depth >= MAX_CONSTANT_DEPTH:
                 return None
@@ -161,7 +168,7 @@ class GraphIndex:
         if name in self.initializers:
             if name in self.overridable:
                 return None
-            return self._load_tensor(self.initializers[name])
+            return self.source(self.initializers[name])
         node = self.node_of(name)
         if node is None:
             if self.outer is not None and name not in self.input_names:
@@ -204,24 +211,47 @@ class GraphIndex:
         self.taken.add(name)
         return name
 
-    def add_initializer(self, array: np.ndarray, base: str) -> str:
+    def value_thunk(self, name: str) -> Callable[[], np.ndarray]:
+        """A function giving the value ``name`` has now, even after the initializer is replaced."""
+        tensor = self.initializers.get(name)
+        if tensor is None or tensor.data_location != onnx.TensorProto.EXTERNAL:
+            value = self.constant(name)
+            return lambda: value
+        deferred = self.source.deferred.get(name)
+        if deferred is not None and external_is_pending(tensor):
+            return deferred.compute
+        meta = onnx.TensorProto()
+        meta.CopyFrom(tensor)  # file-backed: no bytes to copy, only where they are
+        return lambda: self.source(meta)
+
+    def _store(self, tensor: onnx.TensorProto, value: Union[np.ndarray, "Deferred"]) -> None:
+        if isinstance(value, np.ndarray):
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+            self._constants[tensor.name] = value
+        else:
+            self.source.defer(tensor, value)
+            self._constants.pop(tensor.name, None)
+
+    def add_initializer(self, value: Union[np.ndarray, "Deferred"], base: str) -> str:
         name = self.fresh(base)
         tensor = self.graph.initializer.add()  # add() returns the stored message; append() copies
-        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        tensor.name = name
+        self._store(tensor, value)
         self.initializers[name] = tensor
-        self._constants[name] = array
         if self.lists_initializers:
             self.graph.input.append(
-                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(array.shape))
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(value.shape))
             )
         return name
 
-    def replace_initializer(self, name: str, array: np.ndarray) -> None:
-        tensor = numpy_helper.from_array(array, name)
-        old = self.initializers[name]
-        old.Clear()
-        old.CopyFrom(tensor)
-        self._constants[name] = array
+    def replace_initializer(self, name: str, value: Union[np.ndarray, "Deferred"]) -> None:
+        """New values of the same shape and dtype, in the existing TensorProto (name kept)."""
+        tensor = self.initializers[name]
+        self.source.inline_refs.discard(name)
+        if isinstance(value, np.ndarray):
+            tensor.Clear()
+            tensor.name = name
+        self._store(tensor, value)
 
     def replace_node(self, i: int, node: onnx.NodeProto) -> None:
         self._unlink(i, self.nodes[i])
@@ -265,9 +295,9 @@ class GraphIndex:
         kept = [self.nodes[i] for i in order if self.nodes[i] is not None]
         del graph.node[:]
         graph.node.extend(kept)
-        kept_init = [t for t in graph.initializer if self.initializers.get(t.name) is t]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_init)
+        for k in reversed(range(len(graph.initializer))):  # delete in place: extend() would copy every tensor
+            if graph.initializer[k].name in self._dropped:
+                del graph.initializer[k]
         # IR 3 lists every initializer as an input: those that were dropped go from the inputs too.
         for vi in [i for i in graph.input if i.name in self._dropped]:
             graph.input.remove(vi)
@@ -281,6 +311,12 @@ class GraphIndex:
         self.consumers.clear()
         for i, node in enumerate(self.nodes):
             self._link(i, node)
+
+
+def external_is_pending(tensor: onnx.TensorProto) -> bool:
+    from .io import PENDING
+
+    return any(e.key == "location" and e.value == PENDING for e in tensor.external_data)
 
 
 def _pure(node: onnx.NodeProto) -> bool:

@@ -1,12 +1,22 @@
-"""Loading and saving models: clear errors for bad files, external weights read only when needed
-and streamed on save, atomic writes."""
+"""Loading and saving models without holding their weights in memory.
+
+* ``load`` reads the graph only. Large inline tensors are located by a scan of the protobuf wire
+  format and become references into the input file itself (like external data), so they are never
+  parsed into protobuf; external data stays where it is.
+* A :class:`Source` turns tensors into numpy arrays on demand: memory-mapped from their file, or
+  computed (a folded weight is *deferred*: computed in float64 and cast once, at write time).
+* ``save`` writes once, atomically: unchanged tensors are copied from their source file in bounded
+  chunks, deferred ones are computed one at a time, whether the output is inline or external.
+"""
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Set, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -19,8 +29,92 @@ from .graph import subgraphs
 PathLike = Union[str, os.PathLike]
 TWO_GB = 2**31 - 1
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file
+LAZY_THRESHOLD = 4096  # inline tensors at least this large are read from the file only when needed
 CHUNK = 16 << 20
+PENDING = "bnfold:deferred"  # external_data location of a tensor computed at write time
 
+
+# -- protobuf wire format -----------------------------------------------------------------------
+# Just enough to find initializers' raw_data in a serialized ModelProto: ModelProto.graph is field 7,
+# GraphProto.initializer field 5, TensorProto.raw_data field 9, all length-delimited (wire type 2).
+
+def _read_varint(buf, pos: int) -> Tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)
+
+
+def _fields(buf, start: int, end: int) -> Iterator[Tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, value start, field end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        begin = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value = pos
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, value = _read_varint(buf, pos)
+            pos = value + length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated field")
+        yield number, wire, begin, value, pos
+
+
+def _strip_raw_data(buf) -> Tuple[bytes, List[Optional[Tuple[int, int]]]]:
+    """The model without the raw_data of its large main-graph initializers, and for each initializer
+    (in order) the (offset, length) of its raw_data in ``buf``, or None where it was kept."""
+    out, refs = bytearray(), []
+    for number, wire, begin, value, end in _fields(buf, 0, len(buf)):
+        if number != 7 or wire != 2:
+            out += buf[begin:end]
+            continue
+        graph = bytearray()
+        for g_number, g_wire, g_begin, g_value, g_end in _fields(buf, value, end):
+            if g_number != 5 or g_wire != 2:
+                graph += buf[g_begin:g_end]
+                continue
+            tensor, ref = bytearray(), None
+            for t_number, t_wire, t_begin, t_value, t_end in _fields(buf, g_value, g_end):
+                if t_number == 9 and t_wire == 2 and t_end - t_value >= LAZY_THRESHOLD:
+                    ref = (t_value, t_end - t_value)
+                else:
+                    tensor += buf[t_begin:t_end]
+            refs.append(ref)
+            graph += _key(5) + _varint(len(tensor)) + tensor
+        out += _key(7) + _varint(len(graph)) + graph
+    return bytes(out), refs
+
+
+# -- where tensor values come from ----------------------------------------------------------------
 
 def external_location(tensor: onnx.TensorProto) -> Optional[dict]:
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -28,8 +122,34 @@ def external_location(tensor: onnx.TensorProto) -> Optional[dict]:
     return {e.key: e.value for e in tensor.external_data}
 
 
+def set_location(tensor: onnx.TensorProto, location: str, offset: int = 0, length: int = 0) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _np_dtype(tensor: onnx.TensorProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) * _np_dtype(tensor).itemsize
+
+
+@dataclass
+class Deferred:
+    """A tensor value computed when it is needed (at write time), not when it is decided."""
+
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    compute: Callable[[], np.ndarray]
+
+
 def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer of the model, subgraphs included."""
+    """Every initializer of the model, bodies and functions included."""
     def walk(graph: onnx.GraphProto):
         yield from graph.initializer
         for node in graph.node:
@@ -43,31 +163,91 @@ def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def data_files(model: onnx.ModelProto, base_dir: Path) -> Set[Path]:
-    return {(base_dir / loc["location"]).resolve() for t in initializers(model) if (loc := external_location(t))}
+    return {
+        (base_dir / loc["location"]).resolve()
+        for t in initializers(model)
+        if (loc := external_location(t)) is not None and loc.get("location") != PENDING
+    }
 
 
-class TensorLoader:
-    """Turns initializers into numpy arrays; external data is memory-mapped, never read whole."""
+class Source:
+    """Turns initializers into numpy arrays: inline ones parsed, file-backed ones memory-mapped (never
+    read whole, never cached here), deferred ones computed."""
 
-    def __init__(self, base_dir: Optional[Path]) -> None:
+    def __init__(self, base_dir: Optional[Path], inline_refs: Optional[Set[str]] = None) -> None:
         self.base_dir = base_dir
+        self.inline_refs = inline_refs or set()  # tensors that live inside the input .onnx file
+        self.deferred: Dict[str, Deferred] = {}
+
+    def is_inline(self, tensor: onnx.TensorProto) -> bool:
+        return tensor.data_location != onnx.TensorProto.EXTERNAL
 
     def __call__(self, tensor: onnx.TensorProto) -> np.ndarray:
         info = external_location(tensor)
         if info is None:
             return numpy_helper.to_array(tensor)
+        if info.get("location") == PENDING:
+            return self.deferred[tensor.name].compute()
         path = self._path(tensor, info)
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
         shape = tuple(tensor.dims)
-        count = int(np.prod(shape, dtype=np.int64))
-        if count == 0:
-            return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.zeros(shape, _np_dtype(tensor))
+        return np.memmap(path, dtype=_np_dtype(tensor), mode="r", offset=int(info.get("offset", 0)), shape=shape)
 
     def _path(self, tensor: onnx.TensorProto, info: dict) -> Path:
         if self.base_dir is None:
             raise BnfoldError(f"tensor '{tensor.name}' has external data but the model has no folder")
         return self.base_dir / info["location"]
+
+    def defer(self, tensor: onnx.TensorProto, value: Deferred) -> None:
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        del tensor.dims[:]
+        tensor.dims.extend(value.shape)
+        set_location(tensor, PENDING)
+        self.deferred[tensor.name] = value
+        self.inline_refs.discard(tensor.name)
+
+    def chunks(self, tensor: onnx.TensorProto) -> Iterator[memoryview]:
+        """The tensor's little-endian bytes, in pieces of at most CHUNK bytes."""
+        info = external_location(tensor)
+        if info is None or info.get("location") == PENDING:
+            array = np.ascontiguousarray(self(tensor))
+            view = memoryview(array.reshape(-1).view(np.uint8))
+            for start in range(0, len(view), CHUNK):
+                yield view[start:start + CHUNK]
+            return
+        path, offset = self._path(tensor, info), int(info.get("offset", 0))
+        length = int(info.get("length") or _nbytes(tensor))
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while length > 0:
+                block = f.read(min(CHUNK, length))
+                if not block:
+                    raise BnfoldError(f"external data file {path} ended early")
+                yield memoryview(block)
+                length -= len(block)
+
+    def materialize(self, model: onnx.ModelProto, everything: bool = False) -> None:
+        """Give deferred tensors, and those read from the input file, their bytes inline (so the model
+        stands on its own); ``everything`` also brings in external data files."""
+        for t in initializers(model):
+            info = external_location(t)
+            if info is None:
+                continue
+            if everything or info.get("location") == PENDING or t.name in self.inline_refs:
+                raw = b"".join(bytes(c) for c in self.chunks(t))
+                del t.external_data[:]
+                t.ClearField("data_location")
+                t.raw_data = raw
+        self.inline_refs.clear()
+        self.deferred.clear()
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def file_size(path: Path, model: onnx.ModelProto) -> int:
+    """Bytes of a model file and its external data files."""
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files(model, path.parent) if f != path.resolve())
 
 
 def check_external(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -78,22 +258,41 @@ def check_external(model: onnx.ModelProto, base_dir: Path) -> None:
         path = base_dir / info.get("location", "")
         if not info.get("location") or not path.is_file():
             raise BnfoldError(f"external data file {path} for tensor '{t.name}' is missing")
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        need = int(info.get("offset", 0)) + int(np.prod(t.dims, dtype=np.int64)) * itemsize
-        if path.stat().st_size < need:
+        if path.stat().st_size < int(info.get("offset", 0)) + _nbytes(t):
             raise BnfoldError(f"external data file {path} is too short for tensor '{t.name}'")
 
 
+def _parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise DecodeError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            stripped, refs = _strip_raw_data(buf)  # indexing an mmap exports no buffer
+    model = onnx.ModelProto.FromString(stripped)
+    inline: Set[str] = set()
+    for tensor, ref in zip(model.graph.initializer, refs):
+        if ref is not None:
+            set_location(tensor, path.name, *ref)
+            inline.add(tensor.name)
+    return model, inline
+
+
 def load(path: PathLike) -> onnx.ModelProto:
-    """Read a model without its external data (that is read on demand through :class:`TensorLoader`)."""
+    """Read a model's graph; large weights stay in their files (see :func:`open_model`)."""
+    return open_model(path)[0]
+
+
+def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
+    """The model's graph and the :class:`Source` its weights are read from."""
     path = Path(path)
     if not path.exists():
         raise BnfoldError(f"{path}: no such file")
     if path.is_dir():
         raise BnfoldError(f"{path}: is a folder, not an ONNX file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        model, inline = _parse(path)
+    except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as exc:
         raise BnfoldError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if not model.HasField("graph") or not model.opset_import:
         raise BnfoldError(f"{path}: not an ONNX model (no graph or no opset)")
@@ -105,7 +304,23 @@ def load(path: PathLike) -> onnx.ModelProto:
                 f"({newest}); upgrade onnx (pip install -U onnx)"
             )
     check_external(model, path.parent)
-    return model
+    return model, Source(path.parent, inline)
+
+
+# -- saving -------------------------------------------------------------------------------------
+
+def approx_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensors that would be inline: what decides whether a model fits in one protobuf
+    (2 GB), without paying for ByteSize() (which serializes the whole model)."""
+    total = 0
+    for t in initializers(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += _nbytes(t)
+        elif t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * 8
+    return total
 
 
 def _umask() -> int:
@@ -122,82 +337,120 @@ def _temp(path: Path) -> str:
     return tmp
 
 
-def _copy_range(src: Path, offset: int, length: int, dst) -> None:
-    with open(src, "rb") as f:
-        f.seek(offset)
-        while length > 0:
-            block = f.read(min(CHUNK, length))
-            if not block:
-                raise BnfoldError(f"external data file {src} ended early")
-            dst.write(block)
-            length -= len(block)
-
-
-def _externalize(model: onnx.ModelProto, source_dir: Optional[Path], data_path: Path, out) -> None:
-    """Write every large tensor to ``out`` (the data file), in model order; unchanged external
-    tensors are copied from their source file in bounded chunks, never loaded whole."""
+def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -> None:
+    """Move every large tensor to ``out`` (the data file), in model order."""
     offset = 0
     for t in initializers(model):
-        info = external_location(t)
-        if info is not None:
-            src = (source_dir or Path(".")) / info["location"]
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            length = int(info.get("length", int(np.prod(t.dims, dtype=np.int64)) * itemsize))
-            _copy_range(src, int(info.get("offset", 0)), length, out)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            length = 0
+            for chunk in source.chunks(t):
+                out.write(chunk)
+                length += len(chunk)
         else:
             if not t.HasField("raw_data"):
-                if int(np.prod(t.dims, dtype=np.int64)) * 4 < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
+                if _nbytes(t) < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
                     continue
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
             if len(t.raw_data) < EXTERNAL_THRESHOLD:
                 continue
             length = len(t.raw_data)
             out.write(t.raw_data)
-            t.ClearField("raw_data")
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
+        set_location(t, data_path.name, offset, length)
         offset += length
+    source.inline_refs.clear()
+    source.deferred.clear()
 
 
-def _internalize(model: onnx.ModelProto, source_dir: Optional[Path]) -> None:
-    loader = TensorLoader(source_dir)
-    for t in initializers(model):
-        if external_location(t) is not None:
-            t.CopyFrom(numpy_helper.from_array(np.array(loader(t)), t.name))
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
-def save(model: onnx.ModelProto, path: PathLike, *, source_dir: Optional[Path] = None,
+def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
+    """Serialize ``model`` with every main-graph tensor's bytes spliced in from its source, so that
+    no weight is copied into protobuf (field order does not matter to a protobuf parser)."""
+    graph = model.graph
+    for body_tensor in (t for node in graph.node for g in subgraphs(node) for t in _graph_inits(g)):
+        if body_tensor.data_location == onnx.TensorProto.EXTERNAL:
+            source.materialize(model, everything=True)
+            break
+    skeleton, graph_skeleton = onnx.ModelProto(), onnx.GraphProto()
+    _copy_fields(model, skeleton, "graph")
+    _copy_fields(graph, graph_skeleton, "initializer")
+    entries = []  # (header bytes, tensor or None, payload length)
+    for t in graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            body = t.SerializeToString()
+            entries.append((_key(5) + _varint(len(body)) + body, None, 0))
+            continue
+        meta = onnx.TensorProto()
+        _copy_fields(t, meta, "external_data")
+        meta.ClearField("data_location")
+        head = meta.SerializeToString()
+        length = _nbytes(t)
+        head += _key(9) + _varint(length)
+        entries.append((_key(5) + _varint(len(head) + length) + head, t, length))
+    graph_bytes = graph_skeleton.SerializeToString()
+    graph_len = len(graph_bytes) + sum(len(h) + n for h, _, n in entries)
+    f.write(skeleton.SerializeToString())
+    f.write(_key(7) + _varint(graph_len))
+    f.write(graph_bytes)
+    for head, tensor, _ in entries:
+        f.write(head)
+        if tensor is not None:
+            for chunk in source.chunks(tensor):
+                f.write(chunk)
+
+
+def _graph_inits(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from _graph_inits(g)
+
+
+def save(model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None,
          external: Optional[bool] = None) -> int:
     """Write ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
 
-    ``external`` None chooses: external data when the model already has some or would pass 2 GB.
-    External data goes to one file beside the output, named after it (``OUT.onnx.data``).
-    Returns the bytes written (model and data file)."""
+    ``external`` None chooses: external data when the model already has some (beyond the input
+    file's own inline weights) or would pass 2 GB. External data goes to one file beside the output,
+    named after it (``OUT.onnx.data``). Returns the bytes written (model and data file)."""
     path = Path(path)
-    has_external = any(external_location(t) is not None for t in initializers(model))
+    source = source or Source(None)
+    has_external = any(
+        (loc := external_location(t)) is not None and loc.get("location") != PENDING and t.name not in source.inline_refs
+        for t in initializers(model)
+    )
     if external is None:
-        external = has_external or model.ByteSize() > TWO_GB
+        external = has_external or approx_bytes(model) > TWO_GB - (64 << 20)
+    if not external and approx_bytes(model) > TWO_GB - (64 << 20):
+        raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
+    data_path = path.with_name(path.name + ".data")
     written: List[str] = []
     try:
+        tmp_data = None
         if external:
-            data_path = path.with_name(path.name + ".data")
             tmp_data = _temp(data_path)
             written.append(tmp_data)
             with open(tmp_data, "wb") as out:
-                _externalize(model, source_dir, data_path, out)
-        else:
-            if has_external:
-                _internalize(model, source_dir)
-            if model.ByteSize() > TWO_GB:
-                raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
+                _externalize(model, source, data_path, out)
         tmp = _temp(path)
         written.append(tmp)
         with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-        if external:
+            if external:
+                f.write(model.SerializeToString())
+            else:
+                _write_inline(model, source, f)
+        if tmp_data:
             os.replace(tmp_data, data_path)
         os.replace(tmp, path)
     except BaseException:
@@ -205,7 +458,4 @@ def save(model: onnx.ModelProto, path: PathLike, *, source_dir: Optional[Path] =
             if os.path.exists(name):
                 os.unlink(name)
         raise
-    size = path.stat().st_size
-    if external:
-        size += path.with_name(path.name + ".data").stat().st_size
-    return size
+    return path.stat().st_size + (data_path.stat().st_size if external else 0)

@@ -314,8 +314,8 @@ def _elem_types(model: onnx.ModelProto) -> Dict[str, int]:
 
 
 def _session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool, stack: ExitStack):
-    """What onnxruntime loads: the file itself when untouched, else the bytes, or (with external data)
-    a temporary copy whose external files are linked beside it."""
+    """What onnxruntime loads: the file itself when untouched, else the bytes, or (with external data,
+    or weights left in the input file) a temporary copy whose data files are linked beside it."""
     if path is not None and not changed:
         return str(path)
     if path is None or not _has_external(model):
@@ -326,11 +326,14 @@ def _session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool,
         if loc is not None and not (tmp / loc["location"]).exists():
             target = tmp / loc["location"]
             target.parent.mkdir(parents=True, exist_ok=True)
+            # onnxruntime refuses data paths that resolve outside the model's folder (symlinks too):
+            # a hard link where the filesystem allows, else a copy.
             try:
-                os.symlink((path.parent / loc["location"]).resolve(), target)
+                os.link((path.parent / loc["location"]).resolve(), target)
             except OSError:
                 shutil.copyfile(path.parent / loc["location"], target)
-    io.save(model, tmp / "model.onnx")
+    # The references stay as they are (the files they name are linked beside): the graph alone is written.
+    (tmp / "model.onnx").write_bytes(model.SerializeToString())
     return str(tmp / "model.onnx")
 
 

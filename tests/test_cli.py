@@ -125,6 +125,6 @@ def test_internal_error_exits_3(model_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli_module, "fold_model", boom)
+    monkeypatch.setattr(cli_module, "fold_file", boom)
     result = CliRunner().invoke(cli, ["fold", str(model_path)])
     assert result.exit_code == 3 and "internal error in bnfold" in result.output

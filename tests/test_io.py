@@ -64,13 +64,13 @@ def test_external_model_folds_with_external_output(external_model, tmp_path):
 def test_unchanged_external_tensors_are_never_loaded(external_model, tmp_path, monkeypatch):
     path, model = external_model
     loaded = []
-    real = io.TensorLoader.__call__
+    real = io.Source.__call__
 
     def spy(self, tensor):
         loaded.append(tensor.name)
         return real(self, tensor)
 
-    monkeypatch.setattr(io.TensorLoader, "__call__", spy)
+    monkeypatch.setattr(io.Source, "__call__", spy)
     bnfold.fold(path, tmp_path / "o.onnx")
     gemm_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
     assert loaded and not gemm_weights & set(loaded)  # the classifier has no BN: its weight is streamed
@@ -146,3 +146,23 @@ def test_over_2gb_inline_is_refused_without_external(monkeypatch, tmp_path):
     assert (tmp_path / "a.onnx.data").exists()  # chosen automatically
     result = invoke("fold", path, "-o", tmp_path / "b.onnx", "--no-external-data")
     assert result.exit_code == 2 and not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_file_and_in_memory_folds_agree(tmp_path, external):
+    """Folding from a file (weights left in the file, computed at write time, spliced on save) gives
+    the same model as folding the in-memory proto."""
+    model = resnet_bottleneck()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "o.onnx"
+    bnfold.fold_file(path, out, external_data=external)
+    from_file = onnx.load(str(out))
+    in_memory, _ = bnfold.fold(model)
+    returned, _ = bnfold.fold(path)
+    for m in (from_file, in_memory, returned):  # onnx.load marks loaded external data DEFAULT explicitly
+        for t in m.graph.initializer:
+            t.ClearField("data_location")
+    assert from_file.graph == in_memory.graph
+    assert returned.graph == in_memory.graph  # the API's model stands on its own
+    assert not any(t.external_data for t in returned.graph.initializer)

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import GraphIndex, all_names, opset_of, subgraphs
-from ..io import external_location
+from ..io import Source, external_location
 from ..report import FoldedBN, LeftBN, ModelStats, Reason
 from ..types import TypeLookup
 from . import backward, forward, lower
@@ -34,7 +34,7 @@ class Outcome:
 class Context:
     ir_version: int
     opset: int
-    load_tensor: Callable[[onnx.TensorProto], np.ndarray]
+    source: Source
     taken: Set[str]
     types: TypeLookup
     dry_run: bool
@@ -44,7 +44,7 @@ class Context:
     def index(self, graph: onnx.GraphProto, outer: Optional[GraphIndex], opset: Optional[int] = None,
               lists_initializers: Optional[bool] = None) -> GraphIndex:
         return GraphIndex(
-            graph, ir_version=self.ir_version, opset=opset or self.opset, load_tensor=self.load_tensor,
+            graph, ir_version=self.ir_version, opset=opset or self.opset, source=self.source,
             taken_names=self.taken, outer=outer, types=self.types,
             lists_initializers=(False if outer is not None else None) if lists_initializers is None else lists_initializers,
         )
@@ -115,15 +115,14 @@ def _fold_function(fn: onnx.FunctionProto, ctx: Context) -> None:
     if ctx.dry_run:
         return
     constants = [
-        onnx.helper.make_node("Constant", [], [t.name], name=t.name, value=numpy_helper.from_array(ctx.load_tensor(t), t.name))
+        onnx.helper.make_node("Constant", [], [t.name], name=t.name, value=numpy_helper.from_array(np.asarray(ctx.source(t)), t.name))
         for t in graph.initializer
     ]
     del fn.node[:]
     fn.node.extend(constants + list(graph.node))
 
 
-def fold_model(model: onnx.ModelProto, load_tensor: Callable[[onnx.TensorProto], np.ndarray],
-               dry_run: bool = False, lower_standalone: bool = False) -> Outcome:
+def fold_model(model: onnx.ModelProto, source: Source, dry_run: bool = False, lower_standalone: bool = False) -> Outcome:
     """Fold ``model`` in place (unless ``dry_run``) and say what was done to each BN."""
     taken = all_names(model.graph, set())
     for fn in model.functions:
@@ -132,14 +131,16 @@ def fold_model(model: onnx.ModelProto, load_tensor: Callable[[onnx.TensorProto],
         for node in fn.node:
             taken.update(node.output)
             taken.add(node.name)
-    ctx = Context(model.ir_version, opset_of(model), load_tensor, taken, TypeLookup(model), dry_run, lower_standalone)
+    ctx = Context(model.ir_version, opset_of(model), source, taken, TypeLookup(model), dry_run, lower_standalone)
     _fold_graph(model.graph, ctx, None)
     for fn in model.functions:
         _fold_function(fn, ctx)
     return ctx.out
 
 
-def stats(model: onnx.ModelProto) -> ModelStats:
+def stats(model: onnx.ModelProto, nbytes: Optional[int] = None) -> ModelStats:
+    """Counts of BNs, nodes and initializers (bodies and functions included), and the size in bytes:
+    ``nbytes`` when the caller knows it (file sizes), else the serialized size (slow on big models)."""
     counts = {"bn": 0, "nodes": 0, "inits": 0, "external": 0}
 
     def walk_nodes(nodes) -> None:
@@ -160,4 +161,5 @@ def stats(model: onnx.ModelProto) -> ModelStats:
     walk(model.graph)
     for fn in model.functions:
         walk_nodes(fn.node)
-    return ModelStats(counts["bn"], counts["nodes"], counts["inits"], model.ByteSize() + counts["external"])
+    size = nbytes if nbytes is not None else model.ByteSize() + counts["external"]
+    return ModelStats(counts["bn"], counts["nodes"], counts["inits"], size)

@@ -72,6 +72,15 @@ def check_batchnorm(index: GraphIndex, node: onnx.NodeProto) -> Union[Affine, Re
     return Affine(s, t)
 
 
+def scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``w * factor`` computed in float64 and cast once to ``w``'s dtype, without a float64 copy of
+    the whole weight (numpy casts in buffered chunks)."""
+    if w.dtype in (np.float16, np.float32, np.float64):
+        out = np.empty(np.broadcast_shapes(w.shape, factor.shape), dtype=w.dtype)
+        return np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
+    return (w.astype(np.float64) * factor).astype(w.dtype)  # bfloat16: numpy has no such loop
+
+
 def channel_vector(value: np.ndarray, rank: Optional[int], channels: int) -> Optional[np.ndarray]:
     """``value`` as a float64 (C,) vector if, broadcast against a rank-``rank`` tensor with C channels
     on axis 1, it varies along axis 1 only; else None."""

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 
 from ..graph import ONNX_DOMAINS, GraphIndex, attr, set_attr
+from ..io import Deferred
 from ..report import Reason
-from .common import Affine, channel_vector, check_batchnorm, is_batchnorm, is_float, node_label
+from .common import Affine, channel_vector, check_batchnorm, is_batchnorm, is_float, node_label, scaled
 
 @dataclass
 class Target:
@@ -27,7 +28,7 @@ class Target:
     rank: int
     weight_slot: int
     bias_slot: int
-    scale_weight: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    factor: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (weight, s) -> float64 factor broadcastable to it
     bias_scale: float = 1.0  # Gemm: the old bias enters as beta * C
     to_gemm: bool = False  # MatMul becomes Gemm(A, W', t)
 
@@ -81,7 +82,7 @@ def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
         return bias
 
     def scale(W, s):
-        return W * s.reshape((-1,) + (1,) * (W.ndim - 1))
+        return s.reshape((-1,) + (1,) * (W.ndim - 1))
 
     return Target("Conv", w.shape[0], w.ndim, 1, 2, scale)
 
@@ -102,7 +103,7 @@ def _conv_transpose(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Re
         # Weight layout (C_in, C_out/group, k...): output channel g*C_out/group + j lives in the rows
         # of group g, column j.
         rows = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
-        return W * rows.reshape(rows.shape + (1,) * (W.ndim - 2))
+        return rows.reshape(rows.shape + (1,) * (W.ndim - 2))
 
     return Target("ConvTranspose", per_group * group, w.ndim, 1, 2, scale)
 
@@ -117,7 +118,7 @@ def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
     trans_b = attr(node, "transB", 0)
 
     def scale(B, s):
-        return B * (s[:, None] if trans_b else s[None, :])
+        return s[:, None] if trans_b else s[None, :]
 
     return Target("Gemm", b.shape[0] if trans_b else b.shape[1], 2, 1, 2, scale, bias_scale=attr(node, "beta", 1.0))
 
@@ -135,7 +136,7 @@ def _matmul(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
             f"MatMul '{node_label(node)}' multiplies a rank-{rank} input by a rank-{w.ndim} weight: "
             "its output columns are not on axis 1",
         )
-    return Target("MatMul", w.shape[1], 2, 1, -1, lambda W, s: W * s[None, :], to_gemm=True)
+    return Target("MatMul", w.shape[1], 2, 1, -1, lambda W, s: s[None, :], to_gemm=True)
 
 
 TARGETS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
@@ -235,7 +236,7 @@ def _extend(index: GraphIndex, chains: Dict[str, Chain], i: int, x: str, affine_
 
 # -- rewriting ----------------------------------------------------------------------------------
 
-def write_constant(index: GraphIndex, node: onnx.NodeProto, slot: int, array: np.ndarray, base: str) -> str:
+def write_constant(index: GraphIndex, node: onnx.NodeProto, slot: int, array: Union[np.ndarray, Deferred], base: str) -> str:
     """Store ``array`` for ``node.input[slot]``: in place when only this node reads that initializer
     and the shape and dtype stay, else as a new initializer (shared weights are never changed)."""
     old = node.input[slot] if len(node.input) > slot else ""
@@ -245,7 +246,7 @@ def write_constant(index: GraphIndex, node: onnx.NodeProto, slot: int, array: np
         and len(set(index.readers(old))) == 1
         and old not in index.graph_outputs
         and tuple(tensor.dims) == array.shape
-        and onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) == array.dtype
+        and onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) == np.dtype(array.dtype)
     ):
         index.replace_initializer(old, array)
         return old
@@ -259,7 +260,10 @@ def apply(index: GraphIndex, chain: Chain) -> List[str]:
     w_name = old.input[target.weight_slot]
     w = index.constant(w_name)
     dtype = w.dtype
-    new_w = target.scale_weight(w.astype(np.float64), chain.s).astype(dtype)
+    # The weight is computed when written (one at a time), from the value it has now.
+    current, factor = index.value_thunk(w_name), target.factor(w, chain.s)
+    new_w = Deferred(w.shape, dtype, lambda: scaled(current(), factor))
+    del w
     has_bias = target.bias_slot > 0 and len(old.input) > target.bias_slot and old.input[target.bias_slot]
     bias = index.constant(old.input[target.bias_slot]).astype(np.float64) if has_bias else 0.0
     new_b = (target.bias_scale * bias * chain.s + chain.t).astype(dtype)

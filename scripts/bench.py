@@ -1,0 +1,287 @@
+"""Benchmark bnfold against onnxruntime's offline optimizer and the Python peers.
+
+    python scripts/bench.py                     # every model, every installed tool, 5 runs each
+    python scripts/bench.py --models resnet50 --runs 7
+    pip install -e ".[bench]"                   # the peers (never runtime dependencies)
+
+Each tool runs as a whole process (start-up, load, fold, write), timed from start to exit, with its
+own peak resident memory read from wait4(). Runs are interleaved (tool A, B, C, A, B, C, ...) so that
+machine noise hits every tool alike. Prints one table: median wall time, peak RSS, BatchNormalization
+nodes left, and the ratio of the median to onnxruntime's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.models import Builder  # noqa: E402
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def resnet50() -> onnx.ModelProto:
+    """ResNet-50's layout (53 Conv+BN pairs, about 25.5 M parameters, ~100 MB inline)."""
+    b = Builder(seed=50)
+    x = b.input("input", ["N", 3, 224, 224])
+    y = b.relu(b.bn(b.conv(x, 3, 64, 7, stride=2, bias=False), 64))
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            s = stride if i == 0 else 1
+            h = b.relu(b.bn(b.conv(y, cin, width, 1, pad=0, bias=False), width))
+            h = b.relu(b.bn(b.conv(h, width, width, 3, stride=s, bias=False), width))
+            h = b.bn(b.conv(h, width, width * 4, 1, pad=0, bias=False), width * 4)
+            short = y if i else b.bn(b.conv(y, cin, width * 4, 1, stride=s, pad=0, bias=False), width * 4)
+            y = b.relu(b.op("Add", [h, short]))
+            cin = width * 4
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    return b.model(b.gemm(y, 2048, 1000, trans_b=1))
+
+
+def deep(blocks: int, channels: int = 16) -> onnx.ModelProto:
+    """``blocks`` x (Conv -> BN -> Relu): the cost of a fold must grow linearly with depth."""
+    b = Builder(seed=blocks)
+    y = b.input("x", [1, channels, 8, 8])
+    for _ in range(blocks):
+        y = b.relu(b.bn(b.conv(y, channels, channels, 3), channels))
+    return b.model(y)
+
+
+def write_external(path: Path, gigabytes: float) -> None:
+    """A model with ``gigabytes`` of weights in one external data file, written in chunks (never held
+    in memory): 40 Conv+BN blocks (512 channels, 3x3) and, to make up the size, 4096-wide Gemm layers
+    without BN, whose weights a fold leaves unchanged."""
+    data_name = path.name + ".data"
+    nodes, inits = [], []
+    rng = np.random.default_rng(0)
+    offset = 0
+    with open(path.with_name(data_name), "wb") as data:
+
+        def external(name, shape, scale=0.02):
+            nonlocal offset
+            count = int(np.prod(shape))
+            done = 0
+            while done < count:
+                n = min(count - done, 1 << 24)
+                data.write((rng.standard_normal(n, dtype=np.float32) * scale).tobytes())
+                done += n
+            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape), data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(count * 4))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += count * 4
+            inits.append(t)
+            return name
+
+        c, y = 512, "x"
+        for i in range(40):
+            w = external(f"conv{i}_w", (c, c, 3, 3))
+            params = [numpy_helper.from_array(a.astype(np.float32), f"bn{i}_{k}") for k, a in (
+                ("g", rng.uniform(0.5, 1.5, c)), ("b", rng.standard_normal(c) * 0.1), ("m", rng.standard_normal(c) * 0.1),
+                ("v", rng.uniform(0.5, 2, c)))]
+            inits.extend(params)
+            nodes.append(helper.make_node("Conv", [y, w], [f"c{i}"], name=f"conv{i}", pads=[1] * 4))
+            nodes.append(helper.make_node("BatchNormalization", [f"c{i}"] + [p.name for p in params], [f"bn{i}"], name=f"bn{i}"))
+            nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"r{i}"]))
+            y = f"r{i}"
+        nodes.append(helper.make_node("GlobalAveragePool", [y], ["gap"]))
+        nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], axis=1))
+        y, width, k = "flat", c, 0
+        while offset < gigabytes * 1e9:
+            out_w = 4096
+            w = external(f"fc{k}_w", (width, out_w))
+            nodes.append(helper.make_node("MatMul", [y, w], [f"fc{k}"], name=f"fc{k}"))
+            y, width, k = f"fc{k}", out_w, k + 1
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path.write_bytes(model.SerializeToString())
+
+
+# -- tools --------------------------------------------------------------------------------------
+
+PY = sys.executable
+TOOLS = {
+    # name: (module that must import, command builder)
+    "bnfold": (None, lambda i, o: [str(Path(PY).with_name("bnfold")), "fold", i, "-o", o]),
+    "onnxruntime": ("onnxruntime", lambda i, o: [PY, "-c", (
+        "import sys, onnxruntime as ort\n"
+        "o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC\n"
+        "o.optimized_model_filepath = sys.argv[2]\n"
+        "import os\n"
+        "if os.path.exists(sys.argv[1] + '.data'):\n"
+        "    o.add_session_config_entry('session.optimized_model_external_initializers_file_name', os.path.basename(sys.argv[2]) + '.data')\n"
+        "    o.add_session_config_entry('session.optimized_model_external_initializers_min_size_in_bytes', '1024')\n"
+        "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])"), i, o]),
+    "onnxscript": ("onnxscript", lambda i, o: [PY, "-c", (
+        "import sys, onnx, onnxscript.rewriter as r\n"
+        "from onnxscript.rewriter.rules.common import _fuse_batchnorm as f\n"
+        "m = r.rewrite(onnx.load(sys.argv[1]), pattern_rewrite_rules=f.rules)\n"
+        "onnx.save(m, sys.argv[2])"), i, o]),
+    "onnxoptimizer": ("onnxoptimizer", lambda i, o: [PY, "-c", (
+        "import sys, onnx, onnxoptimizer\n"
+        "onnx.save(onnxoptimizer.optimize(onnx.load(sys.argv[1]), ['fuse_bn_into_conv']), sys.argv[2])"), i, o]),
+    "onnxslim": ("onnxslim", lambda i, o: [PY, "-c", "import sys, onnxslim; onnxslim.slim(sys.argv[1], sys.argv[2])", i, o]),
+    "onnxsim": ("onnxsim", lambda i, o: [PY, "-c", (
+        "import sys, onnx, onnxsim\n"
+        "m, ok = onnxsim.simplify(onnx.load(sys.argv[1]))\n"
+        "onnx.save(m, sys.argv[2])"), i, o]),
+}
+
+
+def available(tools):
+    out = []
+    for name in tools:
+        module = TOOLS[name][0]
+        if module is None or subprocess.run([PY, "-c", f"import {module}"], capture_output=True).returncode == 0:
+            out.append(name)
+    return out
+
+
+def run_once(cmd, timeout):
+    """(wall seconds, peak RSS in MiB, ok) of one whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            return time.perf_counter() - start, usage.ru_maxrss / 1024, False
+        time.sleep(0.002)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024, proc.returncode == 0
+
+
+def bn_left(path: Path):
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return "?"
+    count = 0
+
+    def walk(g):
+        nonlocal count
+        for n in g.node:
+            count += n.op_type == "BatchNormalization"
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(m.graph)
+    return count
+
+
+def copy_time(src: Path, dst_dir: Path) -> float:
+    start = time.perf_counter()
+    for f in (src, src.with_name(src.name + ".data")):
+        if f.exists():
+            shutil.copyfile(f, dst_dir / f.name)
+    return time.perf_counter() - start
+
+
+def bench(name: str, path: Path, tools, runs: int, work: Path, timeout: float):
+    results = {t: [] for t in tools}
+    rss = {t: 0.0 for t in tools}
+    ok = {t: True for t in tools}
+    left = {}
+    for r in range(runs):
+        for t in tools:
+            if not ok[t]:
+                continue
+            out = work / f"{name}_{t}.onnx"
+            for f in (out, out.with_name(out.name + ".data")):
+                if f.exists():
+                    f.unlink()
+            wall, peak, good = run_once(TOOLS[t][1](str(path), str(out)), timeout)
+            if not good:
+                ok[t] = False
+                continue
+            results[t].append(wall)
+            rss[t] = max(rss[t], peak)
+            left[t] = bn_left(out)
+    rows = []
+    ref = statistics.median(results["onnxruntime"]) if results.get("onnxruntime") else None
+    for t in tools:
+        if not results[t]:
+            rows.append((name, t, None, None, "failed", None))
+            continue
+        med = statistics.median(results[t])
+        rows.append((name, t, med, rss[t], left[t], med / ref if ref else None))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet50,deep100,deep1000,external2.5g")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--external-gb", type=float, default=2.5)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary folder)")
+    args = ap.parse_args()
+    tools = available([t for t in args.tools.split(",") if t in TOOLS])
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bnfold-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"onnx {onnx.__version__}; tools: {', '.join(tools)}; {args.runs} runs each, interleaved")
+    rows, notes = [], []
+    for name in args.models.split(","):
+        path = work / f"{name}.onnx"
+        if not path.exists():
+            if name == "resnet50":
+                onnx.save(resnet50(), str(path))
+            elif name.startswith("deep"):
+                onnx.save(deep(int(name[4:])), str(path))
+            elif name.startswith("external"):
+                write_external(path, args.external_gb)
+        size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if path.with_name(path.name + ".data").exists() else 0)
+        notes.append(f"{name}: {size / 1e6:,.1f} MB, {bn_left(path)} BatchNormalization")
+        if name.startswith("external"):
+            copies = []
+            for _ in range(args.runs):
+                d = Path(tempfile.mkdtemp(dir=work))
+                copies.append(copy_time(path, d))
+                shutil.rmtree(d)
+            notes.append(f"{name}: copying its files takes {statistics.median(copies):.2f} s (median)")
+        rows += bench(name, path, tools, args.runs, work, args.timeout)
+    for n in notes:
+        print(n)
+    print()
+    print(f"| {'model':12} | {'tool':14} | {'median s':>9} | {'peak RSS MiB':>12} | {'BN left':>7} | {'x onnxruntime':>13} |")
+    print(f"|{'-' * 14}|{'-' * 16}|{'-' * 11}|{'-' * 14}|{'-' * 9}|{'-' * 15}|")
+    for model, tool, med, peak, left, ratio in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        print(f"| {model:12} | {tool:14} | {fmt(med, '9.3f')} | {fmt(peak, '12.0f')} | {str(left):>7} | {fmt(ratio, '13.2f')} |")
+    # The deep models must cost linearly: 1000 blocks at most 12x 100 blocks.
+    by = {(m, t): med for m, t, med, *_ in rows}
+    if ("deep100", "bnfold") in by and ("deep1000", "bnfold") in by and by[("deep100", "bnfold")]:
+        print(f"\nbnfold deep1000 / deep100: {by[('deep1000', 'bnfold')] / by[('deep100', 'bnfold')]:.2f}x")
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
