@@ -11,7 +11,8 @@ import onnx
 from . import io
 from .errors import BnfoldError
 from .fold import fold_model, stats
-from .report import FoldReport
+from .graph import subgraphs
+from .report import BatchNormInfo, FoldReport, InspectReport
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -107,3 +108,66 @@ def fold_file(
     if output is None:
         output = path if in_place else default_output(path)
     return _fold(path, None if dry_run else output, dry_run, lower_standalone, external_data, in_place)[1]
+
+
+def _op_types(model: onnx.ModelProto):
+    """Producer op type of each value, and the op types reading it, over every graph and function."""
+    producers, readers = {}, {}
+
+    def walk(nodes):
+        for node in nodes:
+            for o in node.output:
+                producers[o] = node.op_type
+            for i in node.input:
+                readers.setdefault(i, []).append(node.op_type)
+            for g in subgraphs(node):
+                walk(g.node)
+
+    walk(model.graph.node)
+    for fn in model.functions:
+        walk(fn.node)
+    return producers, readers
+
+
+def inspect(model: ModelLike) -> InspectReport:
+    """Facts about ``model`` and every BatchNormalization in it: its neighbours, and whether it
+    folds (and how) or why not: the decision ``fold`` would take, nothing written."""
+    proto, path, source = _open(model)
+    producers, readers = _op_types(proto)
+    outcome = fold_model(proto, source, dry_run=True)
+    infos = []
+    for f in outcome.folded:
+        infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
+    for item in outcome.left:
+        infos.append(BatchNormInfo(item.name, item.output, None, [], False, item.reason, item.message))
+    bn_inputs = {}
+
+    def collect(nodes):
+        for node in nodes:
+            if node.op_type == "BatchNormalization":
+                bn_inputs[node.output[0]] = node.input[0]
+            for g in subgraphs(node):
+                collect(g.node)
+
+    collect(proto.graph.node)
+    for fn in proto.functions:
+        collect(fn.node)
+    for info in infos:
+        info.producer = producers.get(bn_inputs.get(info.output, ""))
+        info.consumers = sorted(set(readers.get(info.output, [])))
+    order = {name: k for k, name in enumerate(bn_inputs)}
+    infos.sort(key=lambda b: order.get(b.output, len(order)))
+    counts = stats(proto, io.file_size(path, proto) if path is not None else None)
+    return InspectReport(
+        path=str(path) if path is not None else None,
+        ir_version=proto.ir_version,
+        opsets={o.domain: o.version for o in proto.opset_import},
+        producer=" ".join(x for x in (proto.producer_name, proto.producer_version) if x),
+        bytes=counts.bytes,
+        external_data=sorted(
+            str(p.name) for p in io.data_files(proto, path.parent) if path is None or p != path.resolve()
+        ) if path is not None else [],
+        nodes=counts.nodes,
+        initializers=counts.initializers,
+        batchnorms=infos,
+    )

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import click
 
 from . import __version__
-from .api import default_output, fold_file
+from .api import default_output, fold_file, inspect as inspect_model
 from .errors import BnfoldError
 
 class UserError(click.ClickException):
@@ -84,12 +84,28 @@ def verify_options(f):
     return f
 
 
-def _run_verify(original, candidate, kwargs: dict):
-    from .verify import verify  # imports onnxruntime: only when a command verifies
+class _NoBar:
+    def __enter__(self):
+        return self
 
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress(length: int, label: str):
+    """A progress bar on a terminal; nothing at all in a pipe or a log."""
     if not sys.stderr.isatty():
-        return verify(original, candidate, **kwargs)
-    with click.progressbar(length=kwargs["samples"], label="verifying", file=sys.stderr) as bar:
+        return _NoBar()
+    return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+def _run_verify(original, candidate, kwargs: dict):
+    from .verification import verify  # imports onnxruntime: only when a command verifies
+
+    with _progress(kwargs["samples"], "verifying") as bar:
         return verify(original, candidate, progress=lambda k: bar.update(1), **kwargs)
 
 
@@ -99,31 +115,124 @@ def cli() -> None:
     """Fold BatchNormalization into neighbouring layers of ONNX models, and verify the result."""
 
 
+def _styled(text: str) -> str:
+    """Colour for people: click.echo drops the codes when the output is not a terminal."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(("folded", "verification PASSED")) or line.endswith("  ok"):
+            line = click.style(line, fg="green")
+        elif line.startswith("left alone") or line.startswith("  stays"):
+            line = click.style(line, fg="yellow")
+        elif "FAIL" in line:
+            line = click.style(line, fg="red", bold=True)
+        out.append(line)
+    return "\n".join(out)
+
+
+def _fold_one(model: str, output: str, options: dict, verify_kwargs: Optional[dict]) -> dict:
+    """Fold (and verify) one model; never raises for a user error: the batch goes on."""
+    try:
+        report = fold_file(model, output, **options)
+        entry = {"input": model, "output": output, "ok": True, "fold": report.to_dict(), "text": report.render_text()}
+        if verify_kwargs is not None:
+            from .verification import verify
+
+            result = verify(model, output, **verify_kwargs)
+            entry.update(ok=bool(result), verify=result.to_dict())
+            entry["text"] += "\n" + result.render_text()
+        return entry
+    except BnfoldError as exc:
+        return {"input": model, "output": output, "ok": False, "error": str(exc), "exit_code": 2}
+    except Exception as exc:  # a bug: reported, and the other models still fold
+        return {"input": model, "output": output, "ok": False, "error": f"internal error: {exc!r}", "exit_code": 3}
+
+
+def _batch(models: List[Path], outdir: Path, jobs: int, options: dict, verify_kwargs, as_json: bool, quiet: bool) -> int:
+    outdir.mkdir(parents=True, exist_ok=True)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise UserError("two input models have the same file name; they would overwrite each other in the folder")
+    tasks = [(str(m), str(outdir / m.name)) for m in models]
+    results: Dict[str, dict] = {}
+    with _progress(len(tasks), "folding") as bar:
+        if jobs > 1:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                futures = {pool.submit(_fold_one, i, o, options, verify_kwargs): i for i, o in tasks}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update(1)
+        else:
+            for i, o in tasks:
+                results[i] = _fold_one(i, o, options, verify_kwargs)
+                bar.update(1)
+    entries = [results[i] for i, _ in tasks]
+    failed = [e for e in entries if not e["ok"]]
+    if as_json:
+        click.echo(json.dumps({"models": [{k: v for k, v in e.items() if k != "text"} for e in entries],
+                               "failed": len(failed)}, indent=2))
+    elif not quiet:
+        click.echo(f"{'model':30} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status")
+        for e in entries:
+            name = Path(e["input"]).name
+            if "fold" in e:
+                f = e["fold"]
+                status = "ok" if e["ok"] else "verification FAILED"
+                click.echo(_styled(f"{name:30} {f['before']['batchnorms']:>9} {f['after']['batchnorms']:>8} "
+                                   f"{len(f['folded']):>6} {len(f['left']):>5}  {status}"))
+            else:
+                click.echo(_styled(f"{name:30} {'':>9} {'':>8} {'':>6} {'':>5}  FAILED: {e['error']}"))
+        click.echo(f"{len(entries) - len(failed)} of {len(entries)} model(s) folded into {outdir}")
+    for e in failed:
+        if "error" in e:
+            click.echo(f"Error: {e['input']}: {e['error']}", err=True)
+    if not failed:
+        return 0
+    return max(e.get("exit_code", 1) for e in failed)
+
+
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write the folded model (default: MODEL_folded.onnx beside MODEL).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output file; with several MODELS (or an existing folder, or a path ending in /), a folder.")
 @click.option("--dry-run", is_flag=True, help="Decide and report, write nothing.")
 @click.option("--lower-standalone", is_flag=True, help="Turn BNs that can fold nowhere into Mul + Add by per-channel constants.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to OUT.data beside the output, or inline (default: as the input, or external over 2 GB).")
 @click.option("--in-place", is_flag=True, help="Allow the output to replace MODEL (still written atomically).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel (batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
-@click.option("--verify", "do_verify", is_flag=True, help="Verify the folded model against MODEL right after folding.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
+@click.option("--verify", "do_verify", is_flag=True, help="Verify each folded model against its original right after folding.")
 @verify_options
-def fold(model: Path, output: Optional[Path], dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
-         in_place: bool, as_json: bool, do_verify: bool, **verify_opts) -> None:
+def fold(models, output: Optional[Path], dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
+         in_place: bool, jobs: int, as_json: bool, quiet: bool, do_verify: bool, **verify_opts) -> None:
     """Fold every inference BatchNormalization of MODEL that can fold without changing meaning.
 
-    Each BN left in the model is reported with a reason code. Exit codes: 0 done (and verified, with
-    --verify), 1 verification failed, 2 bad input or usage.
+    Writes MODEL_folded.onnx beside MODEL unless -o says where. With several MODELS, -o names a
+    folder (created if needed) that receives each folded model under its own name. Each BN left in a
+    model is reported with a reason code.
+
+    Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
+    3 internal error.
     """
     kwargs = _verify_kwargs(verify_opts) if do_verify else None
-    out_path = output or (model if in_place else default_output(model))
     if kwargs is not None and in_place and not dry_run:
         raise UserError("--verify needs the original: it cannot be combined with --in-place")
-    report = fold_file(model, out_path, dry_run=dry_run, lower_standalone=lower_standalone,
-                       external_data=external_data, in_place=in_place)
+    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, in_place=in_place)
+    batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
+    if batch:
+        if output is None:
+            raise UserError("several models need -o FOLDER for their outputs")
+        if in_place:
+            raise UserError("--in-place folds one model at a time")
+        if kwargs is not None:
+            check_providers_early(kwargs)
+        sys.exit(_batch(list(models), output, jobs, options, kwargs, as_json, quiet))
+    model = models[0]
+    out_path = output or (model if in_place else default_output(model))
+    report = fold_file(model, out_path, **options)
     result = None
     if kwargs is not None and not dry_run:
         result = _run_verify(model, out_path, kwargs)
@@ -132,20 +241,37 @@ def fold(model: Path, output: Optional[Path], dry_run: bool, lower_standalone: b
         if result is not None:
             doc = {"fold": doc, "verify": result.to_dict()}
         click.echo(json.dumps(doc, indent=2))
-    else:
-        click.echo(report.render_text())
+    elif not quiet:
+        click.echo(_styled(report.render_text()))
         if result is not None:
-            click.echo(result.render_text())
+            click.echo(_styled(result.render_text()))
     if result is not None and not result:
         sys.exit(1)
+
+
+def check_providers_early(kwargs: dict) -> None:
+    from .verification import check_providers
+
+    check_providers(kwargs["providers"])
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show MODEL's facts and every BatchNormalization in it: its neighbours, and whether it folds
+    (and how) or why not. The decisions are exactly those `bnfold fold` takes; nothing is written."""
+    report = inspect_model(model)
+    click.echo(report.to_json() if as_json else _styled(report.render_text()))
 
 
 @cli.command()
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
 @verify_options
-def verify(original: Path, candidate: Path, as_json: bool, **verify_opts) -> None:
+def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **verify_opts) -> None:
     """Check that CANDIDATE computes what ORIGINAL computes, through onnxruntime.
 
     ORIGINAL runs on the CPU with every graph optimization off; CANDIDATE runs on each provider.
@@ -153,7 +279,10 @@ def verify(original: Path, candidate: Path, as_json: bool, **verify_opts) -> Non
     2 bad input, usage, or a provider that is not available.
     """
     result = _run_verify(original, candidate, _verify_kwargs(verify_opts))
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render_text())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(_styled(result.render_text()))
     sys.exit(0 if result else 1)
 
 

@@ -111,6 +111,56 @@ class FoldReport:
         return "\n".join(lines)
 
 
+@dataclass
+class BatchNormInfo:
+    name: str
+    output: str
+    producer: Optional[str]
+    consumers: List[str]
+    foldable: bool
+    reason: Optional[str]
+    message: str
+    into: Optional[str] = None
+    direction: Optional[str] = None
+
+
+@dataclass
+class InspectReport:
+    path: Optional[str]
+    ir_version: int
+    opsets: Dict[str, int]
+    producer: str
+    bytes: int
+    external_data: List[str]
+    nodes: int
+    initializers: int
+    batchnorms: List[BatchNormInfo] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render_text(self) -> str:
+        foldable = sum(b.foldable for b in self.batchnorms)
+        lines = [
+            f"{self.path or '<model>'}: IR {self.ir_version}, opsets "
+            + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
+            + (f", from {self.producer}" if self.producer else ""),
+            f"  {self.bytes:,} bytes, {self.nodes} nodes, {self.initializers} initializers"
+            + (f", external data: {', '.join(self.external_data)}" if self.external_data else ""),
+            f"  BatchNormalization: {len(self.batchnorms)}, foldable {foldable}",
+        ]
+        if self.batchnorms:
+            width = max(len(b.name) for b in self.batchnorms)
+            for b in self.batchnorms:
+                around = f"{b.producer or '(input)'} -> BN -> {', '.join(b.consumers) or '(output)'}"
+                verdict = f"folds {b.direction} into {b.into}" if b.foldable else f"stays: {b.reason}: {b.message}"
+                lines.append(f"  {b.name:{width}}  {around:34} {verdict}")
+        return "\n".join(lines)
+
+
 def _by_reason(left: List[LeftBN]) -> Dict[str, List[LeftBN]]:
     groups: Dict[str, List[LeftBN]] = OrderedDict()
     for item in left:

@@ -156,23 +156,32 @@ def available(tools):
     return out
 
 
+# A minimal timer process runs each tool: it forks and execs the tool and reports the child's own
+# wall time and peak RSS from wait4(). (Measured from this script directly, ru_maxrss would include
+# this script's memory, which a fork copies before the exec.)
+TIMER = (
+    "import os, sys, time\n"
+    "t = time.perf_counter()\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    fd = os.open(os.devnull, os.O_WRONLY); os.dup2(fd, 1)\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, ru = os.wait4(pid, 0)\n"
+    "print(time.perf_counter() - t, ru.ru_maxrss, os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_once(cmd, timeout):
     """(wall seconds, peak RSS in MiB, ok) of one whole process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            return time.perf_counter() - start, usage.ru_maxrss / 1024, False
-        time.sleep(0.002)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode == 0
+    try:
+        done = subprocess.run([PY, "-S", "-c", TIMER] + cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return timeout, 0.0, False
+    try:
+        wall, rss_kb, code = done.stdout.split()
+    except ValueError:
+        return 0.0, 0.0, False
+    return float(wall), int(rss_kb) / 1024, int(code) == 0
 
 
 def bn_left(path: Path):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bnfold  # noqa: E402
 from bnfold.fold import stats  # noqa: E402
-from bnfold.verify import input_specs, random_input, resolve_shape  # noqa: E402
+from bnfold.verification import input_specs, random_input, resolve_shape  # noqa: E402
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

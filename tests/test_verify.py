@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 import bnfold
 from bnfold.cli import cli
 from bnfold.errors import BnfoldError
-from bnfold.verify import ErrorStats, verify
+from bnfold.verification import ErrorStats, verify
 from conftest import HAS_CUDA, requires_cuda
 from models import Builder, resnet_bottleneck
 
