@@ -31,6 +31,7 @@ TWO_GB = 2**31 - 1
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file
 LAZY_THRESHOLD = 4096  # inline tensors at least this large are read from the file only when needed
 CHUNK = 16 << 20
+SMALL = 1 << 20  # file-backed tensors below this are read with pread; larger ones memory-mapped
 PENDING = "bnfold:deferred"  # external_data location of a tensor computed at write time
 
 
@@ -178,6 +179,16 @@ class Source:
         self.base_dir = base_dir
         self.inline_refs = inline_refs or set()  # tensors that live inside the input .onnx file
         self.deferred: Dict[str, Deferred] = {}
+        self._paths: Dict[str, Path] = {}
+        self._fds: Dict[Path, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     def is_inline(self, tensor: onnx.TensorProto) -> bool:
         return tensor.data_location != onnx.TensorProto.EXTERNAL
@@ -188,16 +199,26 @@ class Source:
             return numpy_helper.to_array(tensor)
         if info.get("location") == PENDING:
             return self.deferred[tensor.name].compute()
-        path = self._path(tensor, info)
-        shape = tuple(tensor.dims)
-        if int(np.prod(shape, dtype=np.int64)) == 0:
-            return np.zeros(shape, _np_dtype(tensor))
-        return np.memmap(path, dtype=_np_dtype(tensor), mode="r", offset=int(info.get("offset", 0)), shape=shape)
+        path, dtype, shape = self._path(tensor, info), _np_dtype(tensor), tuple(tensor.dims)
+        count, offset = int(np.prod(shape, dtype=np.int64)), int(info.get("offset", 0))
+        if count == 0:
+            return np.zeros(shape, dtype)
+        if count * dtype.itemsize < SMALL:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return np.frombuffer(os.pread(fd, count * dtype.itemsize, offset), dtype=dtype).reshape(shape)
+        # Mapped afresh for each use and unmapped when dropped: touched pages do not pile up in RSS.
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
     def _path(self, tensor: onnx.TensorProto, info: dict) -> Path:
-        if self.base_dir is None:
-            raise BnfoldError(f"tensor '{tensor.name}' has external data but the model has no folder")
-        return self.base_dir / info["location"]
+        location = info["location"]
+        path = self._paths.get(location)
+        if path is None:
+            if self.base_dir is None:
+                raise BnfoldError(f"tensor '{tensor.name}' has external data but the model has no folder")
+            path = self._paths[location] = self.base_dir / location
+        return path
 
     def defer(self, tensor: onnx.TensorProto, value: Deferred) -> None:
         tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
@@ -251,15 +272,19 @@ def file_size(path: Path, model: onnx.ModelProto) -> int:
 
 
 def check_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    sizes: Dict[str, int] = {}
     for t in initializers(model):
         info = external_location(t)
         if info is None:
             continue
-        path = base_dir / info.get("location", "")
-        if not info.get("location") or not path.is_file():
-            raise BnfoldError(f"external data file {path} for tensor '{t.name}' is missing")
-        if path.stat().st_size < int(info.get("offset", 0)) + _nbytes(t):
-            raise BnfoldError(f"external data file {path} is too short for tensor '{t.name}'")
+        location = info.get("location", "")
+        if location not in sizes:
+            path = base_dir / location
+            sizes[location] = path.stat().st_size if location and path.is_file() else -1
+        if sizes[location] < 0:
+            raise BnfoldError(f"external data file {base_dir / location} for tensor '{t.name}' is missing")
+        if sizes[location] < int(info.get("offset", 0)) + _nbytes(t):
+            raise BnfoldError(f"external data file {base_dir / location} is too short for tensor '{t.name}'")
 
 
 def _parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:

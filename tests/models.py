@@ -14,7 +14,9 @@ FLOAT, FLOAT16, DOUBLE = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOU
 class Builder:
     """Write graphs tersely: every helper returns the name of the value it produced."""
 
-    def __init__(self, opset: int = 17, ir_version: Optional[int] = None, seed: int = 0, dtype=np.float32) -> None:
+    def __init__(self, opset: int = 17, ir_version: Optional[int] = None, seed: int = 0, dtype=np.float32,
+                 he_init: bool = False) -> None:
+        self.he_init = he_init  # conv weights with std sqrt(2 / fan_in): activations stay bounded in deep nets
         self.opset = opset
         self.ir_version = ir_version
         self.rng = np.random.default_rng(seed)
@@ -57,7 +59,8 @@ class Builder:
 
     # -- layers ------------------------------------------------------------------------------------
     def conv(self, x, cin, cout, k=3, group=1, bias=True, stride=1, pad=None, dims=2, **attrs) -> str:
-        w = self.const(self.randn(cout, cin // group, *([k] * dims)), "w")
+        scale = float(np.sqrt(2.0 / (cin // group * k**dims))) if self.he_init else 0.2
+        w = self.const(self.randn(cout, cin // group, *([k] * dims), scale=scale), "w")
         ins = [x, w] + ([self.const(self.randn(cout), "b")] if bias else [])
         if pad is None:
             pad = k // 2
