@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -84,22 +85,34 @@ def verify_options(f):
     return f
 
 
-class _NoBar:
+class _Progress:
+    """A progress bar that appears on a terminal once the work has taken ``delay`` seconds, and never
+    in a pipe or a log."""
+
+    def __init__(self, length: int, label: str, delay: float = 2.0) -> None:
+        self.length, self.label, self.delay = length, label, delay
+        self.done, self.bar = 0, None
+        self.start = time.monotonic()
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
         return False
 
     def update(self, n: int) -> None:
-        pass
+        self.done += n
+        if self.bar is None and sys.stderr.isatty() and time.monotonic() - self.start >= self.delay:
+            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr).__enter__()
+            n = self.done
+        if self.bar is not None:
+            self.bar.update(n)
 
 
-def _progress(length: int, label: str):
-    """A progress bar on a terminal; nothing at all in a pipe or a log."""
-    if not sys.stderr.isatty():
-        return _NoBar()
-    return click.progressbar(length=length, label=label, file=sys.stderr)
+def _progress(length: int, label: str) -> _Progress:
+    return _Progress(length, label)
 
 
 def _run_verify(original, candidate, kwargs: dict):

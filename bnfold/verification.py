@@ -22,7 +22,6 @@ import onnx
 from . import io
 from .errors import BnfoldError
 from .fold.common import is_batchnorm
-from .graph import subgraphs
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

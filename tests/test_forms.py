@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from conftest import check_fold, count_bn, rel_error, run_ort, run_reference
+from conftest import check_fold, rel_error, run_ort, run_reference
 from models import Builder, densenet_preact
 
 F = TensorProto.FLOAT

@@ -120,3 +120,28 @@ def test_help_reads_well(command):
             assert option in text
     if command == []:
         assert all(c in text for c in ("fold", "verify", "inspect"))
+
+
+def test_progress_bar_only_on_a_terminal_and_after_a_delay(monkeypatch):
+    import io
+
+    from bnfold import cli as cli_module
+
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(cli_module.sys, "stderr", terminal)
+    slow = cli_module._Progress(3, "verifying", delay=0.0)
+    with slow:
+        slow.update(1)
+        slow.update(1)
+    assert slow.bar is not None and "verifying" in terminal.getvalue()
+    quick = cli_module._Progress(3, "verifying", delay=60.0)
+    with quick:
+        quick.update(3)
+    assert quick.bar is None
+    pipe = io.StringIO()
+    monkeypatch.setattr(cli_module.sys, "stderr", pipe)
+    piped = cli_module._Progress(3, "verifying", delay=0.0)
+    with piped:
+        piped.update(3)
+    assert piped.bar is None and pipe.getvalue() == ""

@@ -9,7 +9,7 @@ the outer graph sees which of its values the bodies still read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 import onnx

@@ -16,7 +16,7 @@ import onnx
 from ..graph import ONNX_DOMAINS, GraphIndex, attr, set_attr
 from ..report import Reason
 from .common import Affine, check_batchnorm, node_label
-from .forward import _weight, write_constant
+from .forward import constant_weight, constant_weights, write_constant
 
 # Left-alone reasons about the producer side: only those BNs may still fold backward.
 PRODUCER_REASONS = {
@@ -44,13 +44,9 @@ class Backward:
 
 
 def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
-    w = _weight(index, node, 1, "weight")
+    w = constant_weights(index, node)
     if isinstance(w, Reason):
         return w
-    if len(node.input) > 2 and node.input[2]:
-        b = _weight(index, node, 2, "bias")
-        if isinstance(b, Reason):
-            return b
     pads, auto_pad = attr(node, "pads", []), attr(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if any(pads) or auto_pad not in ("NOTSET", "VALID"):
@@ -73,13 +69,9 @@ def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
 def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     if attr(node, "transA", 0):
         return Reason("axis_mismatch", f"Gemm '{node_label(node)}' transposes A: the BN's channels are not its K axis")
-    b = _weight(index, node, 1, "B")
+    b = constant_weights(index, node, ("B", "C"))
     if isinstance(b, Reason):
         return b
-    if len(node.input) > 2 and node.input[2]:
-        c = _weight(index, node, 2, "C")
-        if isinstance(c, Reason):
-            return c
     trans_b, alpha, beta = attr(node, "transB", 0), attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
 
     def rewrite(B, C, s, t):
@@ -91,7 +83,7 @@ def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
 
 
 def _matmul(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
-    w = _weight(index, node, 1, "weight")
+    w = constant_weight(index, node, 1, "weight")
     if isinstance(w, Reason):
         return w
     rank = index.types.rank(node.input[0]) if index.types else None

@@ -54,7 +54,7 @@ class Chain:
 
 # -- targets ------------------------------------------------------------------------------------
 
-def _weight(index: GraphIndex, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
+def constant_weight(index: GraphIndex, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
     name = node.input[slot]
     if index.is_overridable(name):
         return Reason("overridable_initializer", f"{role} '{name}' of {node.op_type} '{node_label(node)}' is a graph input a caller may override")
@@ -66,20 +66,20 @@ def _weight(index: GraphIndex, node: onnx.NodeProto, slot: int, role: str) -> Un
     return value
 
 
-def _bias_ok(index: GraphIndex, node: onnx.NodeProto, slot: int, role: str) -> Optional[Reason]:
-    if len(node.input) > slot and node.input[slot]:
-        found = _weight(index, node, slot, role)
-        return found if isinstance(found, Reason) else None
-    return None
+def constant_weights(index: GraphIndex, node: onnx.NodeProto, roles=("weight", "bias")) -> Union[np.ndarray, Reason]:
+    """The node's weight (input 1) when it, and its bias (input 2) if any, are foldable constants."""
+    w = constant_weight(index, node, 1, roles[0])
+    if not isinstance(w, Reason) and len(node.input) > 2 and node.input[2]:
+        bias = constant_weight(index, node, 2, roles[1])
+        if isinstance(bias, Reason):
+            return bias
+    return w
 
 
 def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
-    w = _weight(index, node, 1, "weight")
+    w = constant_weights(index, node)
     if isinstance(w, Reason):
         return w
-    bias = _bias_ok(index, node, 2, "bias")
-    if bias:
-        return bias
 
     def scale(W, s):
         return s.reshape((-1,) + (1,) * (W.ndim - 1))
@@ -88,12 +88,9 @@ def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
 
 
 def _conv_transpose(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
-    w = _weight(index, node, 1, "weight")
+    w = constant_weights(index, node)
     if isinstance(w, Reason):
         return w
-    bias = _bias_ok(index, node, 2, "bias")
-    if bias:
-        return bias
     group = attr(node, "group", 1)
     c_in, per_group = w.shape[0], w.shape[1]
     if c_in % group:
@@ -109,12 +106,9 @@ def _conv_transpose(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Re
 
 
 def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
-    b = _weight(index, node, 1, "B")
+    b = constant_weights(index, node, ("B", "C"))
     if isinstance(b, Reason):
         return b
-    bias = _bias_ok(index, node, 2, "C")
-    if bias:
-        return bias
     trans_b = attr(node, "transB", 0)
 
     def scale(B, s):
@@ -124,7 +118,7 @@ def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
 
 
 def _matmul(index: GraphIndex, node: onnx.NodeProto) -> Union[Target, Reason]:
-    w = _weight(index, node, 1, "weight")
+    w = constant_weight(index, node, 1, "weight")
     if isinstance(w, Reason):
         return w
     rank = index.types.rank(node.input[0]) if index.types else None
