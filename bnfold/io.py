@@ -450,6 +450,10 @@ def save(model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = N
     file's own inline weights) or would pass 2 GB. External data goes to one file beside the output,
     named after it (``OUT.onnx.data``). Returns the bytes written (model and data file)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise BnfoldError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BnfoldError(f"{path}: cannot write in folder {path.parent} (permission denied)")
     source = source or Source(None)
     has_external = any(
         (loc := external_location(t)) is not None and loc.get("location") != PENDING and t.name not in source.inline_refs

@@ -127,3 +127,33 @@ def test_internal_error_exits_3(model_path, monkeypatch):
     monkeypatch.setattr(cli_module, "fold_file", boom)
     result = CliRunner().invoke(cli, ["fold", str(model_path)])
     assert result.exit_code == 3 and "internal error in bnfold" in result.output
+
+
+def test_output_folder_missing_is_a_user_error(model_path, tmp_path):
+    result = invoke("fold", model_path, "-o", tmp_path / "no" / "such" / "out.onnx")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_help_does_not_import_onnxruntime():
+    code = ("import sys; from bnfold.cli import main\n"
+            "try:\n    main(['fold', '--help'])\nexcept SystemExit:\n    pass\nassert 'onnxruntime' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_command_as_a_subprocess(model_path, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True)
+
+    out = tmp_path / "sub.onnx"
+    assert run("fold", model_path, "-o", out, "--quiet").returncode == 0
+    verified = run("verify", model_path, out, "--json", "--graph-optimization", "basic", "--allow-tf32",
+                   "--samples", "2", "--seed", "3", "--dim", "N=2", "--per-layer")
+    doc = json.loads(verified.stdout)
+    assert verified.returncode == 0 and doc["graph_optimization"] == "basic" and doc["tf32"] is None
+    assert doc["samples"] == 2 and doc["seed"] == 3 and len(doc["layers"]) == 7
+    inspected = run("inspect", model_path, "--json")
+    assert inspected.returncode == 0 and len(json.loads(inspected.stdout)["batchnorms"]) == 7
+    batch = run("fold", model_path, out, "-o", tmp_path / "many", "--jobs", "2", "--json")
+    assert batch.returncode == 0 and json.loads(batch.stdout)["failed"] == 0
+    assert run("--version").stdout.startswith("bnfold, version")
