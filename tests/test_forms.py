@@ -279,3 +279,28 @@ def test_lower_standalone():
     produced = {o for n in folded.graph.node for o in n.output}
     assert set(bn_outputs) <= produced
     assert check_fold(model, left=4)[1].left  # without the flag they stay, with reasons
+
+
+def test_function_values_do_not_borrow_main_graph_types():
+    # Inside the function, "x" is rank 3: (1, 4, 6) @ (6, 4) -> (1, 4, 4), and the BN normalizes axis 1,
+    # not the MatMul's columns, so it must stay. The main graph also has an "x", of rank 2: were its rank
+    # used, the fold would go through (4 channels either way) and compute something else.
+    rng = np.random.default_rng(17)
+    consts = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v.astype(np.float32), n)) for n, v in (
+        ("w", rng.standard_normal((6, 4))), ("g", rng.uniform(0.5, 1.5, 4)), ("be", rng.standard_normal(4)),
+        ("mu", rng.standard_normal(4)), ("va", rng.uniform(0.5, 2, 4)))]
+    fn = helper.make_function(
+        "local", "Head", ["x"], ["y"],
+        consts + [helper.make_node("MatMul", ["x", "w"], ["h"]),
+                  helper.make_node("BatchNormalization", ["h", "g", "be", "mu", "va"], ["y"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Head", ["inp"], ["fo"], domain="local", name="call"), helper.make_node("Relu", ["m"], ["x"])],
+        "g", [helper.make_tensor_value_info("inp", F, [1, 4, 6]), helper.make_tensor_value_info("m", F, [3, 4])],
+        [helper.make_tensor_value_info("fo", F, [1, 4, 4]), helper.make_tensor_value_info("x", F, [3, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    model.ir_version = 10
+    _, report = check_fold(model, left=1)
+    assert report.left[0].reason in ("axis_mismatch", "unknown_rank")

@@ -111,7 +111,13 @@ def _fold_function(fn: onnx.FunctionProto, ctx: Context) -> None:
         list(fn.node), fn.name, [onnx.helper.make_empty_tensor_value_info(n) for n in fn.input],
         [onnx.helper.make_empty_tensor_value_info(n) for n in fn.output],
     )
-    _fold_graph(graph, ctx, None, opset, lists_initializers=False)
+    # A function has its own name scope: its values get types of their own, never the main graph's.
+    scoped = onnx.helper.make_model(graph, opset_imports=list(fn.opset_import) or [onnx.helper.make_opsetid("", opset)])
+    model_types, ctx.types = ctx.types, TypeLookup(scoped)
+    try:
+        _fold_graph(graph, ctx, None, opset, lists_initializers=False)
+    finally:
+        ctx.types = model_types
     if ctx.dry_run:
         return
     constants = [
