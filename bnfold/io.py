@@ -50,6 +50,14 @@ def _read_varint(buf, pos: int) -> Tuple[int, int]:
         shift += 7
 
 
+def _write_all(f, data) -> int:
+    """Write everything to an unbuffered file (a raw write may take only part of it)."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -248,6 +256,32 @@ class Source:
                 yield memoryview(block)
                 length -= len(block)
 
+    def write_to(self, tensor: onnx.TensorProto, out) -> int:
+        """Append the tensor's bytes to the unbuffered file ``out``; returns how many. Unchanged bytes of
+        a file are copied by the kernel (copy_file_range) where it can, never through Python."""
+        info = external_location(tensor)
+        if info is not None and info.get("location") != PENDING and hasattr(os, "copy_file_range"):
+            path, offset = self._path(tensor, info), int(info.get("offset", 0))
+            length = int(info.get("length") or _nbytes(tensor))
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            done = 0
+            try:
+                while done < length:
+                    n = os.copy_file_range(fd, out.fileno(), length - done, offset + done)
+                    if n == 0:
+                        raise BnfoldError(f"external data file {path} ended early")
+                    done += n
+                return done
+            except OSError:
+                if done:  # the output already holds part of it: carry on from there in Python
+                    raise
+        written = 0
+        for chunk in self.chunks(tensor):
+            written += _write_all(out, chunk)
+        return written
+
     def materialize(self, model: onnx.ModelProto, everything: bool = False) -> None:
         """Give deferred tensors, and those read from the input file, their bytes inline (so the model
         stands on its own); ``everything`` also brings in external data files."""
@@ -354,12 +388,14 @@ def _umask() -> int:
     return mask
 
 
-def _temp(path: Path) -> str:
-    """A temporary file beside ``path``, with the mode a newly created file would get."""
+def _temp(path: Path, written: List[str]):
+    """A new temporary file beside ``path`` (recorded in ``written``), open for unbuffered writing,
+    with the mode a newly created file would get. It is written through the descriptor mkstemp
+    opened: reopening with truncation would make ext4 flush the whole file on close."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return tmp
+    written.append(tmp)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return os.fdopen(fd, "wb", buffering=0), tmp
 
 
 def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -> None:
@@ -367,10 +403,7 @@ def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -
     offset = 0
     for t in initializers(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            length = 0
-            for chunk in source.chunks(t):
-                out.write(chunk)
-                length += len(chunk)
+            length = source.write_to(t, out)
         else:
             if not t.HasField("raw_data"):
                 if _nbytes(t) < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
@@ -378,8 +411,7 @@ def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
             if len(t.raw_data) < EXTERNAL_THRESHOLD:
                 continue
-            length = len(t.raw_data)
-            out.write(t.raw_data)
+            length = _write_all(out, t.raw_data)
         set_location(t, data_path.name, offset, length)
         offset += length
     source.inline_refs.clear()
@@ -425,14 +457,13 @@ def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
         entries.append((_key(5) + _varint(len(head) + length) + head, t, length))
     graph_bytes = graph_skeleton.SerializeToString()
     graph_len = len(graph_bytes) + sum(len(h) + n for h, _, n in entries)
-    f.write(skeleton.SerializeToString())
-    f.write(_key(7) + _varint(graph_len))
-    f.write(graph_bytes)
+    _write_all(f, skeleton.SerializeToString())
+    _write_all(f, _key(7) + _varint(graph_len))
+    _write_all(f, graph_bytes)
     for head, tensor, _ in entries:
-        f.write(head)
+        _write_all(f, head)
         if tensor is not None:
-            for chunk in source.chunks(tensor):
-                f.write(chunk)
+            source.write_to(tensor, f)
 
 
 def _graph_inits(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -468,15 +499,13 @@ def save(model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = N
     try:
         tmp_data = None
         if external:
-            tmp_data = _temp(data_path)
-            written.append(tmp_data)
-            with open(tmp_data, "wb") as out:
+            out, tmp_data = _temp(data_path, written)
+            with out:  # unbuffered: kernel copies append at the file's position
                 _externalize(model, source, data_path, out)
-        tmp = _temp(path)
-        written.append(tmp)
-        with open(tmp, "wb") as f:
+        f, tmp = _temp(path, written)
+        with f:
             if external:
-                f.write(model.SerializeToString())
+                _write_all(f, model.SerializeToString())
             else:
                 _write_inline(model, source, f)
         if tmp_data:

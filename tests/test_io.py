@@ -165,3 +165,18 @@ def test_file_and_in_memory_folds_agree(tmp_path, external):
     assert from_file.graph == in_memory.graph
     assert returned.graph == in_memory.graph  # the API's model stands on its own
     assert not any(t.external_data for t in returned.graph.initializer)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_copies_without_kernel_copy_give_the_same_files(external_model, tmp_path, monkeypatch, external):
+    path, _ = external_model
+    bnfold.fold_file(path, tmp_path / "kernel.onnx", external_data=external)
+
+    def unavailable(*args):
+        raise OSError(38, "copy_file_range not available")
+
+    monkeypatch.setattr(io.os, "copy_file_range", unavailable, raising=False)
+    bnfold.fold_file(path, tmp_path / "python.onnx", external_data=external)
+    assert (tmp_path / "kernel.onnx").read_bytes() == (tmp_path / "python.onnx").read_bytes().replace(b"python.onnx", b"kernel.onnx")
+    if external:
+        assert digest(tmp_path / "kernel.onnx.data") == digest(tmp_path / "python.onnx.data")
