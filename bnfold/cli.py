@@ -125,7 +125,13 @@ def _run_verify(original, candidate, kwargs: dict):
 @click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bnfold")
 def cli() -> None:
-    """Fold BatchNormalization into neighbouring layers of ONNX models, and verify the result."""
+    """Fold BatchNormalization into neighbouring layers of ONNX models, and verify the result.
+
+    \b
+    bnfold inspect model.onnx                 what would fold, and why not
+    bnfold fold model.onnx --verify           write model_folded.onnx and check it
+    bnfold fold *.onnx -o folded/ --jobs 2    many models into a folder
+    """
 
 
 def _styled(text: str) -> str:
@@ -205,7 +211,7 @@ def _batch(models: List[Path], outdir: Path, jobs: int, options: dict, verify_kw
     return max(e.get("exit_code", 1) for e in failed)
 
 
-@cli.command()
+@cli.command(short_help="Fold BatchNormalization into the layers next to it.")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output file; with several MODELS (or an existing folder, or a path ending in /), a folder.")
@@ -268,7 +274,7 @@ def check_providers_early(kwargs: dict) -> None:
     check_providers(kwargs["providers"])
 
 
-@cli.command()
+@cli.command(short_help="Show every BatchNormalization of a model: folds how, or stays why.")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 def inspect(model: Path, as_json: bool) -> None:
@@ -278,7 +284,7 @@ def inspect(model: Path, as_json: bool) -> None:
     click.echo(report.to_json() if as_json else _styled(report.render_text()))
 
 
-@cli.command()
+@cli.command(short_help="Check through onnxruntime that two models compute the same thing.")
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
