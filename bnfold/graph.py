@@ -60,8 +60,10 @@ def all_names(graph: onnx.GraphProto, into: Set[str]) -> Set[str]:
 class GraphIndex:
     """Who produces and who reads each value of one graph, and which values are constants.
 
-    ``constant_of`` is a hook through which a caller can provide values the index cannot see
-    (outer-scope constants of a subgraph, constant-subgraph evaluation).
+    A node with bodies (If/Loop/Scan) counts as a reader of every outer name its bodies use. A body's
+    index has ``outer`` set: names it does not define are looked up there. Constants are initializers
+    (unless a caller may override them), Constant nodes, and small subgraphs that :mod:`bnfold.constants`
+    evaluates; ``types`` gives the static types and shapes some of those need.
     """
 
     def __init__(

@@ -198,9 +198,6 @@ class Source:
     def __del__(self) -> None:
         self.close()
 
-    def is_inline(self, tensor: onnx.TensorProto) -> bool:
-        return tensor.data_location != onnx.TensorProto.EXTERNAL
-
     def __call__(self, tensor: onnx.TensorProto) -> np.ndarray:
         info = external_location(tensor)
         if info is None:
