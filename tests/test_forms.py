@@ -304,3 +304,23 @@ def test_function_values_do_not_borrow_main_graph_types():
     model.ir_version = 10
     _, report = check_fold(model, left=1)
     assert report.left[0].reason in ("axis_mismatch", "unknown_rank")
+
+
+def test_scan_body():
+    b = Builder(seed=18)
+    seq = b.input("seq", [3, 1, 4, 5])  # scanned along axis 0: three (1, 4, 5) slices
+    w = b.const(b.randn(6, 4, 1), "w")  # outer-scope weight of a 1-D Conv inside the body
+    params = b.bn_params(6)
+    body = helper.make_graph(
+        [
+            helper.make_node("Conv", ["s_in", w], ["c"], name="scan_conv"),
+            helper.make_node("BatchNormalization", ["c"] + params, ["bn_out"], name="scan_bn"),
+            helper.make_node("Relu", ["bn_out"], ["s_out"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("s_in", F, [1, 4, 5])],
+        [helper.make_tensor_value_info("s_out", F, [1, 6, 5])],
+    )
+    b.nodes.append(helper.make_node("Scan", [seq], ["y"], name="scan", body=body, num_scan_inputs=1))
+    folded, report = check_fold(b.model("y", shape=[3, 1, 6, 5]))
+    assert [f.name for f in report.folded] == ["scan_bn"] and report.after.batchnorms == 0
