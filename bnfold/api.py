@@ -11,7 +11,8 @@ import onnx
 from . import io
 from .errors import BnfoldError
 from .fold import fold_model, stats
-from .graph import subgraphs
+from .fold.common import is_batchnorm
+from .graph import all_nodes
 from .report import BatchNormInfo, FoldReport, InspectReport
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
@@ -113,19 +114,11 @@ def fold_file(
 def _op_types(model: onnx.ModelProto):
     """Producer op type of each value, and the op types reading it, over every graph and function."""
     producers, readers = {}, {}
-
-    def walk(nodes):
-        for node in nodes:
-            for o in node.output:
-                producers[o] = node.op_type
-            for i in node.input:
-                readers.setdefault(i, []).append(node.op_type)
-            for g in subgraphs(node):
-                walk(g.node)
-
-    walk(model.graph.node)
-    for fn in model.functions:
-        walk(fn.node)
+    for node in all_nodes(model):
+        for o in node.output:
+            producers[o] = node.op_type
+        for i in node.input:
+            readers.setdefault(i, []).append(node.op_type)
     return producers, readers
 
 
@@ -140,18 +133,7 @@ def inspect(model: ModelLike) -> InspectReport:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
     for item in outcome.left:
         infos.append(BatchNormInfo(item.name, item.output, None, [], False, item.reason, item.message))
-    bn_inputs = {}
-
-    def collect(nodes):
-        for node in nodes:
-            if node.op_type == "BatchNormalization":
-                bn_inputs[node.output[0]] = node.input[0]
-            for g in subgraphs(node):
-                collect(g.node)
-
-    collect(proto.graph.node)
-    for fn in proto.functions:
-        collect(fn.node)
+    bn_inputs = {node.output[0]: node.input[0] for node in all_nodes(proto) if is_batchnorm(node)}
     for info in infos:
         info.producer = producers.get(bn_inputs.get(info.output, ""))
         info.consumers = sorted(set(readers.get(info.output, [])))

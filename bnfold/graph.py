@@ -28,6 +28,31 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph``, then every body inside it (If/Loop/Scan, at any depth)."""
+    yield graph
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from graphs_of(g)
+
+
+def model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph with its bodies, then the bodies inside model-local functions."""
+    yield from graphs_of(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for g in subgraphs(node):
+                yield from graphs_of(g)
+
+
+def all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the model: graphs, bodies and functions."""
+    for g in model_graphs(model):
+        yield from g.node
+    for fn in model.functions:
+        yield from fn.node
+
+
 def outer_names(graph: onnx.GraphProto) -> Set[str]:
     """Names a (sub)graph reads from enclosing scopes: used inside, defined nowhere inside."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}

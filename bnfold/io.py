@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import tempfile
@@ -24,7 +25,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from .errors import BnfoldError
-from .graph import subgraphs
+from .graph import graphs_of, model_graphs
 
 PathLike = Union[str, os.PathLike]
 TWO_GB = 2**31 - 1
@@ -159,16 +160,8 @@ class Deferred:
 
 def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every initializer of the model, bodies and functions included."""
-    def walk(graph: onnx.GraphProto):
-        yield from graph.initializer
-        for node in graph.node:
-            for g in subgraphs(node):
-                yield from walk(g)
-    yield from walk(model.graph)
-    for fn in model.functions:
-        for node in fn.node:
-            for g in subgraphs(node):
-                yield from walk(g)
+    for g in model_graphs(model):
+        yield from g.initializer
 
 
 def data_files(model: onnx.ModelProto, base_dir: Path) -> Set[Path]:
@@ -432,10 +425,9 @@ def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
     """Serialize ``model`` with every main-graph tensor's bytes spliced in from its source, so that
     no weight is copied into protobuf (field order does not matter to a protobuf parser)."""
     graph = model.graph
-    for body_tensor in (t for node in graph.node for g in subgraphs(node) for t in _graph_inits(g)):
-        if body_tensor.data_location == onnx.TensorProto.EXTERNAL:
-            source.materialize(model, everything=True)
-            break
+    bodies = itertools.islice(graphs_of(graph), 1, None)  # only main-graph tensors are spliced
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for g in bodies for t in g.initializer):
+        source.materialize(model, everything=True)
     skeleton, graph_skeleton = onnx.ModelProto(), onnx.GraphProto()
     _copy_fields(model, skeleton, "graph")
     _copy_fields(graph, graph_skeleton, "initializer")
@@ -461,13 +453,6 @@ def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
         _write_all(f, head)
         if tensor is not None:
             source.write_to(tensor, f)
-
-
-def _graph_inits(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for g in subgraphs(node):
-            yield from _graph_inits(g)
 
 
 def save(model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None,

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import GraphIndex, all_names, opset_of, subgraphs
-from ..io import Source, external_location
+from ..graph import GraphIndex, all_names, all_nodes, opset_of, subgraphs
+from ..io import Source, external_location, initializers
 from ..report import FoldedBN, LeftBN, ModelStats, Reason
 from ..types import TypeLookup
 from . import backward, forward, lower
@@ -147,25 +147,8 @@ def fold_model(model: onnx.ModelProto, source: Source, dry_run: bool = False, lo
 def stats(model: onnx.ModelProto, nbytes: Optional[int] = None) -> ModelStats:
     """Counts of BNs, nodes and initializers (bodies and functions included), and the size in bytes:
     ``nbytes`` when the caller knows it (file sizes), else the serialized size (slow on big models)."""
-    counts = {"bn": 0, "nodes": 0, "inits": 0, "external": 0}
-
-    def walk_nodes(nodes) -> None:
-        for node in nodes:
-            counts["nodes"] += 1
-            counts["bn"] += is_batchnorm(node)
-            for g in subgraphs(node):
-                walk(g)
-
-    def walk(graph: onnx.GraphProto) -> None:
-        counts["inits"] += len(graph.initializer)
-        for t in graph.initializer:
-            loc = external_location(t)
-            if loc is not None:
-                counts["external"] += int(loc.get("length", 0))
-        walk_nodes(graph.node)
-
-    walk(model.graph)
-    for fn in model.functions:
-        walk_nodes(fn.node)
-    size = nbytes if nbytes is not None else model.ByteSize() + counts["external"]
-    return ModelStats(counts["bn"], counts["nodes"], counts["inits"], size)
+    nodes = list(all_nodes(model))
+    inits = list(initializers(model))
+    external = sum(int(loc.get("length", 0)) for t in inits if (loc := external_location(t)) is not None)
+    size = nbytes if nbytes is not None else model.ByteSize() + external
+    return ModelStats(sum(map(is_batchnorm, nodes)), len(nodes), len(inits), size)
