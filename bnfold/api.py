@@ -8,23 +8,24 @@ from typing import Optional, Tuple, Union
 
 import onnx
 
-from . import io
 from .errors import BnfoldError
-from .fold import fold_model, stats
-from .fold.common import is_batchnorm
-from .graph import all_nodes
+from .io.load import file_size, open_model
+from .io.save import save
+from .io.tensors import Source, data_files
+from .fold import apply, plan_model, stats
+from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchNormInfo, FoldReport, InspectReport
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 
-def _open(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], io.Source]:
+def _open(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], Source]:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return copy, None, io.Source(None)
+        return copy, None, Source(None)
     path = Path(model)
-    proto, source = io.open_model(path)
+    proto, source = open_model(path)
     return proto, path, source
 
 
@@ -36,7 +37,7 @@ def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in
     if path is None or in_place:
         return
     out = Path(output).resolve()
-    protected = {path.resolve()} | io.data_files(proto, path.parent)
+    protected = {path.resolve()} | data_files(proto, path.parent)
     if out in protected or out.with_name(out.name + ".data") in protected:
         raise BnfoldError(
             f"{output}: writing there would overwrite the input model or its external data; "
@@ -45,23 +46,25 @@ def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in
 
 
 def _fold(model: ModelLike, output, dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
-          in_place: bool) -> Tuple[onnx.ModelProto, FoldReport, io.Source]:
+          in_place: bool) -> Tuple[onnx.ModelProto, FoldReport, Source]:
     proto, path, source = _open(model)
     if output is not None:
         _check_output(Path(output), path, proto, in_place)
-    before = stats(proto, io.file_size(path, proto) if path is not None else None)
-    outcome = fold_model(proto, source, dry_run=dry_run, lower_standalone=lower_standalone)
+    before = stats(proto, file_size(path, proto) if path is not None else None)
+    plan = plan_model(proto, source, lower_standalone=lower_standalone)
+    if not dry_run:
+        apply(proto, plan, source)
     report = FoldReport(
         before=before,
         after=stats(proto, before.bytes if dry_run else 0),
-        folded=outcome.folded,
-        left=outcome.left,
-        absorbed=outcome.absorbed,
+        folded=list(plan.folded),
+        left=list(plan.left),
+        absorbed=list(plan.absorbed),
         input=str(path) if path is not None else None,
         dry_run=dry_run,
     )
     if output is not None and not dry_run:
-        report.after.bytes = io.save(proto, output, source=source, external=external_data)
+        report.after.bytes = save(proto, output, source=source, external=external_data)
         report.output = str(output)
     return proto, report, source
 
@@ -89,7 +92,7 @@ def fold(
     source.materialize(proto)
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
-            int(loc.get("length", 0)) for t in io.initializers(proto) if (loc := io.external_location(t)))
+            int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t)))
     return proto, report
 
 
@@ -127,11 +130,11 @@ def inspect(model: ModelLike) -> InspectReport:
     folds (and how) or why not: the decision ``fold`` would take, nothing written."""
     proto, path, source = _open(model)
     producers, readers = _op_types(proto)
-    outcome = fold_model(proto, source, dry_run=True)
+    plan = plan_model(proto, source)
     infos = []
-    for f in outcome.folded:
+    for f in plan.folded:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
-    for item in outcome.left:
+    for item in plan.left:
         infos.append(BatchNormInfo(item.name, item.output, None, [], False, item.reason, item.message))
     bn_inputs = {node.output[0]: node.input[0] for node in all_nodes(proto) if is_batchnorm(node)}
     for info in infos:
@@ -139,7 +142,7 @@ def inspect(model: ModelLike) -> InspectReport:
         info.consumers = sorted(set(readers.get(info.output, [])))
     order = {name: k for k, name in enumerate(bn_inputs)}
     infos.sort(key=lambda b: order.get(b.output, len(order)))
-    counts = stats(proto, io.file_size(path, proto) if path is not None else None)
+    counts = stats(proto, file_size(path, proto) if path is not None else None)
     return InspectReport(
         path=str(path) if path is not None else None,
         ir_version=proto.ir_version,
@@ -147,7 +150,7 @@ def inspect(model: ModelLike) -> InspectReport:
         producer=" ".join(x for x in (proto.producer_name, proto.producer_version) if x),
         bytes=counts.bytes,
         external_data=sorted(
-            str(p.name) for p in io.data_files(proto, path.parent) if path is None or p != path.resolve()
+            str(p.name) for p in data_files(proto, path.parent) if path is None or p != path.resolve()
         ) if path is not None else [],
         nodes=counts.nodes,
         initializers=counts.initializers,

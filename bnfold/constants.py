@@ -9,14 +9,17 @@ rest must be constants. Results larger than ``MAX_ELEMENTS`` are not evaluated.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
-from .graph import attr
+from .graph import GraphIndex
+from .proto import ONNX_DOMAINS, attr, constant_node_value
+from .shapes import TypeLookup
 
 MAX_ELEMENTS = 1 << 24
+MAX_DEPTH = 64  # constant subgraphs are small; deeper chains are not evaluated
 
 # Input slots that are read only for their element type or static shape.
 TYPE_ONLY = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
@@ -25,10 +28,11 @@ TYPE_ONLY = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
 class Operand:
     """What an evaluator may know about an input: its value, or only its dtype and static shape."""
 
-    def __init__(self, value: Optional[np.ndarray] = None, dtype: Optional[np.dtype] = None, shape=None) -> None:
+    def __init__(self, value: Optional[np.ndarray] = None, dtype: Optional[np.dtype] = None,
+                 shape: Optional[Tuple[int, ...]] = None) -> None:
         self.value = value
         self.dtype = value.dtype if value is not None else dtype
-        self.shape = tuple(value.shape) if value is not None else shape
+        self.shape: Optional[Tuple[int, ...]] = tuple(value.shape) if value is not None else shape
 
 
 def _int_list(a: np.ndarray) -> List[int]:
@@ -123,7 +127,9 @@ def _same_dtype(fn):
     return run
 
 
-EVALUATORS: Dict[str, Callable] = {
+Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
+
+EVALUATORS: Dict[str, Evaluator] = {
     "Shape": _shape,
     "Size": _size,
     "CastLike": _cast_like,
@@ -166,3 +172,75 @@ def evaluate(node: onnx.NodeProto, operands: Sequence[Operand], opset: int) -> O
     if out is None or np.asarray(out).size > MAX_ELEMENTS:
         return None
     return np.asarray(out)
+
+
+class Constants:
+    """Values of one graph that cannot change between runs: initializers a caller may not override,
+    Constant nodes, and small subgraphs computed here. A body's evaluator falls back to the
+    enclosing graph's for names it does not define. Computed values are cached; initializers are
+    read afresh each time, so that a mapped weight is released once the caller is done with it."""
+
+    def __init__(self, index: GraphIndex, *, opset: int, types: Optional[TypeLookup],
+                 outer: Optional[Constants] = None) -> None:
+        self.index = index
+        self.opset = opset
+        self.types = types
+        self.outer = outer
+        self._cache: Dict[str, Optional[np.ndarray]] = {}
+        self._depth = 0
+
+    def value(self, name: str) -> Optional[np.ndarray]:
+        """The value of ``name`` when it cannot change between runs, else None."""
+        index = self.index
+        if not name or index.is_overridable(name):
+            return None
+        if name in index.initializers:
+            return index.initializer_value(name)
+        if name not in index.producer:
+            if self.outer is not None and name not in index.input_names:
+                return self.outer.value(name)
+            return None
+        if name not in self._cache:
+            if self._depth >= MAX_DEPTH:
+                return None
+            self._cache[name] = None  # guards against cycles in malformed graphs
+            self._depth += 1
+            try:
+                self._cache[name] = self._node_value(index.producer[name])
+            finally:
+                self._depth -= 1
+        return self._cache[name]
+
+    def snapshot(self, name: str) -> Callable[[], np.ndarray]:
+        """A function giving the value ``name`` has now, even after its initializer is replaced."""
+        thunk = self.index.snapshot(name)
+        if thunk is not None:
+            return thunk
+        value = self.value(name)
+        if value is None:
+            raise KeyError(f"'{name}' is not a constant")
+        return lambda: value
+
+    def _node_value(self, i: int) -> Optional[np.ndarray]:
+        node = self.index.node(i)
+        if node.domain not in ONNX_DOMAINS:
+            return None
+        if node.op_type == "Constant":
+            return constant_node_value(node)
+        if node.op_type not in EVALUATORS:
+            return None
+        type_only = TYPE_ONLY.get(node.op_type, set())
+        operands: List[Optional[Operand]] = []
+        for slot, name in enumerate(node.input):
+            value = self.value(name)
+            if value is not None:
+                operands.append(Operand(value))
+            elif not name:
+                operands.append(None)
+            elif slot in type_only and self.types is not None:
+                elem = self.types.elem_type(name)
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+                operands.append(Operand(None, dtype, self.types.static_shape(name)))
+            else:
+                return None
+        return evaluate(node, operands, self.opset)

@@ -6,35 +6,63 @@ import dataclasses
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
-# Every BatchNormalization left in a model carries one of these codes (stable; part of the JSON).
-REASONS: Dict[str, str] = OrderedDict(
-    training_mode="runs in training mode (normalizes with batch statistics)",
-    statistics_outputs="its mean/var/saved statistics outputs are requested",
-    non_constant_parameter="a scale/bias/mean/var input is computed at run time",
-    overridable_initializer="a value it needs is an initializer that is also a graph input (IR >= 4): a caller may override it",
-    per_activation_parameters="spatial=0 with parameters that vary along the spatial axes",
-    no_producer="its input is a graph input, not the output of a node",
-    unsupported_producer="the node before it cannot absorb a per-channel scale",
-    producer_weight_not_constant="the weight or bias of the node before it is computed at run time",
-    shared_producer_output="the output of the node before it also feeds other nodes",
-    producer_output_is_graph_output="the output of the node before it is also a graph output",
-    channel_mismatch="its channel count differs from the output channels of the node before it",
-    axis_mismatch="its channel axis is not the output-channel axis of the node before it",
-    unknown_rank="the rank of the MatMul's input is unknown, so its channel axis cannot be checked",
-    unsupported_dtype="the weights are of a type that cannot be folded",
-    padded_consumer="nothing before it can absorb it, and the Conv after it pads its input: folding into that Conv would change the border",
-)
+class Code(str, Enum):
+    """Why a BatchNormalization stays: stable codes, part of the JSON."""
+
+    TRAINING_MODE = "training_mode"
+    STATISTICS_OUTPUTS = "statistics_outputs"
+    NON_CONSTANT_PARAMETER = "non_constant_parameter"
+    OVERRIDABLE_INITIALIZER = "overridable_initializer"
+    PER_ACTIVATION_PARAMETERS = "per_activation_parameters"
+    NO_PRODUCER = "no_producer"
+    UNSUPPORTED_PRODUCER = "unsupported_producer"
+    PRODUCER_WEIGHT_NOT_CONSTANT = "producer_weight_not_constant"
+    SHARED_PRODUCER_OUTPUT = "shared_producer_output"
+    PRODUCER_OUTPUT_IS_GRAPH_OUTPUT = "producer_output_is_graph_output"
+    CHANNEL_MISMATCH = "channel_mismatch"
+    AXIS_MISMATCH = "axis_mismatch"
+    UNKNOWN_RANK = "unknown_rank"
+    UNSUPPORTED_DTYPE = "unsupported_dtype"
+    PADDED_CONSUMER = "padded_consumer"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS: Dict[Code, str] = {
+    Code.TRAINING_MODE: "runs in training mode (normalizes with batch statistics)",
+    Code.STATISTICS_OUTPUTS: "its mean/var/saved statistics outputs are requested",
+    Code.NON_CONSTANT_PARAMETER: "a scale/bias/mean/var input is computed at run time",
+    Code.OVERRIDABLE_INITIALIZER: "a value it needs is an initializer that is also a graph input (IR >= 4): "
+    "a caller may override it",
+    Code.PER_ACTIVATION_PARAMETERS: "spatial=0 with parameters that vary along the spatial axes",
+    Code.NO_PRODUCER: "its input is a graph input, not the output of a node",
+    Code.UNSUPPORTED_PRODUCER: "the node before it cannot absorb a per-channel scale",
+    Code.PRODUCER_WEIGHT_NOT_CONSTANT: "the weight or bias of the node before it is computed at run time",
+    Code.SHARED_PRODUCER_OUTPUT: "the output of the node before it also feeds other nodes",
+    Code.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT: "the output of the node before it is also a graph output",
+    Code.CHANNEL_MISMATCH: "its channel count differs from the output channels of the node before it",
+    Code.AXIS_MISMATCH: "its channel axis is not the output-channel axis of the node before it",
+    Code.UNKNOWN_RANK: "the rank of the MatMul's input is unknown, so its channel axis cannot be checked",
+    Code.UNSUPPORTED_DTYPE: "the weights are of a type that cannot be folded",
+    Code.PADDED_CONSUMER: "nothing before it can absorb it, and the Conv after it pads its input: "
+    "folding into that Conv would change the border",
+}
+
+# Code -> description, in a stable order (for documentation and JSON consumers).
+REASONS: Dict[str, str] = OrderedDict((c.value, c.description) for c in Code)
 
 
 @dataclass(frozen=True)
 class Reason:
-    code: str
-    message: str
+    """Why one BN stays: a code and a sentence naming the tensor or node concerned."""
 
-    def __post_init__(self) -> None:
-        assert self.code in REASONS, self.code
+    code: Code
+    message: str
 
 
 @dataclass
@@ -105,7 +133,7 @@ class FoldReport:
         if self.left:
             lines.append(f"left alone ({len(self.left)}):")
             for group, items in _by_reason(self.left).items():
-                lines.append(f"  {group} ({len(items)}): {REASONS[group]}")
+                lines.append(f"  {group} ({len(items)}): {Code(group).description}")
                 for item in items:
                     lines.append(f"    {item.name}: {item.message}")
         return "\n".join(lines)

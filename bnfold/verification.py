@@ -19,9 +19,9 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 import onnx
 
-from . import io
+from .io.load import load
 from .errors import BnfoldError
-from .fold.common import is_batchnorm
+from .proto import external_location, is_batchnorm
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -282,11 +282,11 @@ def sample_feeds(
 def _proto_and_path(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
     if isinstance(model, onnx.ModelProto):
         return model, None
-    return io.load(model), Path(model)
+    return load(model), Path(model)
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
-    return any(io.external_location(t) is not None for t in model.graph.initializer)
+    return any(external_location(t) is not None for t in model.graph.initializer)
 
 
 def _bn_outputs(model: onnx.ModelProto) -> List[str]:
@@ -321,7 +321,7 @@ def _session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool,
         return model.SerializeToString()
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
     for t in model.graph.initializer:
-        loc = io.external_location(t)
+        loc = external_location(t)
         if loc is not None and not (tmp / loc["location"]).exists():
             target = tmp / loc["location"]
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import bnfold
-from bnfold import io
+from bnfold.io import save as io_save, tensors as io_tensors
 from bnfold.cli import cli
 from conftest import assert_same, count_bn, feeds_for, rel_error
 from models import resnet_bottleneck
@@ -63,13 +63,13 @@ def test_external_model_folds_with_external_output(external_model, tmp_path):
 def test_unchanged_external_tensors_are_never_loaded(external_model, tmp_path, monkeypatch):
     path, model = external_model
     loaded = []
-    real = io.Source.__call__
+    real = io_tensors.Source.read
 
     def spy(self, tensor):
         loaded.append(tensor.name)
         return real(self, tensor)
 
-    monkeypatch.setattr(io.Source, "__call__", spy)
+    monkeypatch.setattr(io_tensors.Source, "read", spy)
     bnfold.fold(path, tmp_path / "o.onnx")
     gemm_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
     assert loaded and not gemm_weights & set(loaded)  # the classifier has no BN: its weight is streamed
@@ -138,7 +138,7 @@ def test_opset_newer_than_onnx(tmp_path):
 
 
 def test_over_2gb_inline_is_refused_without_external(monkeypatch, tmp_path):
-    monkeypatch.setattr(io, "TWO_GB", 1000)  # pretend: the small model is "over 2 GB"
+    monkeypatch.setattr(io_save, "TWO_GB", 1000)  # pretend: the small model is "over 2 GB"
     path = tmp_path / "m.onnx"
     onnx.save(resnet_bottleneck(), str(path))
     assert invoke("fold", path, "-o", tmp_path / "a.onnx").exit_code == 0
@@ -175,7 +175,7 @@ def test_copies_without_kernel_copy_give_the_same_files(external_model, tmp_path
     def unavailable(*args):
         raise OSError(38, "copy_file_range not available")
 
-    monkeypatch.setattr(io.os, "copy_file_range", unavailable, raising=False)
+    monkeypatch.setattr(io_tensors.os, "copy_file_range", unavailable, raising=False)
     bnfold.fold_file(path, tmp_path / "python.onnx", external_data=external)
     assert (tmp_path / "kernel.onnx").read_bytes() == (tmp_path / "python.onnx").read_bytes().replace(b"python.onnx", b"kernel.onnx")
     if external:

@@ -8,34 +8,35 @@ padding (padded zeros would have been ``t`` before the fold), so Conv consumers 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
 
-from ..graph import ONNX_DOMAINS, GraphIndex, attr, set_attr
-from ..report import Reason
-from .common import Affine, check_batchnorm, node_label
-from .forward import constant_weight, constant_weights, write_constant
+from ..proto import ONNX_DOMAINS, attr, node_label, str_attr
+from ..report import Code, Reason
+from .common import Affine, Scope, check_batchnorm, rewrite_layer
+from .forward import constant_weight, constant_weights
 
 # Left-alone reasons about the producer side: only those BNs may still fold backward.
 PRODUCER_REASONS = {
-    "no_producer", "unsupported_producer", "shared_producer_output", "producer_output_is_graph_output",
-    "producer_weight_not_constant", "axis_mismatch", "unknown_rank", "unsupported_dtype", "channel_mismatch",
+    Code.NO_PRODUCER, Code.UNSUPPORTED_PRODUCER, Code.SHARED_PRODUCER_OUTPUT, Code.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT,
+    Code.PRODUCER_WEIGHT_NOT_CONSTANT, Code.AXIS_MISMATCH, Code.UNKNOWN_RANK, Code.UNSUPPORTED_DTYPE,
+    Code.CHANNEL_MISMATCH,
 }
+Rewrite = Callable[[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Consumer:
     """How one consumer absorbs ``x -> s * x + t`` on its input channels."""
 
     channels: int
-    # (W, B or None, s, t) in float64 -> (W', B')
-    rewrite: Callable[[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray], tuple]
+    rewrite: Rewrite  # (W, B or None, s, t) in float64 -> (W', B')
     to_gemm: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backward:
     bn: int
     consumer: int
@@ -43,115 +44,103 @@ class Backward:
     how: Consumer
 
 
-def _conv(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
-    w = constant_weights(index, node)
+def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
+    w = constant_weights(scope, node)
     if isinstance(w, Reason):
         return w
-    pads, auto_pad = attr(node, "pads", []), attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads, auto_pad = attr(node, "pads", []), str_attr(node, "auto_pad", "NOTSET")
     if any(pads) or auto_pad not in ("NOTSET", "VALID"):
-        return Reason("padded_consumer", f"Conv '{node_label(node)}' pads its input (pads={list(pads)}, auto_pad={auto_pad})")
+        return Reason(Code.PADDED_CONSUMER, f"Conv '{node_label(node)}' pads its input (pads={list(pads)}, auto_pad={auto_pad})")
     group = attr(node, "group", 1)
     m, per_group = w.shape[0], w.shape[1]
 
-    def rewrite(W, B, s, t):
+    def rewrite(W: np.ndarray, B: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         # Output channel m belongs to group m // (M/group) and reads input channels of that group.
         groups = np.arange(m) // (m // group)
         idx = groups[:, None] * per_group + np.arange(per_group)[None, :]  # (M, C/group)
         extra = (1,) * (W.ndim - 2)
         new_w = W * s[idx].reshape(idx.shape + extra)
         shift = (W * t[idx].reshape(idx.shape + extra)).reshape(m, -1).sum(axis=1)
-        return new_w, (0.0 if B is None else B) + shift
+        return new_w, shift if B is None else B + shift
 
     return Consumer(per_group * group, rewrite)
 
 
-def _gemm(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
+def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     if attr(node, "transA", 0):
-        return Reason("axis_mismatch", f"Gemm '{node_label(node)}' transposes A: the BN's channels are not its K axis")
-    b = constant_weights(index, node, ("B", "C"))
+        return Reason(Code.AXIS_MISMATCH, f"Gemm '{node_label(node)}' transposes A: the BN's channels are not its K axis")
+    b = constant_weights(scope, node, ("B", "C"))
     if isinstance(b, Reason):
         return b
     trans_b, alpha, beta = attr(node, "transB", 0), attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
 
-    def rewrite(B, C, s, t):
+    def rewrite(B: np.ndarray, C: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         bk = B.T if trans_b else B  # (K, N)
         new_b = B * (s[None, :] if trans_b else s[:, None])
-        return new_b, beta * (0.0 if C is None else C) + alpha * (t @ bk)
+        shift = alpha * (t @ bk)
+        return new_b, shift if C is None else beta * C + shift
 
     return Consumer(b.shape[1] if trans_b else b.shape[0], rewrite)
 
 
-def _matmul(index: GraphIndex, node: onnx.NodeProto) -> Union[Consumer, Reason]:
-    w = constant_weight(index, node, 1, "weight")
+def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
+    w = constant_weight(scope, node, 1, "weight")
     if isinstance(w, Reason):
         return w
-    rank = index.types.rank(node.input[0]) if index.types else None
+    rank = scope.rank(node.input[0])
     if w.ndim != 2 or rank != 2:
-        return Reason("axis_mismatch", f"MatMul '{node_label(node)}' is not a rank-2 product: the BN's channels are not its K axis")
+        return Reason(Code.AXIS_MISMATCH, f"MatMul '{node_label(node)}' is not a rank-2 product: the BN's channels are not its K axis")
     return Consumer(w.shape[0], lambda W, B, s, t: (W * s[:, None], t @ W), to_gemm=True)
 
 
 CONSUMERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}
 
 
-def plan(index: GraphIndex, left: Dict[int, Reason]) -> List[Backward]:
-    """Backward folds for BNs left by the forward pass; ``left`` is updated where a better reason
-    (a padded consumer) explains why a BN stays."""
-    out = []
+def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Backward], Dict[int, Reason]]:
+    """Backward folds for BNs the forward pass left, and the reasons of those that still stay (a
+    padded consumer is a better explanation than the producer's)."""
+    index = scope.index
+    out, still = [], dict(left)
     for i, reason in sorted(left.items()):
         if reason.code not in PRODUCER_REASONS:
             continue
-        bn = index.nodes[i]
+        bn = index.node(i)
         y = bn.output[0]
         readers = index.readers(y)
         if y in index.graph_outputs or len(readers) != 1:
             continue
-        consumer = index.nodes[readers[0]]
+        consumer = index.node(readers[0])
         make = CONSUMERS.get(consumer.op_type) if consumer.domain in ONNX_DOMAINS else None
         if make is None or consumer.input[0] != y or list(consumer.input).count(y) != 1:
             continue
-        how = make(index, consumer)
+        how = make(scope, consumer)
         if isinstance(how, Reason):
-            if how.code == "padded_consumer":
-                left[i] = Reason("padded_consumer", f"{reason.message}; {how.message}")
+            if how.code == Code.PADDED_CONSUMER:
+                still[i] = Reason(Code.PADDED_CONSUMER, f"{reason.message}; {how.message}")
             continue
-        affine = check_batchnorm(index, bn)
+        affine = check_batchnorm(scope, bn)
         if isinstance(affine, Reason) or affine.s.shape != (how.channels,):
             continue
         out.append(Backward(i, readers[0], affine, how))
-        del left[i]
-    return out
+        del still[i]
+    return out, still
 
 
-def apply(index: GraphIndex, fold: Backward) -> List[str]:
-    bn, old = index.nodes[fold.bn], index.nodes[fold.consumer]
+def apply(scope: Scope, fold: Backward) -> List[str]:
+    index = scope.index
+    bn, old = index.node(fold.bn), index.node(fold.consumer)
     # A forward fold may have rewritten this node already (new weights, beta=1, MatMul -> Gemm):
     # derive the rewrite from the node as it is now.
-    how = CONSUMERS[old.op_type](index, old)
-    w = index.constant(old.input[1])
+    how = CONSUMERS[old.op_type](scope, old)
+    w = scope.constant(old.input[1])
+    if isinstance(how, Reason) or w is None:
+        raise ValueError(f"{old.op_type} '{node_label(old)}' can no longer absorb '{bn.output[0]}'")
     has_bias = len(old.input) > 2 and old.input[2]
-    bias = index.constant(old.input[2]).astype(np.float64) if has_bias else None
+    old_bias = scope.constant(old.input[2]) if has_bias else None
+    bias = None if old_bias is None else old_bias.astype(np.float64)
     new_w, new_b = how.rewrite(w.astype(np.float64), bias, fold.affine.s, fold.affine.t)
-    new_w, new_b = new_w.astype(w.dtype), np.asarray(new_b).astype(w.dtype)
-    label = old.name or old.input[1]
     freed = list(bn.input) + list(old.input)
-    node = onnx.NodeProto()
-    node.CopyFrom(old)
-    node.input[0] = bn.input[0]
-    node.input[1] = write_constant(index, old, 1, new_w, f"{label}_weight_folded")
-    if how.to_gemm:
-        node.op_type = "Gemm"
-        del node.input[2:]
-        node.input.append(index.add_initializer(new_b, f"{label}_bias"))
-    else:
-        b_name = write_constant(index, old, 2, new_b, f"{label}_bias")
-        del node.input[2:]
-        node.input.append(b_name)
-        if node.op_type == "Gemm":
-            set_attr(node, "beta", 1.0)
-    if node.op_type == "Gemm" and index.opset < 7:
-        set_attr(node, "broadcast", 1)
     index.remove_node(fold.bn)
-    index.replace_node(fold.consumer, node)
+    rewrite_layer(scope, fold.consumer, new_w.astype(w.dtype), np.asarray(new_b).astype(w.dtype),
+                  to_gemm=how.to_gemm, x=bn.input[0])
     return freed

@@ -1,30 +1,44 @@
-"""Checks shared by every family of folds: is this BN an inference-mode per-channel affine map?"""
+"""What every family of folds shares: the scope a graph is planned in, the check that a BN is an
+inference-mode per-channel affine map, and the one rewrite of a layer's weight and bias."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import onnx
 
 from ..batchnorm import DEFAULT_EPSILON, OPSET_VERSIONS, scale_shift
-from ..graph import ONNX_DOMAINS, GraphIndex, attr
-from ..report import Reason
-
-FLOAT_KINDS = ("f", "V")  # numpy float kinds; ml_dtypes' bfloat16 reports kind "V"
+from ..constants import Constants
+from ..graph import GraphIndex, Value
+from ..proto import attr, node_label, np_dtype, set_attr
+from ..report import Code, Reason
+from ..shapes import TypeLookup
 
 
 @dataclass
+class Scope:
+    """One graph as the folds see it: its index, its constants, the static types of its values."""
+
+    index: GraphIndex
+    consts: Constants
+    types: Optional[TypeLookup]
+    opset: int
+
+    def constant(self, name: str) -> Optional[np.ndarray]:
+        return self.consts.value(name)
+
+    def rank(self, name: str) -> Optional[int]:
+        return self.types.rank(name) if self.types else None
+
+
+@dataclass(frozen=True)
 class Affine:
     """``y = s * x + t`` along axis 1, s and t in float64 of shape (C,)."""
 
     s: np.ndarray
     t: np.ndarray
-
-
-def is_batchnorm(node: onnx.NodeProto) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS
 
 
 def bn_version(opset: int) -> int:
@@ -35,39 +49,35 @@ def is_float(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
 
 
-def node_label(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
-
-
-def check_batchnorm(index: GraphIndex, node: onnx.NodeProto) -> Union[Affine, Reason]:
+def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]:
     """The BN's affine map, or why it is not a fixed per-channel affine map."""
-    version = bn_version(index.opset)
+    version = bn_version(scope.opset)
     if version >= 14 and attr(node, "training_mode", 0):
-        return Reason("training_mode", "training_mode=1: it normalizes with the statistics of each batch")
+        return Reason(Code.TRAINING_MODE, "training_mode=1: it normalizes with the statistics of each batch")
     if version <= 6 and not attr(node, "is_test", 0):
         return Reason(
-            "training_mode",
+            Code.TRAINING_MODE,
             f"is_test=0: BatchNormalization-{version} then normalizes with the statistics of each batch",
         )
     extra = [o for o in node.output[1:] if o]
     if extra:
-        return Reason("statistics_outputs", f"outputs {', '.join(extra)} are requested, which only training mode computes")
+        return Reason(Code.STATISTICS_OUTPUTS, f"outputs {', '.join(extra)} are requested, which only training mode computes")
     params = []
     for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
-        if index.is_overridable(name):
-            return Reason("overridable_initializer", f"{role} '{name}' is a graph input a caller may override")
-        value = index.constant(name)
+        if scope.index.is_overridable(name):
+            return Reason(Code.OVERRIDABLE_INITIALIZER, f"{role} '{name}' is a graph input a caller may override")
+        value = scope.constant(name)
         if value is None:
-            return Reason("non_constant_parameter", f"{role} '{name}' is computed at run time")
+            return Reason(Code.NON_CONSTANT_PARAMETER, f"{role} '{name}' is computed at run time")
         params.append(value)
     if len({p.shape for p in params}) != 1 or params[0].ndim < 1:
         shapes = ", ".join(str(p.shape) for p in params)
-        return Reason("channel_mismatch", f"its parameters have inconsistent shapes {shapes}")
+        return Reason(Code.CHANNEL_MISMATCH, f"its parameters have inconsistent shapes {shapes}")
     s, t = scale_shift(*params, epsilon=attr(node, "epsilon", DEFAULT_EPSILON))
     if s.ndim > 1:  # spatial=0: per-activation parameters (C, D1, ...)
         flat_s, flat_t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
         if not (np.all(flat_s == flat_s[:, :1]) and np.all(flat_t == flat_t[:, :1])):
-            return Reason("per_activation_parameters", f"spatial=0 parameters of shape {s.shape} vary along the spatial axes")
+            return Reason(Code.PER_ACTIVATION_PARAMETERS, f"spatial=0 parameters of shape {s.shape} vary along the spatial axes")
         s, t = flat_s[:, 0], flat_t[:, 0]
     return Affine(s, t)
 
@@ -84,9 +94,68 @@ def scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
 def channel_vector(value: np.ndarray, rank: Optional[int], channels: int) -> Optional[np.ndarray]:
     """``value`` as a float64 (C,) vector if, broadcast against a rank-``rank`` tensor with C channels
     on axis 1, it varies along axis 1 only; else None."""
-    if rank is None or rank < 2 or value.ndim > rank or not is_float(value) and value.dtype.kind not in "iu":
+    if rank is None or rank < 2 or value.ndim > rank or (not is_float(value) and value.dtype.kind not in "iu"):
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
     if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, channels):
         return None
     return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def write_constant(index: GraphIndex, node: onnx.NodeProto, slot: int, value: Value, base: str) -> str:
+    """Store ``value`` for ``node.input[slot]``: in place when only this node reads that initializer
+    and the shape and dtype stay, else as a new initializer (shared weights are never changed)."""
+    old = node.input[slot] if len(node.input) > slot else ""
+    tensor = index.initializers.get(old)
+    if (
+        tensor is not None
+        and len(set(index.readers(old))) == 1
+        and old not in index.graph_outputs
+        and tuple(tensor.dims) == tuple(value.shape)
+        and np_dtype(tensor.data_type) == np.dtype(value.dtype)
+    ):
+        index.replace_initializer(old, value)
+        return old
+    return index.add_initializer(value, base)
+
+
+def rewrite_layer(
+    scope: Scope,
+    i: int,
+    weight: Value,
+    bias: np.ndarray,
+    *,
+    to_gemm: bool,
+    bias_slot: int = 2,
+    x: Optional[str] = None,
+    output: Optional[str] = None,
+) -> Tuple[onnx.NodeProto, str]:
+    """Give layer ``i`` (Conv, ConvTranspose, Gemm or MatMul) a new weight (input 1) and bias, in
+    both fold directions: a MatMul becomes ``Gemm(A, W, bias)``; a Gemm keeps ``alpha`` and gets
+    ``beta = 1``. ``x`` replaces the layer's input, ``output`` its output name. Returns the new
+    node (already in the index) and the layer's label."""
+    index = scope.index
+    old = index.node(i)
+    label = old.name or old.input[1]
+    node = onnx.NodeProto()
+    node.CopyFrom(old)
+    if x is not None:
+        node.input[0] = x
+    if output is not None:
+        node.output[0] = output
+    node.input[1] = write_constant(index, old, 1, weight, f"{label}_weight_folded")
+    if to_gemm:
+        node.op_type = "Gemm"
+        del node.input[2:]
+        node.input.append(index.add_initializer(bias, f"{label}_bias"))
+    else:
+        b_name = write_constant(index, old, bias_slot, bias, f"{label}_bias")
+        while len(node.input) <= bias_slot:
+            node.input.append("")
+        node.input[bias_slot] = b_name
+        if node.op_type == "Gemm":
+            set_attr(node, "beta", 1.0)
+    if node.op_type == "Gemm" and scope.opset < 7:
+        set_attr(node, "broadcast", 1)  # Gemm before opset 7 broadcasts C only when asked
+    index.replace_node(i, node)
+    return node, node_label(old)

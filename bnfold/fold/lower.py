@@ -4,20 +4,23 @@ runtimes without a fast BatchNormalization (``--lower-standalone``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex
-from ..report import Reason
-from .common import Affine, check_batchnorm
+from ..proto import np_dtype
+from ..report import Code, Reason
+from .common import Affine, Scope, check_batchnorm
 
 # Reasons that say the BN is not a fixed affine map: those stay BatchNormalization.
-INTRINSIC = {"training_mode", "statistics_outputs", "non_constant_parameter", "overridable_initializer", "per_activation_parameters"}
+INTRINSIC = {
+    Code.TRAINING_MODE, Code.STATISTICS_OUTPUTS, Code.NON_CONSTANT_PARAMETER, Code.OVERRIDABLE_INITIALIZER,
+    Code.PER_ACTIVATION_PARAMETERS,
+}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Lowering:
     bn: int
     affine: Affine
@@ -25,27 +28,29 @@ class Lowering:
     dtype: np.dtype
 
 
-def plan(index: GraphIndex, left: Dict[int, Reason]) -> List[Lowering]:
-    out = []
+def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Lowering], Dict[int, Reason]]:
+    """Lowerings for BNs that fold nowhere, and the reasons of those that still stay."""
+    out, still = [], dict(left)
     for i, reason in sorted(left.items()):
         if reason.code in INTRINSIC:
             continue
-        bn = index.nodes[i]
-        affine = check_batchnorm(index, bn)
+        bn = scope.index.node(i)
+        affine = check_batchnorm(scope, bn)
         if isinstance(affine, Reason):
             continue
         x = bn.input[0]
-        rank = index.types.rank(x) if index.types else None
-        elem = index.types.elem_type(x) if index.types else 0
+        rank = scope.rank(x)
+        elem = scope.types.elem_type(x) if scope.types else 0
         if rank is None or rank < 2 or not elem:
             continue
-        out.append(Lowering(i, affine, rank, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))))
-        del left[i]
-    return out
+        out.append(Lowering(i, affine, rank, np_dtype(elem)))
+        del still[i]
+    return out, still
 
 
-def apply(index: GraphIndex, low: Lowering) -> List[str]:
-    bn = index.nodes[low.bn]
+def apply(scope: Scope, low: Lowering) -> List[str]:
+    index = scope.index
+    bn = index.node(low.bn)
     shape = (-1,) + (1,) * (low.rank - 2)
     base = bn.name or bn.output[0]
     s = index.add_initializer(low.affine.s.reshape(shape).astype(low.dtype), f"{base}_scale")

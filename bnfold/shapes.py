@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 import onnx
 
-from .graph import subgraphs
+from .proto import subgraphs
 
 Dims = List[Optional[int]]
 TypeInfo = Tuple[int, Optional[Dims]]  # (elem_type, dims or None for unknown rank)
@@ -33,6 +33,8 @@ def _collect(graph: onnx.GraphProto, into: Dict[str, TypeInfo]) -> Dict[str, Typ
 
 
 class TypeLookup:
+    """Static element type and shape of each value of one model (or one function's scope)."""
+
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.known: Optional[Dict[str, TypeInfo]] = None

@@ -1,0 +1,65 @@
+"""Carry out a :class:`FoldPlan`: the only place the fold mutates a model."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph import TensorStore
+from ..proto import subgraphs
+from ..shapes import TypeLookup
+from . import backward, forward, lower
+from .common import Scope
+from .plan import Env, FoldPlan, GraphPlan, function_graph, make_scope, model_env
+
+
+def _apply_graph(graph: onnx.GraphProto, plan: GraphPlan, env: Env, types: Optional[TypeLookup],
+                 outer: Optional[Scope], lists_initializers: bool, opset: int) -> List[str]:
+    """Rewrite one graph and its bodies; returns freed names this graph does not define (outer ones)."""
+    if len(graph.node) != plan.nodes:
+        raise ValueError(f"the plan for the {plan.where} was made for another graph")
+
+    def scope() -> Scope:
+        return make_scope(graph, env, types, outer, lists_initializers=lists_initializers, opset=opset)
+
+    current = scope()
+    bodies = [g for node in graph.node for g in subgraphs(node)]
+    freed: List[str] = []
+    for body, body_plan in zip(bodies, plan.bodies):
+        freed += _apply_graph(body, body_plan, env, types, current, False, opset)
+    if bodies:
+        current = scope()  # the bodies' reads have changed
+    for chain in plan.forward:
+        freed += forward.apply(current, chain)
+    for b in plan.backward:
+        freed += backward.apply(current, b)
+    for low in plan.lowered:
+        freed += lower.apply(current, low)
+    index = current.index
+    index.drop_if_unused(freed)
+    index.commit()
+    return [n for n in freed if n and not index.defines(n)]
+
+
+def _apply_function(fn: onnx.FunctionProto, plan: GraphPlan, env: Env) -> None:
+    """Functions have no initializers: fold them as a graph, then turn new constants into Constant nodes."""
+    graph, types, opset = function_graph(fn)
+    _apply_graph(graph, plan, env, types, None, False, opset or env.opset)
+    constants = [
+        onnx.helper.make_node("Constant", [], [t.name], name=t.name,
+                              value=numpy_helper.from_array(np.asarray(env.store.read(t)), t.name))
+        for t in graph.initializer
+    ]
+    del fn.node[:]
+    fn.node.extend(constants + list(graph.node))
+
+
+def apply(model: onnx.ModelProto, plan: FoldPlan, store: TensorStore) -> None:
+    """Rewrite ``model`` in place as ``plan`` (made by ``plan_model`` for this model) decided."""
+    env = model_env(model, store, False)
+    _apply_graph(model.graph, plan.main, env, TypeLookup(model), None, model.ir_version < 4, env.opset)
+    for fn, fn_plan in zip(model.functions, plan.functions):
+        _apply_function(fn, fn_plan, env)

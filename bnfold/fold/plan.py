@@ -1,0 +1,144 @@
+"""Decide, for every BN of a model, what happens to it: ``plan_model(model) -> FoldPlan``.
+
+Nothing here mutates the model. Each graph (the main graph, every If/Loop/Scan body, every
+model-local function) is planned the same way: forward folds into producers, backward folds into
+consumers for what is left, and, when asked, lowering of the rest to Mul+Add. ``inspect``,
+``--dry-run`` and the fold report are renderings of the plan; :func:`bnfold.fold.apply.apply`
+carries it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Set, Tuple
+
+import onnx
+
+from ..constants import Constants
+from ..graph import GraphIndex, TensorStore
+from ..proto import ONNX_DOMAINS, model_names, node_label, opset_of, subgraphs
+from ..report import FoldedBN, LeftBN, Reason
+from ..shapes import TypeLookup
+from . import backward, forward, lower
+from .common import Scope
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """The decisions for one graph; node positions refer to ``graph.node`` as it was planned."""
+
+    where: str
+    nodes: int  # len(graph.node) when planned: apply checks it is given the same graph
+    forward: Tuple[forward.Chain, ...]
+    backward: Tuple[backward.Backward, ...]
+    lowered: Tuple[lower.Lowering, ...]
+    left: Tuple[Tuple[int, Reason], ...]
+    bodies: Tuple[GraphPlan, ...]  # in the order proto.subgraphs yields them over graph.node
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Every decision for a model, and what the report says of each BN."""
+
+    main: GraphPlan
+    functions: Tuple[GraphPlan, ...]
+    folded: Tuple[FoldedBN, ...]
+    left: Tuple[LeftBN, ...]
+    absorbed: Tuple[str, ...]
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.folded or self.absorbed)
+
+
+@dataclass(frozen=True)
+class Env:
+    """What every graph of one model is planned and applied with."""
+
+    store: TensorStore
+    opset: int
+    taken: Set[str]
+    lower_standalone: bool
+
+
+def make_scope(graph: onnx.GraphProto, env: Env, types: Optional[TypeLookup], outer: Optional[Scope], *,
+               lists_initializers: bool, opset: Optional[int] = None) -> Scope:
+    index = GraphIndex(graph, store=env.store, lists_initializers=lists_initializers, taken_names=env.taken,
+                       outer=outer.index if outer else None)
+    opset = opset or env.opset
+    consts = Constants(index, opset=opset, types=types, outer=outer.consts if outer else None)
+    return Scope(index, consts, types, opset)
+
+
+class _Notes:
+    """The report's lists, filled in graph order (bodies before the graph that holds them)."""
+
+    def __init__(self) -> None:
+        self.folded: List[FoldedBN] = []
+        self.left: List[LeftBN] = []
+        self.absorbed: List[str] = []
+
+
+def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str, notes: _Notes) -> GraphPlan:
+    index = scope.index
+    bodies = []
+    for i in index.live_nodes():
+        node = index.node(i)
+        for k, body in enumerate(subgraphs(node)):
+            inner = make_scope(body, env, types, scope, lists_initializers=False, opset=scope.opset)
+            bodies.append(_plan_graph(inner, env, types, f"{where} > {node.op_type} '{node_label(node)}' body {k}", notes))
+    fwd = forward.plan(scope)
+    for chain in fwd.chains:
+        producer = index.node(chain.producer)
+        for i in chain.steps:
+            node = index.node(i)
+            if i in chain.bns:
+                notes.folded.append(FoldedBN(node_label(node), node.output[0], node_label(producer), chain.target.op))
+            else:
+                notes.absorbed.append(f"{node.op_type} '{node_label(node)}'")
+    backs, left = backward.plan(scope, fwd.left)
+    for b in backs:
+        bn, consumer = index.node(b.bn), index.node(b.consumer)
+        notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(consumer), consumer.op_type, "backward"))
+    lowered: List[lower.Lowering] = []
+    if env.lower_standalone:
+        lowered, left = lower.plan(scope, left)
+    for low in lowered:
+        bn = index.node(low.bn)
+        notes.folded.append(FoldedBN(node_label(bn), bn.output[0], "Mul+Add", "Mul+Add", "lowered"))
+    for i, reason in sorted(left.items()):
+        node = index.node(i)
+        notes.left.append(LeftBN(node_label(node), node.output[0], reason.code.value, reason.message))
+    return GraphPlan(where, len(index.nodes), fwd.chains, tuple(backs), tuple(lowered), tuple(sorted(left.items())),
+                     tuple(bodies))
+
+
+def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup, int]:
+    """A model-local function as a graph of its own (a copy), with a type lookup of its own scope: a
+    function value never borrows the type of a main-graph value of the same name."""
+    opset = next((o.version for o in fn.opset_import if o.domain in ONNX_DOMAINS), 0)
+    graph = onnx.helper.make_graph(
+        list(fn.node), fn.name, [onnx.helper.make_empty_tensor_value_info(n) for n in fn.input],
+        [onnx.helper.make_empty_tensor_value_info(n) for n in fn.output],
+    )
+    imports = list(fn.opset_import) or [onnx.helper.make_opsetid("", opset)]
+    return graph, TypeLookup(onnx.helper.make_model(graph, opset_imports=imports)), opset
+
+
+def model_env(model: onnx.ModelProto, store: TensorStore, lower_standalone: bool) -> Env:
+    return Env(store, opset_of(model), model_names(model), lower_standalone)
+
+
+def plan_model(model: onnx.ModelProto, store: TensorStore, *, lower_standalone: bool = False) -> FoldPlan:
+    """Every decision for ``model``, which is not modified."""
+    env = model_env(model, store, lower_standalone)
+    notes = _Notes()
+    types = TypeLookup(model)
+    main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4)
+    main = _plan_graph(main_scope, env, types, "main graph", notes)
+    functions = []
+    for fn in model.functions:
+        graph, fn_types, opset = function_graph(fn)
+        scope = make_scope(graph, env, fn_types, None, lists_initializers=False, opset=opset or env.opset)
+        functions.append(_plan_graph(scope, env, fn_types, f"function '{fn.name}'", notes))
+    return FoldPlan(main, tuple(functions), tuple(notes.folded), tuple(notes.left), tuple(notes.absorbed))

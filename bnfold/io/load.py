@@ -1,0 +1,106 @@
+"""Reading a model's graph; large weights stay in their files.
+
+Large inline tensors are located by a scan of the protobuf wire format (:mod:`.wire`) and become
+references into the input file itself, like external data, so they are never parsed into protobuf.
+Where the scan is unsure, the whole file is parsed by protobuf instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from pathlib import Path
+from typing import Dict, Set, Tuple, Union
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import BnfoldError
+from ..proto import external_location, initializers, set_location
+from .tensors import PENDING, Source, data_files, locate
+from .wire import WireError, strip_raw_data
+
+PathLike = Union[str, "os.PathLike[str]"]
+LAZY_THRESHOLD = 4096  # inline tensors at least this large are read from the file only when needed
+
+
+def regular_file(path: Path, what: str = "") -> os.stat_result:
+    """The file's status, when it is a regular file (a FIFO would block, a folder is no model)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BnfoldError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BnfoldError(f"{path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BnfoldError(f"{path}: is a folder, not {what or 'an ONNX file'}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BnfoldError(f"{path}: not a regular file")
+    return st
+
+
+def file_size(path: Path, model: onnx.ModelProto) -> int:
+    """Bytes of a model file and its external data files."""
+    own = path.resolve()
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files(model, path.parent) if f != own and f.is_file())
+
+
+def check_external(model: onnx.ModelProto, source: Source) -> None:
+    """Every external location is validated before anything is read (see :func:`.tensors.locate`)."""
+    seen: Dict[str, None] = {}
+    for t in initializers(model):
+        info = external_location(t)
+        if info is None:
+            continue
+        if info.get("location") == PENDING and t.name not in source.deferred:
+            raise BnfoldError(f"tensor '{t.name}': external data location '{PENDING}' is reserved")
+        seen.setdefault(t.name)
+        source.location(t)
+
+
+def _parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise DecodeError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                stripped, refs = strip_raw_data(buf, LAZY_THRESHOLD)  # type: ignore[arg-type]
+            except WireError:
+                return onnx.ModelProto.FromString(buf[:]), set()
+    model = onnx.ModelProto.FromString(stripped)
+    inline: Set[str] = set()
+    if len(refs) != len(model.graph.initializer):  # the scan and protobuf disagree: trust protobuf
+        return onnx.ModelProto.FromString(path.read_bytes()), set()
+    for tensor, ref in zip(model.graph.initializer, refs):
+        if ref is not None:
+            set_location(tensor, path.name, *ref)
+            inline.add(tensor.name)
+    return model, inline
+
+
+def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
+    """The model's graph and the :class:`Source` its weights are read from."""
+    path = Path(path)
+    regular_file(path)
+    try:
+        model, inline = _parse(path)
+    except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as exc:
+        raise BnfoldError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise BnfoldError(f"{path}: not an ONNX model (no graph or no opset)")
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > newest:
+            raise BnfoldError(
+                f"{path}: uses opset {o.version}, newer than the installed onnx {onnx.__version__} understands "
+                f"({newest}); upgrade onnx (pip install -U onnx)"
+            )
+    source = Source(path.parent, inline)
+    check_external(model, source)
+    return model, source
+
+
+def load(path: PathLike) -> onnx.ModelProto:
+    """Read a model's graph; large weights stay in their files (see :func:`open_model`)."""
+    return open_model(path)[0]

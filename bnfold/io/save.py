@@ -1,0 +1,164 @@
+"""Writing a model once, atomically: unchanged tensors are copied from their source file in bounded
+chunks (by the kernel where it can), deferred ones are computed one at a time, whether the output is
+inline or external."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import BnfoldError
+from ..proto import graphs_of, initializers, set_location, tensor_nbytes
+from .tensors import Source, _write_all
+from .wire import key, varint
+
+PathLike = Union[str, "os.PathLike[str]"]
+TWO_GB = 2**31 - 1
+EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file
+
+
+def approx_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensors that would be inline: what decides whether a model fits in one protobuf
+    (2 GB), without paying for ByteSize() (which serializes the whole model)."""
+    total = 0
+    for t in initializers(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += tensor_nbytes(t)
+        elif t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * 8
+    return total
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp(path: Path, written: List[str]):
+    """A new temporary file beside ``path`` (recorded in ``written``), open for unbuffered writing,
+    with the mode a newly created file would get. It is written through the descriptor mkstemp
+    opened: reopening with truncation would make ext4 flush the whole file on close."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    written.append(tmp)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return os.fdopen(fd, "wb", buffering=0), tmp
+
+
+def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -> None:
+    """Move every large tensor to ``out`` (the data file), in model order."""
+    offset = 0
+    for t in initializers(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            length = source.write_to(t, out)
+        else:
+            if not t.HasField("raw_data"):
+                if tensor_nbytes(t) < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
+                    continue
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+            if len(t.raw_data) < EXTERNAL_THRESHOLD:
+                continue
+            length = _write_all(out, t.raw_data)
+        set_location(t, data_path.name, offset, length)
+        offset += length
+    source.inline_refs.clear()
+    source.deferred.clear()
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
+    """Serialize ``model`` with every main-graph tensor's bytes spliced in from its source, so that
+    no weight is copied into protobuf (field order does not matter to a protobuf parser)."""
+    graph = model.graph
+    bodies = itertools.islice(graphs_of(graph), 1, None)  # only main-graph tensors are spliced
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for g in bodies for t in g.initializer):
+        source.materialize(model, everything=True)
+    skeleton, graph_skeleton = onnx.ModelProto(), onnx.GraphProto()
+    _copy_fields(model, skeleton, "graph")
+    _copy_fields(graph, graph_skeleton, "initializer")
+    entries = []  # (header bytes, tensor or None, payload length)
+    for t in graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            body = t.SerializeToString()
+            entries.append((key(5) + varint(len(body)) + body, None, 0))
+            continue
+        meta = onnx.TensorProto()
+        _copy_fields(t, meta, "external_data")
+        meta.ClearField("data_location")
+        head = meta.SerializeToString()
+        length = tensor_nbytes(t)
+        head += key(9) + varint(length)
+        entries.append((key(5) + varint(len(head) + length) + head, t, length))
+    graph_bytes = graph_skeleton.SerializeToString()
+    graph_len = len(graph_bytes) + sum(len(h) + n for h, _, n in entries)
+    _write_all(f, skeleton.SerializeToString())
+    _write_all(f, key(7) + varint(graph_len))
+    _write_all(f, graph_bytes)
+    for head, tensor, _ in entries:
+        _write_all(f, head)
+        if tensor is not None:
+            source.write_to(tensor, f)
+
+
+def save(model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None,
+         external: Optional[bool] = None) -> int:
+    """Write ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
+
+    ``external`` None chooses: external data when the model already has some (beyond the input
+    file's own inline weights) or would pass 2 GB. External data goes to one file beside the output,
+    named after it (``OUT.onnx.data``). Returns the bytes written (model and data file)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise BnfoldError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BnfoldError(f"{path}: cannot write in folder {path.parent} (permission denied)")
+    source = source or Source(None)
+    has_external = any(source.is_file_backed(t) and t.name not in source.inline_refs for t in initializers(model))
+    if external is None:
+        external = has_external or approx_bytes(model) > TWO_GB - (64 << 20)
+    if not external and approx_bytes(model) > TWO_GB - (64 << 20):
+        raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
+    data_path = path.with_name(path.name + ".data")
+    written: List[str] = []
+    try:
+        tmp_data = None
+        if external:
+            out, tmp_data = _temp(data_path, written)
+            with out:  # unbuffered: kernel copies append at the file's position
+                _externalize(model, source, data_path, out)
+        f, tmp = _temp(path, written)
+        with f:
+            if external:
+                _write_all(f, model.SerializeToString())
+            else:
+                _write_inline(model, source, f)
+        if tmp_data:
+            os.replace(tmp_data, data_path)
+        os.replace(tmp, path)
+    except BaseException:
+        for name in written:
+            if os.path.exists(name):
+                os.unlink(name)
+        raise
+    return path.stat().st_size + (data_path.stat().st_size if external else 0)

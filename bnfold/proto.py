@@ -1,0 +1,178 @@
+"""Leaf helpers over onnx protos: attributes, subgraphs, walking every graph, tensor locations.
+
+Nothing here imports another bnfold module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Optional, Set
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The bodies a node holds (If branches, Loop/Scan bodies)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph``, then every body inside it (If/Loop/Scan, at any depth)."""
+    yield graph
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from graphs_of(g)
+
+
+def model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph with its bodies, then the bodies inside model-local functions."""
+    yield from graphs_of(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for g in subgraphs(node):
+                yield from graphs_of(g)
+
+
+def all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the model: graphs, bodies and functions."""
+    for g in model_graphs(model):
+        yield from g.node
+    for fn in model.functions:
+        yield from fn.node
+
+
+def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer of the model, bodies and functions included."""
+    for g in model_graphs(model):
+        yield from g.initializer
+
+
+def outer_names(graph: onnx.GraphProto) -> Set[str]:
+    """Names a (sub)graph reads from enclosing scopes: used inside, defined nowhere inside."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    used: Set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for g in subgraphs(node):
+            used |= outer_names(g)
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def all_names(graph: onnx.GraphProto, into: Set[str]) -> Set[str]:
+    """Every value and node name in a graph and its subgraphs, added to ``into``."""
+    for seq in (graph.input, graph.output, graph.value_info):
+        into.update(v.name for v in seq)
+    into.update(t.name for t in graph.initializer)
+    for node in graph.node:
+        into.update(node.input)
+        into.update(node.output)
+        into.add(node.name)
+        for g in subgraphs(node):
+            all_names(g, into)
+    into.discard("")
+    return into
+
+
+def model_names(model: onnx.ModelProto) -> Set[str]:
+    """Every name in the model, functions included: what a new name must not be."""
+    taken = all_names(model.graph, set())
+    for fn in model.functions:
+        taken.update(fn.input)
+        taken.update(fn.output)
+        for node in fn.node:
+            taken.update(node.output)
+            taken.add(node.name)
+            for g in subgraphs(node):
+                all_names(g, taken)
+    taken.discard("")
+    return taken
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def str_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = attr(node, name, default)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    for o in model.opset_import:
+        if o.domain in ((domain,) if domain else ONNX_DOMAINS):
+            return int(o.version)
+    return 0
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS
+
+
+def constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX element type (ValueError for unknown or undefined ones)."""
+    if not elem_type:
+        raise ValueError("element type UNDEFINED")
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"unknown element type {elem_type}") from exc
+
+
+def external_location(tensor: onnx.TensorProto) -> Optional[Dict[str, str]]:
+    """The external_data entries of a file-backed tensor, or None for an inline one."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def set_location(tensor: onnx.TensorProto, location: str, offset: int = 0, length: int = 0) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of the tensor's values in raw little-endian form (ValueError for an unknown type)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * np_dtype(tensor.data_type).itemsize
