@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 
@@ -14,7 +14,8 @@ from .io.save import save
 from .io.tensors import Source, data_files
 from .fold import apply, plan_model, stats
 from .proto import all_nodes, external_location, initializers, is_batchnorm
-from .report import BatchNormInfo, FoldReport, InspectReport
+from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
+from .verification.options import VerifyOptions
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -156,3 +157,105 @@ def inspect(model: ModelLike) -> InspectReport:
         initializers=counts.initializers,
         batchnorms=infos,
     )
+
+
+def _fold_one(model: str, output: str, options: Dict[str, Any], verify: Optional[VerifyOptions],
+              keep_failed: bool) -> BatchEntry:
+    """Fold (and verify) one model of a batch; never raises for a user error: the batch goes on."""
+    entry = BatchEntry(model, output)
+    try:
+        entry.fold = fold_file(model, output, **options)
+        if verify is not None and not options.get("dry_run"):
+            from .verification import verify as run_verify
+
+            entry.verify = run_verify(model, output, verify)
+            if not entry.verify.passed:
+                entry.exit_code = 1
+                if not keep_failed:
+                    remove_output(Path(output))
+                    entry.removed = True
+    except BnfoldError as exc:
+        entry.error, entry.exit_code = str(exc), 2
+    except Exception as exc:  # a bug: reported, and the other models still fold
+        entry.error, entry.exit_code = f"internal error: {exc!r}", 3
+    return entry
+
+
+def remove_output(path: Path) -> None:
+    """Remove a written model and the data file written beside it."""
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.exists():
+            p.unlink()
+
+
+def _dead(model: str, output: str) -> BatchEntry:
+    return BatchEntry(model, output, error="its worker process died (killed by the OS, perhaps out of memory)",
+                      exit_code=2)
+
+
+def _run_pool(tasks: List[Tuple[str, str]], jobs: int, args: tuple, done: Callable[[BatchEntry], None]) -> None:  # type: ignore[type-arg]
+    """Fold in worker processes. When one dies, the pool breaks: the unfinished models are then
+    folded one at a time, each in a fresh process, so that only the one that dies is reported."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    unfinished = list(tasks)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_fold_one, i, o, *args): (i, o) for i, o in tasks}
+        for future in as_completed(futures):
+            try:
+                entry = future.result()
+            except BrokenProcessPool:
+                continue
+            unfinished.remove(futures[future])
+            done(entry)
+    for i, o in unfinished:
+        with ProcessPoolExecutor(max_workers=1) as single:
+            try:
+                done(single.submit(_fold_one, i, o, *args).result())
+            except BrokenProcessPool:
+                done(_dead(i, o))
+
+
+def fold_many(
+    models: Sequence[Union[str, "os.PathLike[str]"]],
+    outdir: Union[str, "os.PathLike[str]"],
+    *,
+    jobs: int = 1,
+    dry_run: bool = False,
+    lower_standalone: bool = False,
+    external_data: Optional[bool] = None,
+    verify: Optional[VerifyOptions] = None,
+    keep_failed: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+) -> BatchReport:
+    """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
+    time in worker processes; with ``verify``, check each against its original. A model that fails
+    does not stop the others. ``keep_failed=False`` removes outputs that fail verification.
+    ``progress`` is called with each model's name as it finishes."""
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise BnfoldError(f"{out}: exists and is not a folder; several models need a folder for their outputs")
+    names = [Path(m).name for m in models]
+    if len(set(names)) != len(names):
+        raise BnfoldError("two input models have the same file name; they would overwrite each other in the folder")
+    if not dry_run:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BnfoldError(f"{out}: cannot create the folder ({exc.strerror})") from None
+    tasks = [(str(m), str(out / Path(m).name)) for m in models]
+    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data)
+    results: Dict[str, BatchEntry] = {}
+
+    def done(entry: BatchEntry) -> None:
+        results[entry.input] = entry
+        if progress:
+            progress(Path(entry.input).name)
+
+    if jobs > 1 and len(tasks) > 1:
+        _run_pool(tasks, jobs, (options, verify, keep_failed), done)
+    else:
+        for i, o in tasks:
+            done(_fold_one(i, o, options, verify, keep_failed))
+    return BatchReport(str(out), [results[i] for i, _ in tasks])

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
 from . import __version__
-from .api import default_output, fold_file, inspect as inspect_model
+from .api import default_output, fold_file, fold_many
+from .api import inspect as inspect_model
 from .errors import BnfoldError
+from .report import FAIL, OK, WARN, Line
+from .verification.options import VerifyOptions
+
 
 class UserError(click.ClickException):
     exit_code = 2
@@ -22,7 +26,7 @@ class UserError(click.ClickException):
 class BnfoldGroup(click.Group):
     """User errors become one line with exit code 2; anything unexpected is a bug: exit code 3."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BnfoldError as exc:
@@ -49,26 +53,28 @@ def _pairs(values, what: str) -> Dict[str, str]:
     return out
 
 
-def _verify_kwargs(o: dict) -> dict:
+def _verify_options(o: Dict[str, Any]) -> VerifyOptions:
     try:
         dims = {k: int(v) for k, v in _pairs(o["dim"], "--dim").items()}
         shapes = {k: [int(d) for d in v.split(",")] for k, v in _pairs(o["input_shape"], "--input-shape").items()}
     except ValueError:
         raise click.BadParameter("sizes must be integers", param_hint="--dim/--input-shape") from None
-    return dict(
-        providers=[p for p in o["providers"].split(",") if p],
+    return VerifyOptions(
+        providers=tuple(p for p in o["providers"].split(",") if p.strip()),
         rtol=o["rtol"], atol=o["atol"], samples=o["samples"], seed=o["seed"], dims=dims,
         input_shapes=shapes, inputs=o["inputs"], per_layer=o["per_layer"],
         graph_optimization=o["graph_optimization"], allow_tf32=o["allow_tf32"],
     )
 
 
+_DEFAULTS = VerifyOptions()
 VERIFY_OPTIONS = [
-    click.option("--providers", default="cpu", show_default=True, help="Comma-separated: cpu, cuda."),
+    click.option("--providers", default=",".join(_DEFAULTS.providers), show_default=True, help="Comma-separated: cpu, cuda."),
     click.option("--rtol", type=float, default=None, help="Relative tolerance (default by dtype: float32 1e-4, float16 1e-2)."),
     click.option("--atol", type=float, default=None, help="Absolute tolerance (default by dtype: float32 1e-5, float16 1e-3)."),
-    click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True, help="Random input samples to compare."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
+    click.option("--samples", type=click.IntRange(min=1), default=_DEFAULTS.samples, show_default=True,
+                 help="Random input samples to compare."),
+    click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the random inputs."),
     click.option("--dim", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dimension (default 1). Repeatable."),
     click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Full shape of one input. Repeatable."),
     click.option("--inputs", type=click.Path(dir_okay=False), default=None, help="Use these arrays (.npz, keyed by input name)."),
@@ -79,7 +85,7 @@ VERIFY_OPTIONS = [
 ]
 
 
-def verify_options(f):
+def verify_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(VERIFY_OPTIONS):
         f = option(f)
     return f
@@ -91,35 +97,36 @@ class _Progress:
 
     def __init__(self, length: int, label: str, delay: float = 2.0) -> None:
         self.length, self.label, self.delay = length, label, delay
-        self.done, self.bar = 0, None
+        self.done, self.bar = 0, None  # type: Tuple[int, Any]
         self.start = time.monotonic()
 
-    def __enter__(self):
+    def __enter__(self) -> _Progress:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> bool:
         if self.bar is not None:
             self.bar.__exit__(*exc)
         return False
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, item: Optional[str] = None) -> None:
         self.done += n
         if self.bar is None and sys.stderr.isatty() and time.monotonic() - self.start >= self.delay:
-            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr).__enter__()
+            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr,
+                                         item_show_func=lambda x: x).__enter__()
             n = self.done
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.update(n, item)
 
 
 def _progress(length: int, label: str) -> _Progress:
     return _Progress(length, label)
 
 
-def _run_verify(original, candidate, kwargs: dict):
+def _run_verify(original: Path, candidate: Path, options: VerifyOptions) -> Any:
     from .verification import verify  # imports onnxruntime: only when a command verifies
 
-    with _progress(kwargs["samples"], "verifying") as bar:
-        return verify(original, candidate, progress=lambda k: bar.update(1), **kwargs)
+    with _progress(options.samples, "verifying") as bar:
+        return verify(original, candidate, options, progress=lambda k: bar.update(1))
 
 
 @click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,81 +141,37 @@ def cli() -> None:
     """
 
 
-def _styled(text: str) -> str:
-    """Colour for people: click.echo drops the codes when the output is not a terminal."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith(("folded", "verification PASSED")) or line.endswith("  ok"):
-            line = click.style(line, fg="green")
-        elif line.startswith("left alone") or line.startswith("  stays"):
-            line = click.style(line, fg="yellow")
-        elif "FAIL" in line:
-            line = click.style(line, fg="red", bold=True)
-        out.append(line)
-    return "\n".join(out)
+STYLES = {OK: {"fg": "green"}, WARN: {"fg": "yellow"}, FAIL: {"fg": "red", "bold": True}}
 
 
-def _fold_one(model: str, output: str, options: dict, verify_kwargs: Optional[dict]) -> dict:
-    """Fold (and verify) one model; never raises for a user error: the batch goes on."""
-    try:
-        report = fold_file(model, output, **options)
-        entry = {"input": model, "output": output, "ok": True, "fold": report.to_dict(), "text": report.render_text()}
-        if verify_kwargs is not None:
-            from .verification import verify
-
-            result = verify(model, output, **verify_kwargs)
-            entry.update(ok=bool(result), verify=result.to_dict())
-            entry["text"] += "\n" + result.render_text()
-        return entry
-    except BnfoldError as exc:
-        return {"input": model, "output": output, "ok": False, "error": str(exc), "exit_code": 2}
-    except Exception as exc:  # a bug: reported, and the other models still fold
-        return {"input": model, "output": output, "ok": False, "error": f"internal error: {exc!r}", "exit_code": 3}
+def _echo(lines: List[Line], err: bool = False) -> None:
+    """Print lines of styled spans: coloured on a terminal (click drops colours elsewhere), never
+    when NO_COLOR is set."""
+    colour = not os.environ.get("NO_COLOR")
+    for line in lines:
+        click.echo("".join(click.style(text, **STYLES[style]) if colour and style in STYLES else text
+                           for text, style in line), err=err)
 
 
-def _batch(models: List[Path], outdir: Path, jobs: int, options: dict, verify_kwargs, as_json: bool, quiet: bool) -> int:
-    outdir.mkdir(parents=True, exist_ok=True)
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise UserError("two input models have the same file name; they would overwrite each other in the folder")
-    tasks = [(str(m), str(outdir / m.name)) for m in models]
-    results: Dict[str, dict] = {}
-    with _progress(len(tasks), "folding") as bar:
-        if jobs > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+def _dump(doc: Any) -> None:
+    import json
 
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = {pool.submit(_fold_one, i, o, options, verify_kwargs): i for i, o in tasks}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update(1)
-        else:
-            for i, o in tasks:
-                results[i] = _fold_one(i, o, options, verify_kwargs)
-                bar.update(1)
-    entries = [results[i] for i, _ in tasks]
-    failed = [e for e in entries if not e["ok"]]
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _batch(models: List[Path], outdir: Path, jobs: int, options: Dict[str, Any], verify: Optional[VerifyOptions],
+           keep_failed: bool, as_json: bool, quiet: bool) -> int:
+    with _progress(len(models), "folding") as bar:
+        report = fold_many(models, outdir, jobs=jobs, verify=verify, keep_failed=keep_failed,
+                           progress=lambda name: bar.update(1, name), **options)
     if as_json:
-        click.echo(json.dumps({"models": [{k: v for k, v in e.items() if k != "text"} for e in entries],
-                               "failed": len(failed)}, indent=2))
+        click.echo(report.to_json())
     elif not quiet:
-        click.echo(f"{'model':30} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status")
-        for e in entries:
-            name = Path(e["input"]).name
-            if "fold" in e:
-                f = e["fold"]
-                status = "ok" if e["ok"] else "verification FAILED"
-                click.echo(_styled(f"{name:30} {f['before']['batchnorms']:>9} {f['after']['batchnorms']:>8} "
-                                   f"{len(f['folded']):>6} {len(f['left']):>5}  {status}"))
-            else:
-                click.echo(_styled(f"{name:30} {'':>9} {'':>8} {'':>6} {'':>5}  FAILED: {e['error']}"))
-        click.echo(f"{len(entries) - len(failed)} of {len(entries)} model(s) folded into {outdir}")
-    for e in failed:
-        if "error" in e:
-            click.echo(f"Error: {e['input']}: {e['error']}", err=True)
-    if not failed:
-        return 0
-    return max(e.get("exit_code", 1) for e in failed)
+        _echo(report.render_lines())
+    for e in report.entries:
+        if e.error is not None:
+            click.echo(f"Error: {e.input}: {e.error}", err=True)
+    return report.exit_code
 
 
 @cli.command(short_help="Fold BatchNormalization into the layers next to it.")
@@ -224,9 +187,13 @@ def _batch(models: List[Path], outdir: Path, jobs: int, options: dict, verify_kw
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
 @click.option("--verify", "do_verify", is_flag=True, help="Verify each folded model against its original right after folding.")
+@click.option("--keep-failed/--remove-failed", default=True, show_default=True,
+              help="With --verify: keep or remove an output that fails verification.")
 @verify_options
-def fold(models, output: Optional[Path], dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
-         in_place: bool, jobs: int, as_json: bool, quiet: bool, do_verify: bool, **verify_opts) -> None:
+@click.pass_context
+def fold(ctx: click.Context, models: List[Path], output: Optional[Path], dry_run: bool, lower_standalone: bool,
+         external_data: Optional[bool], in_place: bool, jobs: int, as_json: bool, quiet: bool, do_verify: bool,
+         keep_failed: bool, **verify_opts: Any) -> None:
     """Fold every inference BatchNormalization of MODEL that can fold without changing meaning.
 
     Writes MODEL_folded.onnx beside MODEL unless -o says where. With several MODELS, -o names a
@@ -236,42 +203,50 @@ def fold(models, output: Optional[Path], dry_run: bool, lower_standalone: bool, 
     Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
     3 internal error.
     """
-    kwargs = _verify_kwargs(verify_opts) if do_verify else None
-    if kwargs is not None and in_place and not dry_run:
-        raise UserError("--verify needs the original: it cannot be combined with --in-place")
-    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, in_place=in_place)
+    given = [k for k in [*verify_opts, "keep_failed"]
+             if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)]
+    if given and not do_verify:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"{flags} only applies with --verify")
+    verify = _verify_options(verify_opts) if do_verify and not dry_run else None
+    if verify is not None:
+        if in_place:
+            raise UserError("--verify needs the original: it cannot be combined with --in-place")
+        _check_providers(verify)  # before anything is written
+    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data)
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
         if output is None:
             raise UserError("several models need -o FOLDER for their outputs")
+        if output.exists() and not output.is_dir():
+            raise UserError(f"-o {output}: several models need a folder, and this is a file")
         if in_place:
             raise UserError("--in-place folds one model at a time")
-        if kwargs is not None:
-            check_providers_early(kwargs)
-        sys.exit(_batch(list(models), output, jobs, options, kwargs, as_json, quiet))
+        sys.exit(_batch(list(models), output, jobs, options, verify, keep_failed, as_json, quiet))
     model = models[0]
     out_path = output or (model if in_place else default_output(model))
-    report = fold_file(model, out_path, **options)
+    report = fold_file(model, out_path, in_place=in_place, **options)
     result = None
-    if kwargs is not None and not dry_run:
-        result = _run_verify(model, out_path, kwargs)
+    if verify is not None:
+        result = _run_verify(model, out_path, verify)
+        if not result and not keep_failed:
+            from .api import remove_output
+
+            remove_output(out_path)
     if as_json:
-        doc = report.to_dict()
-        if result is not None:
-            doc = {"fold": doc, "verify": result.to_dict()}
-        click.echo(json.dumps(doc, indent=2))
+        _dump(report.to_dict() if result is None else {"fold": report.to_dict(), "verify": result.to_dict()})
     elif not quiet:
-        click.echo(_styled(report.render_text()))
+        _echo(report.render_lines())
         if result is not None:
-            click.echo(_styled(result.render_text()))
+            _echo(result.render_lines())
     if result is not None and not result:
         sys.exit(1)
 
 
-def check_providers_early(kwargs: dict) -> None:
+def _check_providers(options: VerifyOptions) -> None:
     from .verification import check_providers
 
-    check_providers(kwargs["providers"])
+    check_providers(options.providers)
 
 
 @cli.command(short_help="Show every BatchNormalization of a model: folds how, or stays why.")
@@ -281,7 +256,10 @@ def inspect(model: Path, as_json: bool) -> None:
     """Show MODEL's facts and every BatchNormalization in it: its neighbours, and whether it folds
     (and how) or why not. The decisions are exactly those `bnfold fold` takes; nothing is written."""
     report = inspect_model(model)
-    click.echo(report.to_json() if as_json else _styled(report.render_text()))
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        _echo(report.render_lines())
 
 
 @cli.command(short_help="Check through onnxruntime that two models compute the same thing.")
@@ -290,18 +268,18 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
 @verify_options
-def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **verify_opts) -> None:
+def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **verify_opts: Any) -> None:
     """Check that CANDIDATE computes what ORIGINAL computes, through onnxruntime.
 
     ORIGINAL runs on the CPU with every graph optimization off; CANDIDATE runs on each provider.
     Outputs are matched by name. Exit codes: 0 equivalent within tolerance, 1 not equivalent,
     2 bad input, usage, or a provider that is not available.
     """
-    result = _run_verify(original, candidate, _verify_kwargs(verify_opts))
+    result = _run_verify(original, candidate, _verify_options(verify_opts))
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(result.to_json())
     elif not quiet:
-        click.echo(_styled(result.render_text()))
+        _echo(result.render_lines())
     sys.exit(0 if result else 1)
 
 

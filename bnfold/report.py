@@ -1,13 +1,39 @@
-"""What every command returns, and how it is rendered as text or JSON."""
+"""What every command returns, and how it is rendered: JSON for programs, and for people lines of
+styled spans (``(text, style)``) that the CLI colours or prints plain."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+# Styles a renderer may give a span; the CLI maps them to colours (or none).
+OK, WARN, FAIL, PLAIN = "ok", "warn", "fail", ""
+Span = Tuple[str, str]
+Line = List[Span]
+
+
+def plain(lines: List[Line]) -> str:
+    """Lines of spans as plain text."""
+    return "\n".join("".join(text for text, _ in line) for line in lines)
+
+
+def shorten(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters: the middle is replaced by an ellipsis."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep - keep // 2] + "\u2026" + name[len(name) - keep // 2:]
+
+
+def _json_floats(d: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 class Code(str, Enum):
     """Why a BatchNormalization stays: stable codes, part of the JSON."""
@@ -107,36 +133,37 @@ class FoldReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def render_text(self) -> str:
+    def render_lines(self) -> List[Line]:
         b, a = self.before, self.after
-        lines = []
         head = f"{self.input or '<model>'}"
         if self.output:
             head += f" -> {self.output}"
         if self.dry_run:
             head += "  (dry run: nothing written)"
-        lines.append(head)
-        lines.append(f"  {'':14}{'before':>12}{'after':>12}")
+        lines: List[Line] = [[(head, PLAIN)], [(f"  {'':14}{'before':>12}{'after':>12}", PLAIN)]]
         for label, x, y in (
             ("BatchNorm", b.batchnorms, a.batchnorms),
             ("nodes", b.nodes, a.nodes),
             ("initializers", b.initializers, a.initializers),
             ("bytes", b.bytes, a.bytes),
         ):
-            lines.append(f"  {label:14}{x:>12,}{y:>12,}")
+            lines.append([(f"  {label:14}{x:>12,}{y:>12,}", PLAIN)])
         if self.folded:
-            lines.append(f"folded ({len(self.folded)}):")
+            lines.append([(f"folded ({len(self.folded)}):", OK)])
             for f in self.folded:
-                lines.append(f"  {f.name} -> {f.into_op} {f.into}" + ("" if f.direction == "forward" else f"  [{f.direction}]"))
+                lines.append([(f"  {f.name} -> {f.into_op} {f.into}" + ("" if f.direction == "forward" else f"  [{f.direction}]"), PLAIN)])
         if self.absorbed:
-            lines.append(f"also absorbed: {', '.join(self.absorbed)}")
+            lines.append([(f"also absorbed: {', '.join(self.absorbed)}", PLAIN)])
         if self.left:
-            lines.append(f"left alone ({len(self.left)}):")
+            lines.append([(f"left alone ({len(self.left)}):", WARN)])
             for group, items in _by_reason(self.left).items():
-                lines.append(f"  {group} ({len(items)}): {Code(group).description}")
+                lines.append([(f"  {group} ({len(items)}): {Code(group).description}", PLAIN)])
                 for item in items:
-                    lines.append(f"    {item.name}: {item.message}")
-        return "\n".join(lines)
+                    lines.append([(f"    {item.name}: {item.message}", PLAIN)])
+        return lines
+
+    def render_text(self) -> str:
+        return plain(self.render_lines())
 
 
 @dataclass
@@ -170,23 +197,26 @@ class InspectReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def render_text(self) -> str:
+    def render_lines(self) -> List[Line]:
         foldable = sum(b.foldable for b in self.batchnorms)
-        lines = [
-            f"{self.path or '<model>'}: IR {self.ir_version}, opsets "
-            + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
-            + (f", from {self.producer}" if self.producer else ""),
-            f"  {self.bytes:,} bytes, {self.nodes} nodes, {self.initializers} initializers"
-            + (f", external data: {', '.join(self.external_data)}" if self.external_data else ""),
-            f"  BatchNormalization: {len(self.batchnorms)}, foldable {foldable}",
+        lines: List[Line] = [
+            [(f"{self.path or '<model>'}: IR {self.ir_version}, opsets "
+              + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
+              + (f", from {self.producer}" if self.producer else ""), PLAIN)],
+            [(f"  {self.bytes:,} bytes, {self.nodes} nodes, {self.initializers} initializers"
+              + (f", external data: {', '.join(self.external_data)}" if self.external_data else ""), PLAIN)],
+            [(f"  BatchNormalization: {len(self.batchnorms)}, foldable {foldable}", PLAIN)],
         ]
         if self.batchnorms:
-            width = max(len(b.name) for b in self.batchnorms)
+            width = min(max(len(b.name) for b in self.batchnorms), 24)
             for b in self.batchnorms:
                 around = f"{b.producer or '(input)'} -> BN -> {', '.join(b.consumers) or '(output)'}"
                 verdict = f"folds {b.direction} into {b.into}" if b.foldable else f"stays: {b.reason}: {b.message}"
-                lines.append(f"  {b.name:{width}}  {around:34} {verdict}")
-        return "\n".join(lines)
+                lines.append([(f"  {shorten(b.name, width):{width}}  {around:34} ", PLAIN), (verdict, OK if b.foldable else WARN)])
+        return lines
+
+    def render_text(self) -> str:
+        return plain(self.render_lines())
 
 
 def _by_reason(left: List[LeftBN]) -> Dict[str, List[LeftBN]]:
@@ -194,3 +224,195 @@ def _by_reason(left: List[LeftBN]) -> Dict[str, List[LeftBN]]:
     for item in left:
         groups.setdefault(item.reason, []).append(item)
     return groups
+
+
+@dataclass
+class ErrorStats:
+    """Error of one output (or one layer) on one provider, over all samples."""
+
+    name: str
+    rtol: float
+    atol: float
+    elements: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    mean_abs: float = 0.0
+    mismatches: int = 0
+    nonfinite_mismatches: int = 0  # places where NaN/Inf differ between the two models
+    atol_needed: float = 0.0  # the atol that would have passed with this rtol
+    rtol_needed: float = 0.0  # the rtol that would have passed with this atol
+    missing: bool = False
+    shape_mismatch: bool = False
+    provider: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not (self.mismatches or self.nonfinite_mismatches or self.missing or self.shape_mismatch)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {k: getattr(self, k) for k in (
+            "name", "provider", "passed", "elements", "mismatches", "nonfinite_mismatches", "max_abs", "max_rel",
+            "mean_abs", "rtol", "atol", "atol_needed", "rtol_needed", "missing", "shape_mismatch")}
+        return _json_floats(d)
+
+    def verdict(self) -> Span:
+        if self.missing:
+            return "missing from the candidate", FAIL
+        if self.shape_mismatch:
+            return "shapes differ", FAIL
+        if self.nonfinite_mismatches:
+            return f"FAIL: NaN/Inf differ at {self.nonfinite_mismatches} place(s)", FAIL
+        if self.mismatches:
+            return f"FAIL (passes with atol {self.atol_needed:.3g} or rtol {self.rtol_needed:.3g})", FAIL
+        return "ok", OK
+
+
+NAME_WIDTH = 24
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of comparing two models; true when they are equivalent."""
+
+    passed: bool
+    providers: List[str]
+    samples: int
+    seed: int
+    rtol: Optional[float]
+    atol: Optional[float]
+    outputs: List[ErrorStats] = field(default_factory=list)
+    layers: List[ErrorStats] = field(default_factory=list)
+    first_divergent_layer: Optional[str] = None
+    graph_optimization: str = "disable"
+    tf32: Optional[bool] = None
+    notes: List[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "providers": self.providers,
+            "samples": self.samples,
+            "seed": self.seed,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "graph_optimization": self.graph_optimization,
+            "tf32": self.tf32,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "layers": [o.to_dict() for o in self.layers],
+            "first_divergent_layer": self.first_divergent_layer,
+            "notes": self.notes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render_lines(self) -> List[Line]:
+        verdict = ("verification PASSED", OK) if self.passed else ("verification FAILED", FAIL)
+        lines: List[Line] = [[verdict, (
+            f": {self.samples} sample(s), seed {self.seed}, providers {', '.join(self.providers)}, "
+            f"candidate optimization level '{self.graph_optimization}'", PLAIN)]]
+        lines.extend([(f"  note: {n}", PLAIN)] for n in self.notes)
+        lines.append([(f"  {'output':{NAME_WIDTH}} {'prov':5}{'max abs':>10}{'max rel':>10}{'bad':>7}  verdict", PLAIN)])
+        for o in self.outputs + self.layers:
+            lines.append(_row(o))
+        if self.layers:
+            lines.append([(f"  first layer to diverge: {self.first_divergent_layer}", FAIL)] if self.first_divergent_layer
+                         else [("  no layer diverges", PLAIN)])
+        return lines
+
+    def render_text(self) -> str:
+        return plain(self.render_lines())
+
+
+def _row(o: ErrorStats) -> Line:
+    head = f"  {shorten(o.name, NAME_WIDTH):{NAME_WIDTH}} {o.provider:5}"
+    if o.missing or o.shape_mismatch:
+        return [(head, PLAIN), o.verdict()]
+    return [(f"{head}{o.max_abs:>10.3g}{o.max_rel:>10.3g}{o.mismatches + o.nonfinite_mismatches:>7}  ", PLAIN), o.verdict()]
+
+
+@dataclass
+class BatchEntry:
+    """One model of a batch: its fold, its verification, or the error that stopped it."""
+
+    input: str
+    output: str
+    fold: Optional[FoldReport] = None
+    verify: Optional[VerifyReport] = None
+    error: Optional[str] = None
+    exit_code: int = 0  # 0 done, 1 verification failed, 2 bad input, 3 internal error
+    removed: bool = False  # the output failed verification and was removed
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "error"
+        if self.verify is not None:
+            return "verified" if self.verify.passed else "verification failed"
+        return "folded"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"input": self.input, "output": self.output, "status": self.status,
+                             "ok": self.exit_code == 0, "exit_code": self.exit_code, "removed": self.removed}
+        if self.fold is not None:
+            d["fold"] = self.fold.to_dict()
+        if self.verify is not None:
+            d["verify"] = self.verify.to_dict()
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class BatchReport:
+    """Many models folded into one folder."""
+
+    outdir: str
+    entries: List[BatchEntry] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return max((e.exit_code for e in self.entries), default=0)
+
+    def count(self, status: str) -> int:
+        return sum(e.status == status for e in self.entries)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.entries) - self.count('error')} of {len(self.entries)} model(s) folded"]
+        if any(e.verify is not None for e in self.entries):
+            parts.append(f"{self.count('verified')} verified")
+            parts.append(f"{self.count('verification failed')} failed verification")
+        if self.count("error"):
+            parts.append(f"{self.count('error')} could not be folded")
+        return ", ".join(parts) + f" (into {self.outdir})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"models": [e.to_dict() for e in self.entries], "outdir": self.outdir,
+                "folded": len(self.entries) - self.count("error"), "verified": self.count("verified"),
+                "failed_verification": self.count("verification failed"), "errors": self.count("error"),
+                "failed": sum(e.exit_code != 0 for e in self.entries)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render_lines(self) -> List[Line]:
+        width = max([5] + [len(Path(e.input).name) for e in self.entries])
+        lines: List[Line] = [[(f"{'model':{width}} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status", PLAIN)]]
+        for e in self.entries:
+            name = Path(e.input).name
+            if e.fold is not None and e.error is None:
+                f = e.fold
+                status = e.status + (" (output removed)" if e.removed else "")
+                style = OK if e.exit_code == 0 else FAIL
+                lines.append([(f"{name:{width}} {f.before.batchnorms:>9} {f.after.batchnorms:>8} "
+                               f"{len(f.folded):>6} {len(f.left):>5}  ", PLAIN), (status, style)])
+            else:
+                lines.append([(f"{name:{width}} {'':>9} {'':>8} {'':>6} {'':>5}  ", PLAIN), ("error (see below)", FAIL)])
+        lines.append([(self.summary(), PLAIN)])
+        return lines
+
+    def render_text(self) -> str:
+        return plain(self.render_lines())

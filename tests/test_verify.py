@@ -12,6 +12,7 @@ import bnfold
 from bnfold.cli import cli
 from bnfold.errors import BnfoldError
 from bnfold.verification import ErrorStats, verify
+from bnfold.verification.compare import accumulate
 from conftest import HAS_CUDA, requires_cuda
 from models import Builder, resnet_bottleneck
 
@@ -172,20 +173,21 @@ def test_graph_optimization_level_for_candidate(pair):
 
 def test_nan_and_inf_compare_by_place():
     s = ErrorStats("y", 1e-4, 1e-5)
-    s.add(np.array([np.nan, np.inf, 1.0]), np.array([np.nan, np.inf, 1.0]))
+    accumulate(s, np.array([np.nan, np.inf, 1.0]), np.array([np.nan, np.inf, 1.0]))
     assert s.passed
-    s.add(np.array([np.nan, 1.0]), np.array([1.0, np.nan]))
-    assert s.mismatches == 2 and not s.passed
+    accumulate(s, np.array([np.nan, 1.0]), np.array([1.0, np.nan]))
+    assert s.nonfinite_mismatches == 2 and s.mismatches == 0 and not s.passed
+    assert "NaN/Inf differ at 2" in s.verdict()[0] and "passes with" not in s.verdict()[0]
     t = ErrorStats("y", 1e-4, 1e-5)
-    t.add(np.array([np.inf]), np.array([-np.inf]))
+    accumulate(t, np.array([np.inf]), np.array([-np.inf]))
     assert not t.passed
 
 
 def test_element_fails_only_outside_both_tolerances():
     s = ErrorStats("y", rtol=0.1, atol=0.01)
-    s.add(np.array([100.0, 0.0]), np.array([105.0, 0.005]))  # within rtol; within atol
+    accumulate(s, np.array([100.0, 0.0]), np.array([105.0, 0.005]))  # within rtol; within atol
     assert s.passed
-    s.add(np.array([0.05]), np.array([0.1]))  # outside both
+    accumulate(s, np.array([0.05]), np.array([0.1]))  # outside both
     assert s.mismatches == 1
 
 

@@ -96,7 +96,7 @@ def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
                 f"{path}: uses opset {o.version}, newer than the installed onnx {onnx.__version__} understands "
                 f"({newest}); upgrade onnx (pip install -U onnx)"
             )
-    source = Source(path.parent, inline)
+    source = Source(path.parent, inline, path)
     check_external(model, source)
     return model, source
 

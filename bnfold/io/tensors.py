@@ -53,10 +53,11 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
-def locate(tensor: onnx.TensorProto, base_dir: Path, *, own_file: bool = False) -> Location:
+def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Path] = None) -> Location:
     """Validate where a file-backed tensor's bytes are, the way onnx's loader does, and stricter:
     a relative path without '..', that stays inside ``base_dir`` once links are resolved, naming a
-    regular file with one link, whose size holds ``offset + length`` bytes. Raises BnfoldError."""
+    regular file with one link (the model file itself, where its own large weights are, may have
+    more), whose size holds ``offset + length`` bytes. Raises BnfoldError."""
     info = external_location(tensor) or {}
     name = tensor.name
     location = info.get("location", "")
@@ -84,7 +85,7 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, own_file: bool = False) 
         raise BnfoldError(f"tensor '{name}': external data location '{location}' is a folder")
     if not stat.S_ISREG(st.st_mode):
         raise BnfoldError(f"tensor '{name}': external data location '{location}' is not a regular file")
-    if st.st_nlink > 1 and not own_file:
+    if st.st_nlink > 1 and (model_file is None or real != model_file.resolve()):
         raise BnfoldError(f"tensor '{name}': external data file '{location}' has other hard links, which may lie "
                           "outside the model's folder; copy it (cp) to read it")
     offset = _int_field(info, "offset", name) or 0
@@ -123,8 +124,10 @@ class Source:
     """Turns initializers into numpy arrays: inline ones parsed, file-backed ones memory-mapped (never
     read whole, never cached here), deferred ones computed. Implements :class:`graph.TensorStore`."""
 
-    def __init__(self, base_dir: Optional[Path], inline_refs: Optional[Set[str]] = None) -> None:
+    def __init__(self, base_dir: Optional[Path], inline_refs: Optional[Set[str]] = None,
+                 model_file: Optional[Path] = None) -> None:
         self.base_dir = base_dir
+        self.model_file = model_file
         self.inline_refs = inline_refs or set()  # tensors that live inside the input .onnx file
         self.deferred: Dict[str, Deferred] = {}
         self._locations: Dict[tuple, Location] = {}  # type: ignore[type-arg]
@@ -149,7 +152,7 @@ class Source:
         if loc is None:
             if self.base_dir is None:
                 raise BnfoldError(f"tensor '{tensor.name}' has external data but the model has no folder")
-            loc = self._locations[key] = locate(tensor, self.base_dir, own_file=tensor.name in self.inline_refs)
+            loc = self._locations[key] = locate(tensor, self.base_dir, model_file=self.model_file)
         return loc
 
     def _fd(self, path: Path) -> int:

@@ -1,0 +1,73 @@
+"""The verification options: one dataclass, the single home of the defaults for the API and the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import BnfoldError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+InputsLike = Union[str, "os.PathLike[str]", Mapping[str, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How two models are compared. Every field has the default the CLI shows."""
+
+    providers: Tuple[str, ...] = ("cpu",)
+    rtol: Optional[float] = None  # elementwise tolerances: None = by dtype (see compare.DEFAULT_TOLERANCES)
+    atol: Optional[float] = None
+    samples: int = 3
+    seed: int = 0
+    dims: Mapping[str, int] = field(default_factory=dict)
+    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    inputs: InputsLike = None
+    per_layer: bool = False
+    graph_optimization: str = "disable"
+    allow_tf32: bool = False
+
+    def __post_init__(self) -> None:
+        providers = self.providers
+        if isinstance(providers, str):
+            providers = tuple(p for p in providers.split(",") if p.strip())
+        object.__setattr__(self, "providers", tuple(p.strip().lower() for p in providers))
+        if not self.providers:
+            raise BnfoldError("no provider to verify on: name at least one of cpu, cuda")
+        for p in self.providers:
+            if p not in PROVIDERS:
+                raise BnfoldError(f"unknown provider '{p}': choose from {', '.join(PROVIDERS)}")
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise BnfoldError(f"--{name} must be a finite number >= 0, got {value}")
+        if self.samples < 1:
+            raise BnfoldError("--samples must be at least 1")
+        if self.graph_optimization not in OPT_LEVELS:
+            raise BnfoldError(f"unknown optimization level '{self.graph_optimization}': choose from {', '.join(OPT_LEVELS)}")
+        for name, size in self.dims.items():
+            if int(size) < 1:
+                raise BnfoldError(f"--dim {name}={size}: a dimension must be at least 1")
+        for name, shape in self.input_shapes.items():
+            if any(int(d) < 1 for d in shape):
+                raise BnfoldError(f"--input-shape {name}: every dimension must be at least 1")
+
+    @classmethod
+    def of(cls, options: Optional[VerifyOptions] = None, **overrides: Any) -> VerifyOptions:
+        """``options`` (or the defaults) with the keyword arguments that are not None applied."""
+        base = options or cls()
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown verification option(s): {', '.join(sorted(unknown))}")
+        given: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        return replace(base, **given) if given else base
+
+    @property
+    def provider_names(self) -> Tuple[str, ...]:
+        return tuple(PROVIDERS[p] for p in self.providers)

@@ -1,0 +1,108 @@
+"""onnxruntime sessions: imported only here, and only when a command verifies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import onnx
+
+from ..errors import BnfoldError
+from ..io.tensors import Source
+from ..proto import external_location
+from .options import PROVIDERS
+
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BnfoldError(
+            "onnxruntime is not installed: pip install 'bnfold[cpu]' (or 'bnfold[gpu]' for CUDA; never both)"
+        ) from None
+    return onnxruntime
+
+
+def check_providers(names: Sequence[str]) -> List[str]:
+    """Map 'cpu'/'cuda' to onnxruntime providers; fail clearly when one is not available."""
+    available = ort().get_available_providers()
+    out = []
+    for name in names:
+        key = name.strip().lower()
+        if key not in PROVIDERS:
+            raise BnfoldError(f"unknown provider '{name}': choose from {', '.join(PROVIDERS)}")
+        if PROVIDERS[key] not in available:
+            if key == "cuda":
+                raise BnfoldError(
+                    "CUDA is not available: this onnxruntime has no CUDAExecutionProvider "
+                    f"(available: {', '.join(available)}). Install onnxruntime-gpu instead of onnxruntime "
+                    "(pip install 'bnfold[gpu]') on a machine with an NVIDIA driver and CUDA/cuDNN."
+                )
+            raise BnfoldError(f"provider {PROVIDERS[key]} is not available (available: {', '.join(available)})")
+        out.append(PROVIDERS[key])
+    return out
+
+
+def make_session(source: Union[str, bytes], provider: str = "CPUExecutionProvider", level: str = "disable",
+                 tf32: bool = False) -> Any:
+    rt = ort()
+    opts = rt.SessionOptions()
+    opts.graph_optimization_level = getattr(rt.GraphOptimizationLevel, LEVELS[level])
+    opts.log_severity_level = 3
+    providers: List[Any] = [provider]
+    if provider == "CUDAExecutionProvider":
+        providers = [(provider, {"use_tf32": int(tf32)}), "CPUExecutionProvider"]
+    try:
+        sess = rt.InferenceSession(source, sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BnfoldError(f"onnxruntime cannot load the model: {first}") from None
+    if sess.get_providers()[0] != provider:
+        raise BnfoldError(
+            f"CUDA is not available: onnxruntime fell back to {sess.get_providers()[0]} "
+            "(check the NVIDIA driver and the CUDA/cuDNN libraries onnxruntime-gpu needs)"
+        )
+    return sess
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(external_location(t) is not None for t in model.graph.initializer)
+
+
+def session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool, stack: ExitStack) -> Union[str, bytes]:
+    """What onnxruntime loads: the file itself when untouched, else the bytes, or (with external data,
+    or weights left in the input file) a temporary copy whose data files are linked beside it. Each
+    data file is validated first (inside the model's folder) and linked under a name of our own, so
+    nothing is created outside the temporary folder whatever the model names."""
+    if path is not None and not changed:
+        return str(path)
+    if path is None or not _has_external(model):
+        return model.SerializeToString()
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
+    source, linked = Source(path.parent, model_file=path), {}  # type: Source, Dict[Path, str]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tensors = [t for t in copy.graph.initializer if external_location(t) is not None]
+    places = [source.location(t).path for t in tensors]  # all validated before anything is linked
+    for t, real in zip(tensors, places):
+        name = linked.get(real)
+        if name is None:
+            name = linked[real] = f"data{len(linked)}.bin"
+            # onnxruntime refuses data paths that resolve outside the model's folder (symlinks too):
+            # a hard link where the filesystem allows, else a copy.
+            try:
+                os.link(real, tmp / name)
+            except OSError:
+                shutil.copyfile(real, tmp / name)
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = name
+    source.close()
+    (tmp / "model.onnx").write_bytes(copy.SerializeToString())
+    return str(tmp / "model.onnx")
