@@ -9,10 +9,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 
 from .errors import BnfoldError
+from .fold import apply, plan_model, stats
 from .io.load import file_size, open_model
 from .io.save import save
 from .io.tensors import Source, data_files
-from .fold import apply, plan_model, stats
 from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
 from .verification.options import VerifyOptions
@@ -46,8 +46,14 @@ def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in
         )
 
 
-def _fold(model: ModelLike, output, dry_run: bool, lower_standalone: bool, external_data: Optional[bool],
-          in_place: bool) -> Tuple[onnx.ModelProto, FoldReport, Source]:
+def _fold(
+    model: ModelLike,
+    output: Optional[Union[str, os.PathLike[str]]],
+    dry_run: bool,
+    lower_standalone: bool,
+    external_data: Optional[bool],
+    in_place: bool,
+) -> Tuple[onnx.ModelProto, FoldReport, Source]:
     proto, path, source = _open(model)
     if output is not None:
         _check_output(Path(output), path, proto, in_place)
@@ -93,7 +99,8 @@ def fold(
     source.materialize(proto)
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
-            int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t)))
+            int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t))
+        )
     return proto, report
 
 
@@ -115,9 +122,10 @@ def fold_file(
     return _fold(path, None if dry_run else output, dry_run, lower_standalone, external_data, in_place)[1]
 
 
-def _op_types(model: onnx.ModelProto):
+def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
     """Producer op type of each value, and the op types reading it, over every graph and function."""
-    producers, readers = {}, {}
+    producers: Dict[str, str] = {}
+    readers: Dict[str, List[str]] = {}
     for node in all_nodes(model):
         for o in node.output:
             producers[o] = node.op_type
@@ -150,17 +158,18 @@ def inspect(model: ModelLike) -> InspectReport:
         opsets={o.domain: o.version for o in proto.opset_import},
         producer=" ".join(x for x in (proto.producer_name, proto.producer_version) if x),
         bytes=counts.bytes,
-        external_data=sorted(
-            str(p.name) for p in data_files(proto, path.parent) if path is None or p != path.resolve()
-        ) if path is not None else [],
+        external_data=sorted(str(p.name) for p in data_files(proto, path.parent) if path is None or p != path.resolve())
+        if path is not None
+        else [],
         nodes=counts.nodes,
         initializers=counts.initializers,
         batchnorms=infos,
     )
 
 
-def _fold_one(model: str, output: str, options: Dict[str, Any], verify: Optional[VerifyOptions],
-              keep_failed: bool) -> BatchEntry:
+def _fold_one(
+    model: str, output: str, options: Dict[str, Any], verify: Optional[VerifyOptions], keep_failed: bool
+) -> BatchEntry:
     """Fold (and verify) one model of a batch; never raises for a user error: the batch goes on."""
     entry = BatchEntry(model, output)
     try:
@@ -189,11 +198,14 @@ def remove_output(path: Path) -> None:
 
 
 def _dead(model: str, output: str) -> BatchEntry:
-    return BatchEntry(model, output, error="its worker process died (killed by the OS, perhaps out of memory)",
-                      exit_code=2)
+    return BatchEntry(
+        model, output, error="its worker process died (killed by the OS, perhaps out of memory)", exit_code=2
+    )
 
 
-def _run_pool(tasks: List[Tuple[str, str]], jobs: int, args: tuple, done: Callable[[BatchEntry], None]) -> None:  # type: ignore[type-arg]
+def _run_pool(
+    tasks: List[Tuple[str, str]], jobs: int, args: Tuple[Any, ...], done: Callable[[BatchEntry], None]
+) -> None:
     """Fold in worker processes. When one dies, the pool breaks: the unfinished models are then
     folded one at a time, each in a fresh process, so that only the one that dies is reported."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -218,8 +230,8 @@ def _run_pool(tasks: List[Tuple[str, str]], jobs: int, args: tuple, done: Callab
 
 
 def fold_many(
-    models: Sequence[Union[str, "os.PathLike[str]"]],
-    outdir: Union[str, "os.PathLike[str]"],
+    models: Sequence[Union[str, os.PathLike[str]]],
+    outdir: Union[str, os.PathLike[str]],
     *,
     jobs: int = 1,
     dry_run: bool = False,

@@ -7,7 +7,7 @@ knows about ONNX graphs.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
@@ -20,11 +20,16 @@ class TrainingModeError(ValueError):
     """Raised when asked to evaluate a BatchNormalization that runs in training mode."""
 
 
-def scale_shift(scale, bias, mean, var, epsilon: float = DEFAULT_EPSILON) -> Tuple[np.ndarray, np.ndarray]:
+ArrayLike = Union[np.ndarray, float, Sequence[float]]
+
+
+def scale_shift(
+    scale: ArrayLike, bias: ArrayLike, mean: ArrayLike, var: ArrayLike, epsilon: float = DEFAULT_EPSILON
+) -> Tuple[np.ndarray, np.ndarray]:
     """Return ``(s, t)`` in float64 such that BN(x) == s * x + t along the channel axis."""
-    scale, bias, mean, var = (np.asarray(a, dtype=np.float64) for a in (scale, bias, mean, var))
-    s = scale / np.sqrt(var + np.float64(epsilon))
-    return s, bias - mean * s
+    g, b, m, v = (np.asarray(a, dtype=np.float64) for a in (scale, bias, mean, var))
+    s = g / np.sqrt(v + np.float64(epsilon))
+    return s, b - m * s
 
 
 def _param_shape(x_ndim: int, param: np.ndarray, spatial: bool) -> Tuple[int, ...]:
@@ -37,11 +42,11 @@ def _param_shape(x_ndim: int, param: np.ndarray, spatial: bool) -> Tuple[int, ..
 
 
 def batchnorm_inference(
-    x,
-    scale,
-    bias,
-    mean,
-    var,
+    x: ArrayLike,
+    scale: ArrayLike,
+    bias: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
     epsilon: float = DEFAULT_EPSILON,
     *,
     opset: int = 15,
@@ -74,6 +79,6 @@ def batchnorm_inference(
     if opset < 15 and any(p.dtype != x.dtype for p in params):
         raise TypeError(f"BatchNormalization-{opset} needs parameters of the input's dtype {x.dtype}")
     shape = _param_shape(x.ndim, params[0], bool(spatial))
-    s, t = scale_shift(*params, epsilon=epsilon)
+    s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=epsilon)
     y = x.astype(np.float64) * s.reshape(shape) + t.reshape(shape)
     return y.astype(x.dtype)

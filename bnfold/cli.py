@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
@@ -43,7 +43,7 @@ class BnfoldGroup(click.Group):
             ctx.exit(3)
 
 
-def _pairs(values, what: str) -> Dict[str, str]:
+def _pairs(values: Sequence[str], what: str) -> Dict[str, str]:
     out = {}
     for v in values:
         name, sep, rest = v.rpartition("=")
@@ -61,26 +61,55 @@ def _verify_options(o: Dict[str, Any]) -> VerifyOptions:
         raise click.BadParameter("sizes must be integers", param_hint="--dim/--input-shape") from None
     return VerifyOptions(
         providers=tuple(p for p in o["providers"].split(",") if p.strip()),
-        rtol=o["rtol"], atol=o["atol"], samples=o["samples"], seed=o["seed"], dims=dims,
-        input_shapes=shapes, inputs=o["inputs"], per_layer=o["per_layer"],
-        graph_optimization=o["graph_optimization"], allow_tf32=o["allow_tf32"],
+        rtol=o["rtol"],
+        atol=o["atol"],
+        samples=o["samples"],
+        seed=o["seed"],
+        dims=dims,
+        input_shapes=shapes,
+        inputs=o["inputs"],
+        per_layer=o["per_layer"],
+        graph_optimization=o["graph_optimization"],
+        allow_tf32=o["allow_tf32"],
     )
 
 
 _DEFAULTS = VerifyOptions()
 VERIFY_OPTIONS = [
-    click.option("--providers", default=",".join(_DEFAULTS.providers), show_default=True, help="Comma-separated: cpu, cuda."),
-    click.option("--rtol", type=float, default=None, help="Relative tolerance (default by dtype: float32 1e-4, float16 1e-2)."),
-    click.option("--atol", type=float, default=None, help="Absolute tolerance (default by dtype: float32 1e-5, float16 1e-3)."),
-    click.option("--samples", type=click.IntRange(min=1), default=_DEFAULTS.samples, show_default=True,
-                 help="Random input samples to compare."),
+    click.option(
+        "--providers", default=",".join(_DEFAULTS.providers), show_default=True, help="Comma-separated: cpu, cuda."
+    ),
+    click.option(
+        "--rtol", type=float, default=None, help="Relative tolerance (default by dtype: float32 1e-4, float16 1e-2)."
+    ),
+    click.option(
+        "--atol", type=float, default=None, help="Absolute tolerance (default by dtype: float32 1e-5, float16 1e-3)."
+    ),
+    click.option(
+        "--samples",
+        type=click.IntRange(min=1),
+        default=_DEFAULTS.samples,
+        show_default=True,
+        help="Random input samples to compare.",
+    ),
     click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the random inputs."),
-    click.option("--dim", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dimension (default 1). Repeatable."),
+    click.option(
+        "--dim", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dimension (default 1). Repeatable."
+    ),
     click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Full shape of one input. Repeatable."),
-    click.option("--inputs", type=click.Path(dir_okay=False), default=None, help="Use these arrays (.npz, keyed by input name)."),
-    click.option("--per-layer", is_flag=True, help="Also compare every BatchNormalization output; name the first that diverges."),
-    click.option("--graph-optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="disable",
-                 show_default=True, help="onnxruntime optimization level for the candidate (the reference always runs with none)."),
+    click.option(
+        "--inputs", type=click.Path(dir_okay=False), default=None, help="Use these arrays (.npz, keyed by input name)."
+    ),
+    click.option(
+        "--per-layer", is_flag=True, help="Also compare every BatchNormalization output; name the first that diverges."
+    ),
+    click.option(
+        "--graph-optimization",
+        type=click.Choice(["disable", "basic", "extended", "all"]),
+        default="disable",
+        show_default=True,
+        help="onnxruntime optimization level for the candidate (the reference always runs with none).",
+    ),
     click.option("--allow-tf32", is_flag=True, help="On CUDA, allow TF32 math (tolerances widened to match)."),
 ]
 
@@ -97,22 +126,23 @@ class _Progress:
 
     def __init__(self, length: int, label: str, delay: float = 2.0) -> None:
         self.length, self.label, self.delay = length, label, delay
-        self.done, self.bar = 0, None  # type: Tuple[int, Any]
+        self.done = 0
+        self.bar: Any = None
         self.start = time.monotonic()
 
     def __enter__(self) -> _Progress:
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
-        return False
 
     def update(self, n: int, item: Optional[str] = None) -> None:
         self.done += n
         if self.bar is None and sys.stderr.isatty() and time.monotonic() - self.start >= self.delay:
-            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr,
-                                         item_show_func=lambda x: x).__enter__()
+            self.bar = click.progressbar(
+                length=self.length, label=self.label, file=sys.stderr, item_show_func=lambda x: x
+            ).__enter__()
             n = self.done
         if self.bar is not None:
             self.bar.update(n, item)
@@ -141,7 +171,7 @@ def cli() -> None:
     """
 
 
-STYLES = {OK: {"fg": "green"}, WARN: {"fg": "yellow"}, FAIL: {"fg": "red", "bold": True}}
+STYLES: Dict[str, Dict[str, Any]] = {OK: {"fg": "green"}, WARN: {"fg": "yellow"}, FAIL: {"fg": "red", "bold": True}}
 
 
 def _echo(lines: List[Line], err: bool = False) -> None:
@@ -149,8 +179,10 @@ def _echo(lines: List[Line], err: bool = False) -> None:
     when NO_COLOR is set."""
     colour = not os.environ.get("NO_COLOR")
     for line in lines:
-        click.echo("".join(click.style(text, **STYLES[style]) if colour and style in STYLES else text
-                           for text, style in line), err=err)
+        click.echo(
+            "".join(click.style(text, **STYLES[style]) if colour and style in STYLES else text for text, style in line),
+            err=err,
+        )
 
 
 def _dump(doc: Any) -> None:
@@ -159,11 +191,26 @@ def _dump(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2))
 
 
-def _batch(models: List[Path], outdir: Path, jobs: int, options: Dict[str, Any], verify: Optional[VerifyOptions],
-           keep_failed: bool, as_json: bool, quiet: bool) -> int:
+def _batch(
+    models: List[Path],
+    outdir: Path,
+    jobs: int,
+    options: Dict[str, Any],
+    verify: Optional[VerifyOptions],
+    keep_failed: bool,
+    as_json: bool,
+    quiet: bool,
+) -> int:
     with _progress(len(models), "folding") as bar:
-        report = fold_many(models, outdir, jobs=jobs, verify=verify, keep_failed=keep_failed,
-                           progress=lambda name: bar.update(1, name), **options)
+        report = fold_many(
+            models,
+            outdir,
+            jobs=jobs,
+            verify=verify,
+            keep_failed=keep_failed,
+            progress=lambda name: bar.update(1, name),
+            **options,
+        )
     if as_json:
         click.echo(report.to_json())
     elif not quiet:
@@ -176,24 +223,54 @@ def _batch(models: List[Path], outdir: Path, jobs: int, options: Dict[str, Any],
 
 @cli.command(short_help="Fold BatchNormalization into the layers next to it.")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file; with several MODELS (or an existing folder, or a path ending in /), a folder.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output file; with several MODELS (or an existing folder, or a path ending in /), a folder.",
+)
 @click.option("--dry-run", is_flag=True, help="Decide and report, write nothing.")
-@click.option("--lower-standalone", is_flag=True, help="Turn BNs that can fold nowhere into Mul + Add by per-channel constants.")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Write weights to OUT.data beside the output, or inline (default: as the input, or external over 2 GB).")
+@click.option(
+    "--lower-standalone", is_flag=True, help="Turn BNs that can fold nowhere into Mul + Add by per-channel constants."
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Write weights to OUT.data beside the output, or inline (default: as the input, or external over 2 GB).",
+)
 @click.option("--in-place", is_flag=True, help="Allow the output to replace MODEL (still written atomically).")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel (batch).")
+@click.option(
+    "-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel (batch)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
-@click.option("--verify", "do_verify", is_flag=True, help="Verify each folded model against its original right after folding.")
-@click.option("--keep-failed/--remove-failed", default=True, show_default=True,
-              help="With --verify: keep or remove an output that fails verification.")
+@click.option(
+    "--verify", "do_verify", is_flag=True, help="Verify each folded model against its original right after folding."
+)
+@click.option(
+    "--keep-failed/--remove-failed",
+    default=True,
+    show_default=True,
+    help="With --verify: keep or remove an output that fails verification.",
+)
 @verify_options
 @click.pass_context
-def fold(ctx: click.Context, models: List[Path], output: Optional[Path], dry_run: bool, lower_standalone: bool,
-         external_data: Optional[bool], in_place: bool, jobs: int, as_json: bool, quiet: bool, do_verify: bool,
-         keep_failed: bool, **verify_opts: Any) -> None:
+def fold(
+    ctx: click.Context,
+    models: List[Path],
+    output: Optional[Path],
+    dry_run: bool,
+    lower_standalone: bool,
+    external_data: Optional[bool],
+    in_place: bool,
+    jobs: int,
+    as_json: bool,
+    quiet: bool,
+    do_verify: bool,
+    keep_failed: bool,
+    **verify_opts: Any,
+) -> None:
     """Fold every inference BatchNormalization of MODEL that can fold without changing meaning.
 
     Writes MODEL_folded.onnx beside MODEL unless -o says where. With several MODELS, -o names a
@@ -203,8 +280,11 @@ def fold(ctx: click.Context, models: List[Path], output: Optional[Path], dry_run
     Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
     3 internal error.
     """
-    given = [k for k in [*verify_opts, "keep_failed"]
-             if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)]
+    given = [
+        k
+        for k in [*verify_opts, "keep_failed"]
+        if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)
+    ]
     if given and not do_verify:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UserError(f"{flags} only applies with --verify")
@@ -213,7 +293,7 @@ def fold(ctx: click.Context, models: List[Path], output: Optional[Path], dry_run
         if in_place:
             raise UserError("--verify needs the original: it cannot be combined with --in-place")
         _check_providers(verify)  # before anything is written
-    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data)
+    options: Dict[str, Any] = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data)
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
         if output is None:

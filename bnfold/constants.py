@@ -21,6 +21,8 @@ from .shapes import TypeLookup
 MAX_ELEMENTS = 1 << 24
 MAX_DEPTH = 64  # constant subgraphs are small; deeper chains are not evaluated
 
+Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
+
 # Input slots that are read only for their element type or static shape.
 TYPE_ONLY = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
 
@@ -28,8 +30,12 @@ TYPE_ONLY = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
 class Operand:
     """What an evaluator may know about an input: its value, or only its dtype and static shape."""
 
-    def __init__(self, value: Optional[np.ndarray] = None, dtype: Optional[np.dtype] = None,
-                 shape: Optional[Tuple[int, ...]] = None) -> None:
+    def __init__(
+        self,
+        value: Optional[np.ndarray] = None,
+        dtype: Optional[np.dtype] = None,
+        shape: Optional[Tuple[int, ...]] = None,
+    ) -> None:
         self.value = value
         self.dtype = value.dtype if value is not None else dtype
         self.shape: Optional[Tuple[int, ...]] = tuple(value.shape) if value is not None else shape
@@ -39,7 +45,7 @@ def _int_list(a: np.ndarray) -> List[int]:
     return [int(v) for v in np.asarray(a).reshape(-1)]
 
 
-def _shape(node, ops, opset):
+def _shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     shape = ops[0].shape
     if shape is None:
         return None
@@ -47,15 +53,15 @@ def _shape(node, ops, opset):
     return np.array(shape[start:end], dtype=np.int64)
 
 
-def _size(node, ops, opset):
+def _size(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     return None if ops[0].shape is None else np.array(int(np.prod(ops[0].shape)), dtype=np.int64)
 
 
-def _cast_like(node, ops, opset):
+def _cast_like(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     return None if ops[1].dtype is None else ops[0].value.astype(ops[1].dtype)
 
 
-def _constant_of_shape(node, ops, opset):
+def _constant_of_shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     shape = _int_list(ops[0].value)
     if int(np.prod(shape)) > MAX_ELEMENTS:
         return None
@@ -64,21 +70,23 @@ def _constant_of_shape(node, ops, opset):
     return np.full(shape, fill[0], dtype=fill.dtype)
 
 
-def _reshape(node, ops, opset):
+def _reshape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     data, shape = ops[0].value, _int_list(ops[1].value)
     if not attr(node, "allowzero", 0):
         shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return data.reshape(shape)
 
 
-def _axes(node, ops, opset, since: int):
+def _axes(node: onnx.NodeProto, ops: List[Any], opset: int, since: int) -> Optional[List[int]]:
     if opset >= since:
         return _int_list(ops[1].value) if len(ops) > 1 and ops[1].value is not None else None
     return attr(node, "axes")
 
 
-def _unsqueeze(node, ops, opset):
+def _unsqueeze(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     data, axes = ops[0].value, _axes(node, ops, opset, 13)
+    if axes is None:
+        return None
     rank = data.ndim + len(axes)
     out = data
     for a in sorted(a % rank for a in axes):
@@ -86,19 +94,19 @@ def _unsqueeze(node, ops, opset):
     return out
 
 
-def _squeeze(node, ops, opset):
+def _squeeze(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     data, axes = ops[0].value, _axes(node, ops, opset, 13)
     return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
 
 
-def _expand(node, ops, opset):
+def _expand(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     shape = np.broadcast_shapes(ops[0].value.shape, tuple(_int_list(ops[1].value)))
     if int(np.prod(shape)) > MAX_ELEMENTS:
         return None
     return np.broadcast_to(ops[0].value, shape).copy()
 
 
-def _slice(node, ops, opset):
+def _slice(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     data = ops[0].value
     if opset < 10:
         starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
@@ -114,20 +122,19 @@ def _slice(node, ops, opset):
     return data[tuple(index)]
 
 
-def _div(a, b):
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.dtype.kind in "iu":
         return (np.trunc(a / b)).astype(a.dtype)  # ONNX integer Div truncates toward zero
     return a / b
 
 
-def _same_dtype(fn):
-    def run(node, ops, opset):
+def _same_dtype(fn: Callable[..., Any]) -> Evaluator:
+    def run(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
         out = np.asarray(fn(*[o.value for o in ops]))
         return out.astype(ops[0].value.dtype)
+
     return run
 
-
-Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
 
 EVALUATORS: Dict[str, Evaluator] = {
     "Shape": _shape,
@@ -156,7 +163,7 @@ EVALUATORS: Dict[str, Evaluator] = {
 }
 
 
-def evaluate(node: onnx.NodeProto, operands: Sequence[Operand], opset: int) -> Optional[np.ndarray]:
+def evaluate(node: onnx.NodeProto, operands: Sequence[Optional[Operand]], opset: int) -> Optional[np.ndarray]:
     """The value of the node's single output, or None when it cannot be computed here.
 
     ``operands`` holds None for an absent optional input; every other input is a value, except in
@@ -180,8 +187,9 @@ class Constants:
     enclosing graph's for names it does not define. Computed values are cached; initializers are
     read afresh each time, so that a mapped weight is released once the caller is done with it."""
 
-    def __init__(self, index: GraphIndex, *, opset: int, types: Optional[TypeLookup],
-                 outer: Optional[Constants] = None) -> None:
+    def __init__(
+        self, index: GraphIndex, *, opset: int, types: Optional[TypeLookup], outer: Optional[Constants] = None
+    ) -> None:
         self.index = index
         self.opset = opset
         self.types = types

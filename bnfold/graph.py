@@ -9,7 +9,7 @@ module's business).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -76,8 +76,8 @@ class GraphIndex:
         self._dropped: Set[str] = set()
         self.producer: Dict[str, int] = {}
         self.consumers: Dict[str, List[int]] = {}
-        for i, node in enumerate(self.nodes):
-            self._link(i, node)
+        for i in range(len(self.nodes)):
+            self._link(i, self.node(i))
 
     # -- structure -----------------------------------------------------------------------------
     @staticmethod
@@ -220,11 +220,11 @@ class GraphIndex:
         self._order = [(i, 0) for i in range(len(self.nodes))]
         self.producer.clear()
         self.consumers.clear()
-        for i, node in enumerate(self.nodes):
-            self._link(i, node)
+        for i in range(len(self.nodes)):
+            self._link(i, self.node(i))
 
 
-def _keep_only(field, keep: Callable) -> None:  # type: ignore[type-arg]
+def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
     """Delete the entries of a repeated message field that ``keep`` rejects, in linear time.
 
     Deleting one entry moves every entry after it, so many deletions are quadratic (a 100k-node

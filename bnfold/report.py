@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
-from pathlib import Path
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -29,11 +29,12 @@ def shorten(name: str, width: int) -> str:
     if len(name) <= width:
         return name
     keep = width - 1
-    return name[: keep - keep // 2] + "\u2026" + name[len(name) - keep // 2:]
+    return name[: keep - keep // 2] + "\u2026" + name[len(name) - keep // 2 :]
 
 
 def _json_floats(d: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
 
 class Code(str, Enum):
     """Why a BatchNormalization stays: stable codes, part of the JSON."""
@@ -151,7 +152,15 @@ class FoldReport:
         if self.folded:
             lines.append([(f"folded ({len(self.folded)}):", OK)])
             for f in self.folded:
-                lines.append([(f"  {f.name} -> {f.into_op} {f.into}" + ("" if f.direction == "forward" else f"  [{f.direction}]"), PLAIN)])
+                lines.append(
+                    [
+                        (
+                            f"  {f.name} -> {f.into_op} {f.into}"
+                            + ("" if f.direction == "forward" else f"  [{f.direction}]"),
+                            PLAIN,
+                        )
+                    ]
+                )
         if self.absorbed:
             lines.append([(f"also absorbed: {', '.join(self.absorbed)}", PLAIN)])
         if self.left:
@@ -200,11 +209,21 @@ class InspectReport:
     def render_lines(self) -> List[Line]:
         foldable = sum(b.foldable for b in self.batchnorms)
         lines: List[Line] = [
-            [(f"{self.path or '<model>'}: IR {self.ir_version}, opsets "
-              + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
-              + (f", from {self.producer}" if self.producer else ""), PLAIN)],
-            [(f"  {self.bytes:,} bytes, {self.nodes} nodes, {self.initializers} initializers"
-              + (f", external data: {', '.join(self.external_data)}" if self.external_data else ""), PLAIN)],
+            [
+                (
+                    f"{self.path or '<model>'}: IR {self.ir_version}, opsets "
+                    + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
+                    + (f", from {self.producer}" if self.producer else ""),
+                    PLAIN,
+                )
+            ],
+            [
+                (
+                    f"  {self.bytes:,} bytes, {self.nodes} nodes, {self.initializers} initializers"
+                    + (f", external data: {', '.join(self.external_data)}" if self.external_data else ""),
+                    PLAIN,
+                )
+            ],
             [(f"  BatchNormalization: {len(self.batchnorms)}, foldable {foldable}", PLAIN)],
         ]
         if self.batchnorms:
@@ -212,7 +231,12 @@ class InspectReport:
             for b in self.batchnorms:
                 around = f"{b.producer or '(input)'} -> BN -> {', '.join(b.consumers) or '(output)'}"
                 verdict = f"folds {b.direction} into {b.into}" if b.foldable else f"stays: {b.reason}: {b.message}"
-                lines.append([(f"  {shorten(b.name, width):{width}}  {around:34} ", PLAIN), (verdict, OK if b.foldable else WARN)])
+                lines.append(
+                    [
+                        (f"  {shorten(b.name, width):{width}}  {around:34} ", PLAIN),
+                        (verdict, OK if b.foldable else WARN),
+                    ]
+                )
         return lines
 
     def render_text(self) -> str:
@@ -250,9 +274,26 @@ class ErrorStats:
         return not (self.mismatches or self.nonfinite_mismatches or self.missing or self.shape_mismatch)
 
     def to_dict(self) -> Dict[str, Any]:
-        d = {k: getattr(self, k) for k in (
-            "name", "provider", "passed", "elements", "mismatches", "nonfinite_mismatches", "max_abs", "max_rel",
-            "mean_abs", "rtol", "atol", "atol_needed", "rtol_needed", "missing", "shape_mismatch")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "name",
+                "provider",
+                "passed",
+                "elements",
+                "mismatches",
+                "nonfinite_mismatches",
+                "max_abs",
+                "max_rel",
+                "mean_abs",
+                "rtol",
+                "atol",
+                "atol_needed",
+                "rtol_needed",
+                "missing",
+                "shape_mismatch",
+            )
+        }
         return _json_floats(d)
 
     def verdict(self) -> Span:
@@ -311,16 +352,28 @@ class VerifyReport:
 
     def render_lines(self) -> List[Line]:
         verdict = ("verification PASSED", OK) if self.passed else ("verification FAILED", FAIL)
-        lines: List[Line] = [[verdict, (
-            f": {self.samples} sample(s), seed {self.seed}, providers {', '.join(self.providers)}, "
-            f"candidate optimization level '{self.graph_optimization}'", PLAIN)]]
+        lines: List[Line] = [
+            [
+                verdict,
+                (
+                    f": {self.samples} sample(s), seed {self.seed}, providers {', '.join(self.providers)}, "
+                    f"candidate optimization level '{self.graph_optimization}'",
+                    PLAIN,
+                ),
+            ]
+        ]
         lines.extend([(f"  note: {n}", PLAIN)] for n in self.notes)
-        lines.append([(f"  {'output':{NAME_WIDTH}} {'prov':5}{'max abs':>10}{'max rel':>10}{'bad':>7}  verdict", PLAIN)])
+        lines.append(
+            [(f"  {'output':{NAME_WIDTH}} {'prov':5}{'max abs':>10}{'max rel':>10}{'bad':>7}  verdict", PLAIN)]
+        )
         for o in self.outputs + self.layers:
             lines.append(_row(o))
         if self.layers:
-            lines.append([(f"  first layer to diverge: {self.first_divergent_layer}", FAIL)] if self.first_divergent_layer
-                         else [("  no layer diverges", PLAIN)])
+            lines.append(
+                [(f"  first layer to diverge: {self.first_divergent_layer}", FAIL)]
+                if self.first_divergent_layer
+                else [("  no layer diverges", PLAIN)]
+            )
         return lines
 
     def render_text(self) -> str:
@@ -331,7 +384,10 @@ def _row(o: ErrorStats) -> Line:
     head = f"  {shorten(o.name, NAME_WIDTH):{NAME_WIDTH}} {o.provider:5}"
     if o.missing or o.shape_mismatch:
         return [(head, PLAIN), o.verdict()]
-    return [(f"{head}{o.max_abs:>10.3g}{o.max_rel:>10.3g}{o.mismatches + o.nonfinite_mismatches:>7}  ", PLAIN), o.verdict()]
+    return [
+        (f"{head}{o.max_abs:>10.3g}{o.max_rel:>10.3g}{o.mismatches + o.nonfinite_mismatches:>7}  ", PLAIN),
+        o.verdict(),
+    ]
 
 
 @dataclass
@@ -355,8 +411,14 @@ class BatchEntry:
         return "folded"
 
     def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"input": self.input, "output": self.output, "status": self.status,
-                             "ok": self.exit_code == 0, "exit_code": self.exit_code, "removed": self.removed}
+        d: Dict[str, Any] = {
+            "input": self.input,
+            "output": self.output,
+            "status": self.status,
+            "ok": self.exit_code == 0,
+            "exit_code": self.exit_code,
+            "removed": self.removed,
+        }
         if self.fold is not None:
             d["fold"] = self.fold.to_dict()
         if self.verify is not None:
@@ -390,27 +452,44 @@ class BatchReport:
         return ", ".join(parts) + f" (into {self.outdir})"
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"models": [e.to_dict() for e in self.entries], "outdir": self.outdir,
-                "folded": len(self.entries) - self.count("error"), "verified": self.count("verified"),
-                "failed_verification": self.count("verification failed"), "errors": self.count("error"),
-                "failed": sum(e.exit_code != 0 for e in self.entries)}
+        return {
+            "models": [e.to_dict() for e in self.entries],
+            "outdir": self.outdir,
+            "folded": len(self.entries) - self.count("error"),
+            "verified": self.count("verified"),
+            "failed_verification": self.count("verification failed"),
+            "errors": self.count("error"),
+            "failed": sum(e.exit_code != 0 for e in self.entries),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def render_lines(self) -> List[Line]:
         width = max([5] + [len(Path(e.input).name) for e in self.entries])
-        lines: List[Line] = [[(f"{'model':{width}} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status", PLAIN)]]
+        lines: List[Line] = [
+            [(f"{'model':{width}} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status", PLAIN)]
+        ]
         for e in self.entries:
             name = Path(e.input).name
             if e.fold is not None and e.error is None:
                 f = e.fold
                 status = e.status + (" (output removed)" if e.removed else "")
                 style = OK if e.exit_code == 0 else FAIL
-                lines.append([(f"{name:{width}} {f.before.batchnorms:>9} {f.after.batchnorms:>8} "
-                               f"{len(f.folded):>6} {len(f.left):>5}  ", PLAIN), (status, style)])
+                lines.append(
+                    [
+                        (
+                            f"{name:{width}} {f.before.batchnorms:>9} {f.after.batchnorms:>8} "
+                            f"{len(f.folded):>6} {len(f.left):>5}  ",
+                            PLAIN,
+                        ),
+                        (status, style),
+                    ]
+                )
             else:
-                lines.append([(f"{name:{width}} {'':>9} {'':>8} {'':>6} {'':>5}  ", PLAIN), ("error (see below)", FAIL)])
+                lines.append(
+                    [(f"{name:{width}} {'':>9} {'':>8} {'':>6} {'':>5}  ", PLAIN), ("error (see below)", FAIL)]
+                )
         lines.append([(self.summary(), PLAIN)])
         return lines
 

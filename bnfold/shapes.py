@@ -23,7 +23,10 @@ def _collect(graph: onnx.GraphProto, into: Dict[str, TypeInfo]) -> Dict[str, Typ
             dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         old = into.get(vi.name)
         if old is None or (old[1] is None and dims is not None) or not old[0]:
-            into[vi.name] = (t.elem_type or (old[0] if old else 0), dims if dims is not None else (old[1] if old else None))
+            into[vi.name] = (
+                t.elem_type or (old[0] if old else 0),
+                dims if dims is not None else (old[1] if old else None),
+            )
     for init in graph.initializer:
         into[init.name] = (init.data_type, list(init.dims))
     for node in graph.node:
@@ -61,7 +64,7 @@ class TypeLookup:
         info = self.get(name)
         if info is None or info[1] is None or any(d is None for d in info[1]):
             return None
-        return tuple(info[1])
+        return tuple(d for d in info[1] if d is not None)
 
     def elem_type(self, name: str) -> int:
         info = self.get(name)

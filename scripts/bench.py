@@ -82,7 +82,9 @@ def write_external(path: Path, gigabytes: float) -> None:
                 n = min(count - done, 1 << 24)
                 data.write((rng.standard_normal(n, dtype=np.float32) * scale).tobytes())
                 done += n
-            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape), data_location=TensorProto.EXTERNAL)
+            t = TensorProto(
+                name=name, data_type=TensorProto.FLOAT, dims=list(shape), data_location=TensorProto.EXTERNAL
+            )
             for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(count * 4))):
                 e = t.external_data.add()
                 e.key, e.value = k, v
@@ -93,12 +95,20 @@ def write_external(path: Path, gigabytes: float) -> None:
         c, y = 512, "x"
         for i in range(40):
             w = external(f"conv{i}_w", (c, c, 3, 3))
-            params = [numpy_helper.from_array(a.astype(np.float32), f"bn{i}_{k}") for k, a in (
-                ("g", rng.uniform(0.5, 1.5, c)), ("b", rng.standard_normal(c) * 0.1), ("m", rng.standard_normal(c) * 0.1),
-                ("v", rng.uniform(0.5, 2, c)))]
+            params = [
+                numpy_helper.from_array(a.astype(np.float32), f"bn{i}_{k}")
+                for k, a in (
+                    ("g", rng.uniform(0.5, 1.5, c)),
+                    ("b", rng.standard_normal(c) * 0.1),
+                    ("m", rng.standard_normal(c) * 0.1),
+                    ("v", rng.uniform(0.5, 2, c)),
+                )
+            ]
             inits.extend(params)
             nodes.append(helper.make_node("Conv", [y, w], [f"c{i}"], name=f"conv{i}", pads=[1] * 4))
-            nodes.append(helper.make_node("BatchNormalization", [f"c{i}"] + [p.name for p in params], [f"bn{i}"], name=f"bn{i}"))
+            nodes.append(
+                helper.make_node("BatchNormalization", [f"c{i}"] + [p.name for p in params], [f"bn{i}"], name=f"bn{i}")
+            )
             nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"r{i}"]))
             y = f"r{i}"
         nodes.append(helper.make_node("GlobalAveragePool", [y], ["gap"]))
@@ -109,8 +119,13 @@ def write_external(path: Path, gigabytes: float) -> None:
             w = external(f"fc{k}_w", (width, out_w))
             nodes.append(helper.make_node("MatMul", [y, w], [f"fc{k}"], name=f"fc{k}"))
             y, width, k = f"fc{k}", out_w, k + 1
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
-                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, width])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, width])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     path.write_bytes(model.SerializeToString())
@@ -124,28 +139,67 @@ TOOLS = {
     "bnfold": (None, lambda i, o: [str(Path(PY).with_name("bnfold")), "fold", i, "-o", o]),
     # Not a folder: copying the model and its data file, the floor for models with external data.
     "cp": (None, lambda i, o: ["sh", "-c", 'cp "$0" "$1" && cp "$0.data" "$1.data"', i, o]),
-    "onnxruntime": ("onnxruntime", lambda i, o: [PY, "-c", (
-        "import sys, onnxruntime as ort\n"
-        "o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC\n"
-        "o.optimized_model_filepath = sys.argv[2]\n"
-        "import os\n"
-        "if os.path.exists(sys.argv[1] + '.data'):\n"
-        "    o.add_session_config_entry('session.optimized_model_external_initializers_file_name', os.path.basename(sys.argv[2]) + '.data')\n"
-        "    o.add_session_config_entry('session.optimized_model_external_initializers_min_size_in_bytes', '1024')\n"
-        "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])"), i, o]),
-    "onnxscript": ("onnxscript", lambda i, o: [PY, "-c", (
-        "import sys, onnx, onnxscript.rewriter as r\n"
-        "from onnxscript.rewriter.rules.common import _fuse_batchnorm as f\n"
-        "m = r.rewrite(onnx.load(sys.argv[1]), pattern_rewrite_rules=f.rules)\n"
-        "onnx.save(m, sys.argv[2])"), i, o]),
-    "onnxoptimizer": ("onnxoptimizer", lambda i, o: [PY, "-c", (
-        "import sys, onnx, onnxoptimizer\n"
-        "onnx.save(onnxoptimizer.optimize(onnx.load(sys.argv[1]), ['fuse_bn_into_conv']), sys.argv[2])"), i, o]),
-    "onnxslim": ("onnxslim", lambda i, o: [PY, "-c", "import sys, onnxslim; onnxslim.slim(sys.argv[1], sys.argv[2])", i, o]),
-    "onnxsim": ("onnxsim", lambda i, o: [PY, "-c", (
-        "import sys, onnx, onnxsim\n"
-        "m, ok = onnxsim.simplify(onnx.load(sys.argv[1]))\n"
-        "onnx.save(m, sys.argv[2])"), i, o]),
+    "onnxruntime": (
+        "onnxruntime",
+        lambda i, o: [
+            PY,
+            "-c",
+            (
+                "import sys, onnxruntime as ort\n"
+                "o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC\n"
+                "o.optimized_model_filepath = sys.argv[2]\n"
+                "import os\n"
+                "if os.path.exists(sys.argv[1] + '.data'):\n"
+                "    o.add_session_config_entry('session.optimized_model_external_initializers_file_name', os.path.basename(sys.argv[2]) + '.data')\n"
+                "    o.add_session_config_entry('session.optimized_model_external_initializers_min_size_in_bytes', '1024')\n"
+                "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])"
+            ),
+            i,
+            o,
+        ],
+    ),
+    "onnxscript": (
+        "onnxscript",
+        lambda i, o: [
+            PY,
+            "-c",
+            (
+                "import sys, onnx, onnxscript.rewriter as r\n"
+                "from onnxscript.rewriter.rules.common import _fuse_batchnorm as f\n"
+                "m = r.rewrite(onnx.load(sys.argv[1]), pattern_rewrite_rules=f.rules)\n"
+                "onnx.save(m, sys.argv[2])"
+            ),
+            i,
+            o,
+        ],
+    ),
+    "onnxoptimizer": (
+        "onnxoptimizer",
+        lambda i, o: [
+            PY,
+            "-c",
+            (
+                "import sys, onnx, onnxoptimizer\n"
+                "onnx.save(onnxoptimizer.optimize(onnx.load(sys.argv[1]), ['fuse_bn_into_conv']), sys.argv[2])"
+            ),
+            i,
+            o,
+        ],
+    ),
+    "onnxslim": (
+        "onnxslim",
+        lambda i, o: [PY, "-c", "import sys, onnxslim; onnxslim.slim(sys.argv[1], sys.argv[2])", i, o],
+    ),
+    "onnxsim": (
+        "onnxsim",
+        lambda i, o: [
+            PY,
+            "-c",
+            ("import sys, onnx, onnxsim\nm, ok = onnxsim.simplify(onnx.load(sys.argv[1]))\nonnx.save(m, sys.argv[2])"),
+            i,
+            o,
+        ],
+    ),
 }
 
 
@@ -209,10 +263,10 @@ def bench(name: str, path: Path, tools, runs: int, work: Path, timeout: float):
     if not path.with_name(path.name + ".data").exists():
         tools = [t for t in tools if t != "cp"]
     results = {t: [] for t in tools}
-    rss = {t: 0.0 for t in tools}
-    ok = {t: True for t in tools}
+    rss = dict.fromkeys(tools, 0.0)
+    ok = dict.fromkeys(tools, True)
     left = {}
-    for r in range(runs):
+    for _r in range(runs):
         for t in tools:
             if not ok[t]:
                 continue
@@ -284,8 +338,10 @@ def main() -> None:
     tools = available([t for t in args.tools.split(",") if t in TOOLS])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bnfold-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"onnx {onnx.__version__}; tools: {', '.join(tools)}; {args.runs} runs each, interleaved")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"onnx {onnx.__version__}; tools: {', '.join(tools)}; {args.runs} runs each, interleaved"
+    )
     rows, notes = [], []
     for name in args.models.split(","):
         path = work / f"{name}.onnx"
@@ -296,22 +352,33 @@ def main() -> None:
                 onnx.save(deep(int(name[4:])), str(path))
             elif name.startswith("external"):
                 write_external(path, args.external_gb)
-        size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size if path.with_name(path.name + ".data").exists() else 0)
+        size = path.stat().st_size + (
+            path.with_name(path.name + ".data").stat().st_size if path.with_name(path.name + ".data").exists() else 0
+        )
         notes.append(f"{name}: {size / 1e6:,.1f} MB, {bn_left(path)} BatchNormalization")
         rows += bench(name, path, tools, args.runs, work, args.timeout)
     for n in notes:
         print(n)
     print()
-    print(f"| {'model':12} | {'tool':14} | {'median s':>9} | {'peak RSS MiB':>12} | {'BN left':>7} | {'x onnxruntime':>13} |")
+    print(
+        f"| {'model':12} | {'tool':14} | {'median s':>9} | {'peak RSS MiB':>12} | {'BN left':>7} | {'x onnxruntime':>13} |"
+    )
     print(f"|{'-' * 14}|{'-' * 16}|{'-' * 11}|{'-' * 14}|{'-' * 9}|{'-' * 15}|")
     for model, tool, med, peak, left, ratio in rows:
-        fmt = lambda v, f: "-" if v is None else format(v, f)
-        print(f"| {model:12} | {tool:14} | {fmt(med, '9.3f')} | {fmt(peak, '12.0f')} | {str(left):>7} | {fmt(ratio, '13.2f')} |")
+
+        def fmt(v, f):
+            return "-" if v is None else format(v, f)
+
+        print(
+            f"| {model:12} | {tool:14} | {fmt(med, '9.3f')} | {fmt(peak, '12.0f')} | {left!s:>7} | {fmt(ratio, '13.2f')} |"
+        )
     folded = work / "resnet50_bnfold.onnx"
     if "resnet50" in args.models.split(",") and folded.exists():
         mine, bare = verify_overhead(work / "resnet50.onnx", folded, samples=5, repeats=max(3, args.runs))
-        print(f"\nverify resnet50, 5 samples: bnfold.verify {mine:.3f} s, bare onnxruntime runs {bare:.3f} s "
-              f"({(mine / bare - 1) * 100:+.1f}%)")
+        print(
+            f"\nverify resnet50, 5 samples: bnfold.verify {mine:.3f} s, bare onnxruntime runs {bare:.3f} s "
+            f"({(mine / bare - 1) * 100:+.1f}%)"
+        )
     # The deep models must cost linearly: 1000 blocks at most 12x 100 blocks.
     by = {(m, t): med for m, t, med, *_ in rows}
     if ("deep100", "bnfold") in by and ("deep1000", "bnfold") in by and by[("deep100", "bnfold")]:

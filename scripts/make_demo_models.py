@@ -1,6 +1,6 @@
 """Write models/demo.onnx: a small network with foldable and non-foldable BatchNormalization layers.
 
-    python scripts/make_demo_models.py
+python scripts/make_demo_models.py
 """
 
 from __future__ import annotations

@@ -13,14 +13,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bnfold  # noqa: E402
-from bnfold.fold import stats  # noqa: E402
-from bnfold.verification import input_specs, random_input, resolve_shape  # noqa: E402
+import bnfold
+from bnfold.fold import stats
+from bnfold.verification import input_specs, random_input, resolve_shape
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], provider="CPUExecutionProvider") -> Dict[str, np.ndarray]:
+def run_ort(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], provider="CPUExecutionProvider"
+) -> Dict[str, np.ndarray]:
     opts = ort.SessionOptions()
     # From the BASIC level on onnxruntime fuses Conv+BN itself: the reference must run unoptimized.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -49,8 +51,9 @@ def rel_error(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.max(np.abs(ref64 - got64)) / max(float(np.max(np.abs(ref64))), 1e-30))
 
 
-def assert_same(original: onnx.ModelProto, folded: onnx.ModelProto, tol: float = 1e-5, dims=None, samples: int = 2,
-                runner=run_ort) -> None:
+def assert_same(
+    original: onnx.ModelProto, folded: onnx.ModelProto, tol: float = 1e-5, dims=None, samples: int = 2, runner=run_ort
+) -> None:
     for seed in range(samples):
         feeds = feeds_for(original, seed, dims)
         ref, got = runner(original, feeds), runner(folded, feeds)
@@ -67,8 +70,15 @@ def count_bn(model: onnx.ModelProto) -> int:
     return stats(model).batchnorms
 
 
-def check_fold(model: onnx.ModelProto, left: int = 0, tol: float = 1e-5, dims=None, full_check: bool = True,
-               runner=run_ort, **options):
+def check_fold(
+    model: onnx.ModelProto,
+    left: int = 0,
+    tol: float = 1e-5,
+    dims=None,
+    full_check: bool = True,
+    runner=run_ort,
+    **options,
+):
     """Fold, then check every invariant: numerics, BN count, names, checker, input untouched, determinism."""
     original_bytes = model.SerializeToString()
     folded, report = bnfold.fold(model, **options)

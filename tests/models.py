@@ -14,8 +14,9 @@ FLOAT, FLOAT16, DOUBLE = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOU
 class Builder:
     """Write graphs tersely: every helper returns the name of the value it produced."""
 
-    def __init__(self, opset: int = 17, ir_version: Optional[int] = None, seed: int = 0, dtype=np.float32,
-                 he_init: bool = False) -> None:
+    def __init__(
+        self, opset: int = 17, ir_version: Optional[int] = None, seed: int = 0, dtype=np.float32, he_init: bool = False
+    ) -> None:
         self.he_init = he_init  # conv weights with std sqrt(2 / fan_in): activations stay bounded in deep nets
         self.opset = opset
         self.ir_version = ir_version
@@ -33,7 +34,9 @@ class Builder:
         return f"{base}{k}"
 
     def input(self, name: str, shape: Sequence[Union[int, str, None]], elem=None) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, elem or self._elem(), None if shape is None else list(shape)))
+        self.inputs.append(
+            helper.make_tensor_value_info(name, elem or self._elem(), None if shape is None else list(shape))
+        )
         return name
 
     def output(self, name: str, elem=None, shape=None) -> str:
@@ -118,6 +121,7 @@ class Builder:
 
 
 # -- realistic architectures ----------------------------------------------------------------------
+
 
 def resnet_bottleneck(seed=0, blocks=2, c=16) -> onnx.ModelProto:
     b = Builder(seed=seed)

@@ -1,8 +1,8 @@
 """Realistic architectures built without torch: each folds completely where folding is possible."""
 
 import pytest
-
 from conftest import check_fold
+
 from models import ARCHITECTURES
 
 # BNs that must stay, and why (DenseNet's pre-activation BNs follow a Concat or share their input).

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from bnfold import TrainingModeError, batchnorm_inference
-from conftest import run_ort
 
 DTYPES = {np.float16: onnx.TensorProto.FLOAT16, np.float32: onnx.TensorProto.FLOAT, np.float64: onnx.TensorProto.DOUBLE}
 TOL = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}
@@ -23,8 +23,11 @@ def bn_model(opset, x, params, **attrs):
     inits = [numpy_helper.from_array(p, n) for p, n in zip(params, names)]
     node = helper.make_node("BatchNormalization", ["X"] + names, ["Y"], **attrs)
     graph = helper.make_graph(
-        [node], "bn", [helper.make_tensor_value_info("X", elem, x.shape)],
-        [helper.make_tensor_value_info("Y", elem, x.shape)], inits,
+        [node],
+        "bn",
+        [helper.make_tensor_value_info("X", elem, x.shape)],
+        [helper.make_tensor_value_info("Y", elem, x.shape)],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -33,8 +36,10 @@ def bn_model(opset, x, params, **attrs):
 
 def params_for(rng, shape, dtype):
     return [
-        rng.uniform(0.5, 1.5, shape).astype(dtype), rng.standard_normal(shape).astype(dtype),
-        rng.standard_normal(shape).astype(dtype), rng.uniform(0.1, 2.0, shape).astype(dtype),
+        rng.uniform(0.5, 1.5, shape).astype(dtype),
+        rng.standard_normal(shape).astype(dtype),
+        rng.standard_normal(shape).astype(dtype),
+        rng.uniform(0.1, 2.0, shape).astype(dtype),
     ]
 
 
@@ -148,11 +153,13 @@ def test_onnx_backend_data(case):
     data = case / "test_data_set_0"
     feeds = [numpy_helper.to_array(onnx.load_tensor(str(p))) for p in sorted(data.glob("input_*.pb"))]
     inputs = [i.name for i in model.graph.input]
-    values = {**inits, **{n: v for n, v in zip([n for n in inputs if n not in inits], feeds)}}
+    values = {**inits, **dict(zip([n for n in inputs if n not in inits], feeds))}
     expected = numpy_helper.to_array(onnx.load_tensor(str(data / "output_0.pb")))
     bn_opset = max(v for v in (1, 6, 7, 9, 14, 15) if v <= opset)
     got = batchnorm_inference(
-        *(values[n] for n in node.input), epsilon=attrs.get("epsilon", 1e-5), opset=bn_opset,
+        *(values[n] for n in node.input),
+        epsilon=attrs.get("epsilon", 1e-5),
+        opset=bn_opset,
         is_test=attrs.get("is_test", 1),
     )
     close(expected, got, np.float32)

@@ -9,9 +9,9 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import assert_same, count_bn
 
 from bnfold.cli import cli
-from conftest import assert_same, count_bn
 from models import resnet_bottleneck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,14 +106,17 @@ def test_subprocess_console_script_and_module(model_path):
         done = subprocess.run(cmd + ["fold", str(model_path), "--json"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["after"]["batchnorms"] == 0
-    done = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(model_path.with_name("x.onnx"))],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fold", str(model_path.with_name("x.onnx"))], capture_output=True, text=True
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 def test_fold_does_not_import_onnxruntime(model_path):
-    code = ("import sys; from bnfold.cli import main; sys.argv=['bnfold','fold',sys.argv[1],'--dry-run'];\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'onnxruntime' not in sys.modules")
+    code = (
+        "import sys; from bnfold.cli import main; sys.argv=['bnfold','fold',sys.argv[1],'--dry-run'];\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'onnxruntime' not in sys.modules"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -135,8 +138,10 @@ def test_output_folder_missing_is_a_user_error(model_path, tmp_path):
 
 
 def test_help_does_not_import_onnxruntime():
-    code = ("import sys; from bnfold.cli import main\n"
-            "try:\n    main(['fold', '--help'])\nexcept SystemExit:\n    pass\nassert 'onnxruntime' not in sys.modules")
+    code = (
+        "import sys; from bnfold.cli import main\n"
+        "try:\n    main(['fold', '--help'])\nexcept SystemExit:\n    pass\nassert 'onnxruntime' not in sys.modules"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -147,8 +152,22 @@ def test_every_command_as_a_subprocess(model_path, tmp_path):
 
     out = tmp_path / "sub.onnx"
     assert run("fold", model_path, "-o", out, "--quiet").returncode == 0
-    verified = run("verify", model_path, out, "--json", "--graph-optimization", "basic", "--allow-tf32",
-                   "--samples", "2", "--seed", "3", "--dim", "N=2", "--per-layer")
+    verified = run(
+        "verify",
+        model_path,
+        out,
+        "--json",
+        "--graph-optimization",
+        "basic",
+        "--allow-tf32",
+        "--samples",
+        "2",
+        "--seed",
+        "3",
+        "--dim",
+        "N=2",
+        "--per-layer",
+    )
     doc = json.loads(verified.stdout)
     assert verified.returncode == 0 and doc["graph_optimization"] == "basic" and doc["tf32"] is None
     assert doc["samples"] == 2 and doc["seed"] == 3 and len(doc["layers"]) == 7

@@ -3,18 +3,19 @@
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_same, check_fold, count_bn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import bnfold
-from conftest import assert_same, check_fold, count_bn
 from models import Builder
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- Conv / ConvTranspose / Gemm over their attributes ------------------------------------------
+
 
 @SETTINGS
 @given(
@@ -43,7 +44,7 @@ def test_conv(dims, groups, per_group, k, stride, dilation, padding, bias, seed)
     else:
         attrs["auto_pad"] = padding
     y = b.op("Conv", [x, w] + ([b.const(b.randn(cout), "b")] if bias else []), **attrs)
-    folded, report = check_fold(b.model(b.bn(y, cout)))
+    _folded, report = check_fold(b.model(b.bn(y, cout)))
     assert [f.into_op for f in report.folded] == ["Conv"]
 
 
@@ -91,6 +92,7 @@ def test_gemm(trans_a, trans_b, alpha, beta, c_shape, seed):
 
 # -- MatMul -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("with_add", [False, True], ids=["matmul", "matmul_add"])
 @pytest.mark.parametrize("bias_side", ["left", "right"])
 def test_matmul_rank2(with_add, bias_side):
@@ -123,6 +125,7 @@ def test_matmul_unknown_rank_is_left():
 
 # -- chains, affine steps, shared weights, constants ----------------------------------------------
 
+
 def test_conv_bn_bn_chain():
     b = Builder(seed=5)
     y = b.conv(b.input("x", [1, 3, 6, 6]), 3, 4)
@@ -143,7 +146,7 @@ def test_bn_mul_add_scale_layer():
 def test_affine_without_bn_is_untouched():
     b = Builder(seed=6)
     y = b.op("Add", [b.conv(b.input("x", [1, 3, 6, 6]), 3, 4), b.const(b.randn(4, 1, 1), "c")])
-    folded, report = check_fold(b.model(b.relu(y)))
+    folded, _report = check_fold(b.model(b.relu(y)))
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Add", "Relu"]
 
 
@@ -183,8 +186,10 @@ def test_weights_from_constant_nodes():
     b = Builder(seed=9)
     x = b.input("x", [1, 2, 5, 5])
     w = b.op("Constant", [], value=numpy_helper.from_array(b.randn(3, 2, 3, 3), "w"))
-    params = [b.op("Constant", [], value=numpy_helper.from_array(p.astype(np.float32), f"p{i}"))
-              for i, p in enumerate([np.ones(3) * 2, np.ones(3), np.zeros(3), np.ones(3) * 3])]
+    params = [
+        b.op("Constant", [], value=numpy_helper.from_array(p.astype(np.float32), f"p{i}"))
+        for i, p in enumerate([np.ones(3) * 2, np.ones(3), np.zeros(3), np.ones(3) * 3])
+    ]
     folded, _ = check_fold(b.model(b.bn(b.op("Conv", [x, w]), 3, params=params)))
     assert [n.op_type for n in folded.graph.node] == ["Conv"]
 
@@ -197,13 +202,17 @@ def test_float16(mixed):
     params = None
     if mixed:
         p = b.bn_params(8)
-        params = [b.const(numpy_helper.to_array(next(t for t in b.inits if t.name == n)), n + "_f32", dtype=np.float32) for n in p]
+        params = [
+            b.const(numpy_helper.to_array(next(t for t in b.inits if t.name == n)), n + "_f32", dtype=np.float32)
+            for n in p
+        ]
     folded, _ = check_fold(b.model(b.bn(y, 8, params=params)), tol=5e-3)
     w = next(t for t in folded.graph.initializer if t.name.startswith("w"))
     assert w.data_type == onnx.TensorProto.FLOAT16
 
 
 # -- names ---------------------------------------------------------------------------------------
+
 
 def test_names_kept_and_new_names_never_collide():
     # Tensors named "0", "1", ... as legacy exporters write them, and a name the fold would like.
@@ -213,11 +222,23 @@ def test_names_kept_and_new_names_never_collide():
         helper.make_node("Relu", ["8"], ["conv_bias"], name="relu"),
     ]
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in [
-        (rng.standard_normal((4, 3, 3, 3)), "1"), (rng.uniform(0.5, 1.5, 4), "2"), (rng.standard_normal(4), "3"),
-        (rng.standard_normal(4), "4"), (rng.uniform(0.5, 2, 4), "5")]]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("0", 1, [1, 3, 5, 5])],
-                              [helper.make_tensor_value_info("conv_bias", 1, [1, 4, 5, 5])], inits)
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in [
+            (rng.standard_normal((4, 3, 3, 3)), "1"),
+            (rng.uniform(0.5, 1.5, 4), "2"),
+            (rng.standard_normal(4), "3"),
+            (rng.standard_normal(4), "4"),
+            (rng.uniform(0.5, 2, 4), "5"),
+        ]
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("0", 1, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("conv_bias", 1, [1, 4, 5, 5])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     folded, _ = check_fold(model)
@@ -247,6 +268,7 @@ def test_stale_value_info_removed():
 
 
 # -- left alone, each with its reason -----------------------------------------------------------
+
 
 def _conv_bn(seed=0, **bn_kwargs):
     b = Builder(seed=seed, opset=bn_kwargs.pop("opset", 17))
@@ -331,6 +353,7 @@ def test_every_reason_has_a_sentence():
 
 
 # -- the checks can fail -----------------------------------------------------------------------
+
 
 def test_a_wrong_fold_is_caught():
     b, y = _conv_bn()

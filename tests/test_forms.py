@@ -4,10 +4,10 @@ precision, backward folds, lowering. Each checked numerically with every fold in
 import numpy as np
 import onnx
 import pytest
+from conftest import check_fold, rel_error, run_ort, run_reference
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from conftest import check_fold, rel_error, run_ort, run_reference
 from models import Builder, densenet_preact
 
 F = TensorProto.FLOAT
@@ -43,8 +43,10 @@ def test_spatial0_with_uniform_parameters_folds_and_varying_stays():
     b = Builder(seed=1, opset=7)
     x = b.input("x", [1, 3, 4, 4])
     c = b.conv(x, 3, 2, 3)
-    params = [b.const(np.broadcast_to(v[:, None, None], (2, 4, 4)).copy(), "p")
-              for v in (np.array([1.5, 0.5]), np.array([0.1, -0.2]), np.array([0.0, 0.3]), np.array([1.0, 2.0]))]
+    params = [
+        b.const(np.broadcast_to(v[:, None, None], (2, 4, 4)).copy(), "p")
+        for v in (np.array([1.5, 0.5]), np.array([0.1, -0.2]), np.array([0.0, 0.3]), np.array([1.0, 2.0]))
+    ]
     y = b.bn(c, 2, params=params, spatial=0)
     c2 = b.conv(x, 3, 2, 3)
     varying = b.bn(c2, 2, params=b.bn_params(2, (2, 4, 4)), spatial=0)
@@ -57,24 +59,32 @@ def test_custom_domain_nodes_untouched():
     x = b.input("x", [1, 3, 5, 5])
     c = b.conv(x, 3, 4)
     b.nodes.append(helper.make_node("Mystery", [c], ["m"], domain="com.example", name="mystery"))
-    b.nodes.append(helper.make_node("BatchNormalization", ["m"] + b.bn_params(4), ["y"], domain="com.example", name="custom_bn"))
+    b.nodes.append(
+        helper.make_node("BatchNormalization", ["m"] + b.bn_params(4), ["y"], domain="com.example", name="custom_bn")
+    )
     y = b.bn("y", 4)
     model = b.model(y, shape=[1, 4, 5, 5], domains=["com.example"])
     folded, report = bnfold.fold(model)
     assert report.before.batchnorms == 1 and report.left[0].reason == "unsupported_producer"
     custom = [n for n in folded.graph.node if n.domain == "com.example"]
-    assert [n.SerializeToString() for n in custom] == [n.SerializeToString() for n in model.graph.node if n.domain == "com.example"]
+    assert [n.SerializeToString() for n in custom] == [
+        n.SerializeToString() for n in model.graph.node if n.domain == "com.example"
+    ]
 
 
 # -- constant subgraphs -------------------------------------------------------------------------
+
 
 def test_caffe2_constant_of_shape_weights():
     b = Builder(seed=3, opset=11)
     x = b.input("x", [1, 3, 5, 5])
 
     def filled(shape, value):
-        return b.op("ConstantOfShape", [b.const(np.array(shape, np.int64), "shape", dtype=np.int64)],
-                    value=numpy_helper.from_array(np.array([value], np.float32)))
+        return b.op(
+            "ConstantOfShape",
+            [b.const(np.array(shape, np.int64), "shape", dtype=np.int64)],
+            value=numpy_helper.from_array(np.array([value], np.float32)),
+        )
 
     w = filled([4, 3, 3, 3], 0.1)
     params = [filled([4], 1.5), filled([4], 0.2), filled([4], -0.1), filled([4], 0.8)]
@@ -105,10 +115,20 @@ def test_weights_through_reshape_transpose_slice_gather_cast():
     w = b.op("Cast", [b.op("Transpose", [raw], perm=[3, 2, 0, 1])], to=F)
     w = b.op("Reshape", [w, b.const(np.array([4, 3, 3, 3], np.int64), "s", dtype=np.int64)])
     big = b.const(b.rng.uniform(0.5, 1.5, (2, 6)), "big")
-    scale = b.op("Slice", [b.op("Gather", [big, b.const(np.array(1, np.int64), "i", dtype=np.int64)], axis=0),
-                           *(b.const(np.array([v], np.int64), "sl", dtype=np.int64) for v in (1, 5))])
-    mean = b.op("Squeeze", [b.op("Unsqueeze", [b.const(b.randn(4), "m"), b.const(np.array([0], np.int64), "ax", dtype=np.int64)]),
-                            b.const(np.array([0], np.int64), "ax", dtype=np.int64)])
+    scale = b.op(
+        "Slice",
+        [
+            b.op("Gather", [big, b.const(np.array(1, np.int64), "i", dtype=np.int64)], axis=0),
+            *(b.const(np.array([v], np.int64), "sl", dtype=np.int64) for v in (1, 5)),
+        ],
+    )
+    mean = b.op(
+        "Squeeze",
+        [
+            b.op("Unsqueeze", [b.const(b.randn(4), "m"), b.const(np.array([0], np.int64), "ax", dtype=np.int64)]),
+            b.const(np.array([0], np.int64), "ax", dtype=np.int64),
+        ],
+    )
     var = b.op("Add", [b.op("Mul", [b.const(np.ones(4), "v"), b.const(2.0, "two")]), b.const(0.5, "half")])
     params = [scale, b.const(b.randn(4), "beta"), mean, b.op("Identity", [var])]
     folded, _ = check_fold(b.model(b.bn(b.op("Conv", [x, w], pads=[1] * 4), 4, params=params)))
@@ -134,6 +154,7 @@ def test_constant_subgraph_stays_while_others_use_it():
 
 
 # -- bodies and functions -----------------------------------------------------------------------
+
 
 def branch(b: Builder, name: str, w: str, params, out: str) -> onnx.GraphProto:
     nodes = [
@@ -175,36 +196,61 @@ def test_loop_body():
             helper.make_node("Relu", ["bn_out"], ["v_out"]),
         ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", F, [1, 3, 5, 5])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", F, [1, 3, 5, 5])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", F, [1, 3, 5, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", F, [1, 3, 5, 5]),
+        ],
     )
     b.nodes.append(helper.make_node("Loop", [trip, "", x], ["y"], name="loop", body=body))
-    folded, report = check_fold(b.model("y", shape=[1, 3, 5, 5]))
+    _folded, report = check_fold(b.model("y", shape=[1, 3, 5, 5]))
     assert report.folded[0].name == "body_bn"
 
 
 def test_model_local_function():
     rng = np.random.default_rng(10)
-    consts = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v.astype(np.float32), n)) for n, v in (
-        ("w", rng.standard_normal((4, 3, 3, 3)) * 0.2), ("g", rng.uniform(0.5, 1.5, 4)), ("be", rng.standard_normal(4)),
-        ("mu", rng.standard_normal(4)), ("va", rng.uniform(0.5, 2, 4)))]
+    consts = [
+        helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v.astype(np.float32), n))
+        for n, v in (
+            ("w", rng.standard_normal((4, 3, 3, 3)) * 0.2),
+            ("g", rng.uniform(0.5, 1.5, 4)),
+            ("be", rng.standard_normal(4)),
+            ("mu", rng.standard_normal(4)),
+            ("va", rng.uniform(0.5, 2, 4)),
+        )
+    ]
     fn = helper.make_function(
-        "local", "ConvBn", ["x"], ["y"],
-        consts + [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
-                  helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "va"], ["y"])],
+        "local",
+        "ConvBn",
+        ["x"],
+        ["y"],
+        consts
+        + [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+            helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "va"], ["y"]),
+        ],
         [helper.make_opsetid("", 17)],
     )
-    graph = helper.make_graph([helper.make_node("ConvBn", ["input"], ["out"], domain="local", name="call")], "g",
-                              [helper.make_tensor_value_info("input", F, [1, 3, 5, 5])],
-                              [helper.make_tensor_value_info("out", F, [1, 4, 5, 5])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    graph = helper.make_graph(
+        [helper.make_node("ConvBn", ["input"], ["out"], domain="local", name="call")],
+        "g",
+        [helper.make_tensor_value_info("input", F, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("out", F, [1, 4, 5, 5])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn]
+    )
     model.ir_version = 10
-    folded, report = check_fold(model)
+    _folded, report = check_fold(model)
     assert report.before.batchnorms == 1 and report.after.batchnorms == 0
 
 
 # -- precision ----------------------------------------------------------------------------------
+
 
 def test_bfloat16_weights_fold_in_float64():
     ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -219,6 +265,7 @@ def test_bfloat16_weights_fold_in_float64():
 
 
 # -- backward folds and lowering ------------------------------------------------------------------
+
 
 def test_input_normalization_folds_backward_into_unpadded_conv():
     b = Builder(seed=12)
@@ -267,7 +314,7 @@ def test_backward_and_forward_into_the_same_layer():
     y = b.bn(b.conv(b.bn(cat, 8), 8, 6, 1, pad=0), 6)
     h = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
     h = b.bn(b.gemm(b.bn(b.relu(h), 6), 6, 5, alpha=1.5, beta=0.5), 5)
-    folded, report = check_fold(b.model(h))
+    _folded, report = check_fold(b.model(h))
     assert sorted(f.direction for f in report.folded) == ["backward", "backward", "forward", "forward"]
 
 
@@ -286,21 +333,40 @@ def test_function_values_do_not_borrow_main_graph_types():
     # not the MatMul's columns, so it must stay. The main graph also has an "x", of rank 2: were its rank
     # used, the fold would go through (4 channels either way) and compute something else.
     rng = np.random.default_rng(17)
-    consts = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v.astype(np.float32), n)) for n, v in (
-        ("w", rng.standard_normal((6, 4))), ("g", rng.uniform(0.5, 1.5, 4)), ("be", rng.standard_normal(4)),
-        ("mu", rng.standard_normal(4)), ("va", rng.uniform(0.5, 2, 4)))]
+    consts = [
+        helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v.astype(np.float32), n))
+        for n, v in (
+            ("w", rng.standard_normal((6, 4))),
+            ("g", rng.uniform(0.5, 1.5, 4)),
+            ("be", rng.standard_normal(4)),
+            ("mu", rng.standard_normal(4)),
+            ("va", rng.uniform(0.5, 2, 4)),
+        )
+    ]
     fn = helper.make_function(
-        "local", "Head", ["x"], ["y"],
-        consts + [helper.make_node("MatMul", ["x", "w"], ["h"]),
-                  helper.make_node("BatchNormalization", ["h", "g", "be", "mu", "va"], ["y"])],
+        "local",
+        "Head",
+        ["x"],
+        ["y"],
+        consts
+        + [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("BatchNormalization", ["h", "g", "be", "mu", "va"], ["y"]),
+        ],
         [helper.make_opsetid("", 17)],
     )
     graph = helper.make_graph(
-        [helper.make_node("Head", ["inp"], ["fo"], domain="local", name="call"), helper.make_node("Relu", ["m"], ["x"])],
-        "g", [helper.make_tensor_value_info("inp", F, [1, 4, 6]), helper.make_tensor_value_info("m", F, [3, 4])],
+        [
+            helper.make_node("Head", ["inp"], ["fo"], domain="local", name="call"),
+            helper.make_node("Relu", ["m"], ["x"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("inp", F, [1, 4, 6]), helper.make_tensor_value_info("m", F, [3, 4])],
         [helper.make_tensor_value_info("fo", F, [1, 4, 4]), helper.make_tensor_value_info("x", F, [3, 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[fn]
+    )
     model.ir_version = 10
     _, report = check_fold(model, left=1)
     assert report.left[0].reason in ("axis_mismatch", "unknown_rank")
@@ -322,5 +388,5 @@ def test_scan_body():
         [helper.make_tensor_value_info("s_out", F, [1, 6, 5])],
     )
     b.nodes.append(helper.make_node("Scan", [seq], ["y"], name="scan", body=body, num_scan_inputs=1))
-    folded, report = check_fold(b.model("y", shape=[3, 1, 6, 5]))
+    _folded, report = check_fold(b.model("y", shape=[3, 1, 6, 5]))
     assert [f.name for f in report.folded] == ["scan_bn"] and report.after.batchnorms == 0

@@ -4,16 +4,16 @@ import hashlib
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from conftest import assert_same, count_bn, feeds_for, rel_error
 
 import bnfold
-from bnfold.io import save as io_save, tensors as io_tensors
 from bnfold.cli import cli
-from conftest import assert_same, count_bn, feeds_for, rel_error
+from bnfold.io import save as io_save
+from bnfold.io import tensors as io_tensors
 from models import resnet_bottleneck
-
-import onnxruntime as ort
 
 
 def digest(path: Path) -> str:
@@ -38,7 +38,14 @@ def external_model(tmp_path):
     path.parent.mkdir()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # onnx.save rewrites the model it is given to point at the data file
-    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return path, model
 
 
@@ -177,6 +184,8 @@ def test_copies_without_kernel_copy_give_the_same_files(external_model, tmp_path
 
     monkeypatch.setattr(io_tensors.os, "copy_file_range", unavailable, raising=False)
     bnfold.fold_file(path, tmp_path / "python.onnx", external_data=external)
-    assert (tmp_path / "kernel.onnx").read_bytes() == (tmp_path / "python.onnx").read_bytes().replace(b"python.onnx", b"kernel.onnx")
+    assert (tmp_path / "kernel.onnx").read_bytes() == (tmp_path / "python.onnx").read_bytes().replace(
+        b"python.onnx", b"kernel.onnx"
+    )
     if external:
         assert digest(tmp_path / "kernel.onnx.data") == digest(tmp_path / "python.onnx.data")

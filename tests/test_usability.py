@@ -8,10 +8,10 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import count_bn
 
 import bnfold
 from bnfold.cli import cli
-from conftest import count_bn
 from models import densenet_preact, mlp_bn1d, resnet_bottleneck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,8 +98,22 @@ def test_quiet(batch, tmp_path):
 
 def test_no_colour_codes_in_pipes(batch, tmp_path):
     good, _ = batch
-    done = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(good[0]), "-o", str(tmp_path / "c.onnx"),
-                           "--verify", "--dim", "N=2"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnfold",
+            "fold",
+            str(good[0]),
+            "-o",
+            str(tmp_path / "c.onnx"),
+            "--verify",
+            "--dim",
+            "N=2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "\x1b[" not in done.stdout and done.stderr == ""
 
 
@@ -115,8 +129,19 @@ def test_help_reads_well(command):
     text = result.output
     assert "Usage:" in text and len(text.splitlines()) < 80
     if command == ["fold"]:
-        for option in ("--output", "--dry-run", "--jobs", "--json", "--quiet", "--verify", "--providers",
-                       "--per-layer", "--lower-standalone", "--external-data", "Exit codes"):
+        for option in (
+            "--output",
+            "--dry-run",
+            "--jobs",
+            "--json",
+            "--quiet",
+            "--verify",
+            "--providers",
+            "--per-layer",
+            "--lower-standalone",
+            "--external-data",
+            "Exit codes",
+        ):
             assert option in text
     if command == []:
         assert all(c in text for c in ("fold", "verify", "inspect"))

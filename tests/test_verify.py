@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import HAS_CUDA, requires_cuda
 from onnx import helper, numpy_helper
 
 import bnfold
@@ -13,7 +14,6 @@ from bnfold.cli import cli
 from bnfold.errors import BnfoldError
 from bnfold.verification import ErrorStats, verify
 from bnfold.verification.compare import accumulate
-from conftest import HAS_CUDA, requires_cuda
 from models import Builder, resnet_bottleneck
 
 
@@ -55,7 +55,7 @@ def test_correct_fold_verifies(pair):
 
 
 def test_wrong_channel_fails_and_per_layer_names_it(pair, tmp_path):
-    orig, _, model, folded = pair
+    orig, _, _model, folded = pair
     bad, layer = scaled_channel(folded)
     bad_path = save(bad, tmp_path / "bad.onnx")
     result = invoke("verify", orig, bad_path, "--per-layer", "--json")
@@ -135,8 +135,12 @@ def test_multi_input_int64_bool_dynamic_batch_and_output_order(tmp_path):
     assert report.outputs[1].rtol == 0 and report.outputs[1].atol == 0  # integers compare exactly
     o, c = save(model, tmp_path / "m.onnx"), save(folded, tmp_path / "f.onnx")
     assert invoke("verify", o, c, "--dim", "batch=5").exit_code == 0
-    assert invoke("verify", o, c, "--input-shape", "x=2,3,6,6", "--input-shape", "idx=2",
-                  "--input-shape", "flag=2,4,6,6").exit_code == 0
+    assert (
+        invoke(
+            "verify", o, c, "--input-shape", "x=2,3,6,6", "--input-shape", "idx=2", "--input-shape", "flag=2,4,6,6"
+        ).exit_code
+        == 0
+    )
 
 
 def test_npz_inputs(pair, tmp_path):
@@ -152,7 +156,7 @@ def test_npz_inputs(pair, tmp_path):
 
 
 def test_missing_output_fails(pair, tmp_path):
-    orig, _, _, folded = pair
+    _orig, _, _, _folded = pair
     b = Builder(seed=0)
     x = b.input("x", [1, 3, 4, 4])
     one = b.model(b.relu(x))

@@ -16,8 +16,15 @@ from .common import Scope
 from .plan import Env, FoldPlan, GraphPlan, function_graph, make_scope, model_env
 
 
-def _apply_graph(graph: onnx.GraphProto, plan: GraphPlan, env: Env, types: Optional[TypeLookup],
-                 outer: Optional[Scope], lists_initializers: bool, opset: int) -> List[str]:
+def _apply_graph(
+    graph: onnx.GraphProto,
+    plan: GraphPlan,
+    env: Env,
+    types: Optional[TypeLookup],
+    outer: Optional[Scope],
+    lists_initializers: bool,
+    opset: int,
+) -> List[str]:
     """Rewrite one graph and its bodies; returns freed names this graph does not define (outer ones)."""
     if len(graph.node) != plan.nodes:
         raise ValueError(f"the plan for the {plan.where} was made for another graph")
@@ -49,8 +56,9 @@ def _apply_function(fn: onnx.FunctionProto, plan: GraphPlan, env: Env) -> None:
     graph, types, opset = function_graph(fn)
     _apply_graph(graph, plan, env, types, None, False, opset or env.opset)
     constants = [
-        onnx.helper.make_node("Constant", [], [t.name], name=t.name,
-                              value=numpy_helper.from_array(np.asarray(env.store.read(t)), t.name))
+        onnx.helper.make_node(
+            "Constant", [], [t.name], name=t.name, value=numpy_helper.from_array(np.asarray(env.store.read(t)), t.name)
+        )
         for t in graph.initializer
     ]
     del fn.node[:]

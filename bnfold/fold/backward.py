@@ -20,8 +20,14 @@ from .forward import constant_weight, constant_weights
 
 # Left-alone reasons about the producer side: only those BNs may still fold backward.
 PRODUCER_REASONS = {
-    Code.NO_PRODUCER, Code.UNSUPPORTED_PRODUCER, Code.SHARED_PRODUCER_OUTPUT, Code.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT,
-    Code.PRODUCER_WEIGHT_NOT_CONSTANT, Code.AXIS_MISMATCH, Code.UNKNOWN_RANK, Code.UNSUPPORTED_DTYPE,
+    Code.NO_PRODUCER,
+    Code.UNSUPPORTED_PRODUCER,
+    Code.SHARED_PRODUCER_OUTPUT,
+    Code.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT,
+    Code.PRODUCER_WEIGHT_NOT_CONSTANT,
+    Code.AXIS_MISMATCH,
+    Code.UNKNOWN_RANK,
+    Code.UNSUPPORTED_DTYPE,
     Code.CHANNEL_MISMATCH,
 }
 Rewrite = Callable[[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
@@ -50,7 +56,9 @@ def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
         return w
     pads, auto_pad = attr(node, "pads", []), str_attr(node, "auto_pad", "NOTSET")
     if any(pads) or auto_pad not in ("NOTSET", "VALID"):
-        return Reason(Code.PADDED_CONSUMER, f"Conv '{node_label(node)}' pads its input (pads={list(pads)}, auto_pad={auto_pad})")
+        return Reason(
+            Code.PADDED_CONSUMER, f"Conv '{node_label(node)}' pads its input (pads={list(pads)}, auto_pad={auto_pad})"
+        )
     group = attr(node, "group", 1)
     m, per_group = w.shape[0], w.shape[1]
 
@@ -68,7 +76,9 @@ def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
 
 def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     if attr(node, "transA", 0):
-        return Reason(Code.AXIS_MISMATCH, f"Gemm '{node_label(node)}' transposes A: the BN's channels are not its K axis")
+        return Reason(
+            Code.AXIS_MISMATCH, f"Gemm '{node_label(node)}' transposes A: the BN's channels are not its K axis"
+        )
     b = constant_weights(scope, node, ("B", "C"))
     if isinstance(b, Reason):
         return b
@@ -89,7 +99,10 @@ def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
         return w
     rank = scope.rank(node.input[0])
     if w.ndim != 2 or rank != 2:
-        return Reason(Code.AXIS_MISMATCH, f"MatMul '{node_label(node)}' is not a rank-2 product: the BN's channels are not its K axis")
+        return Reason(
+            Code.AXIS_MISMATCH,
+            f"MatMul '{node_label(node)}' is not a rank-2 product: the BN's channels are not its K axis",
+        )
     return Consumer(w.shape[0], lambda W, B, s, t: (W * s[:, None], t @ W), to_gemm=True)
 
 
@@ -141,6 +154,12 @@ def apply(scope: Scope, fold: Backward) -> List[str]:
     new_w, new_b = how.rewrite(w.astype(np.float64), bias, fold.affine.s, fold.affine.t)
     freed = list(bn.input) + list(old.input)
     index.remove_node(fold.bn)
-    rewrite_layer(scope, fold.consumer, new_w.astype(w.dtype), np.asarray(new_b).astype(w.dtype),
-                  to_gemm=how.to_gemm, x=bn.input[0])
+    rewrite_layer(
+        scope,
+        fold.consumer,
+        new_w.astype(w.dtype),
+        np.asarray(new_b).astype(w.dtype),
+        to_gemm=how.to_gemm,
+        x=bn.input[0],
+    )
     return freed

@@ -61,7 +61,9 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
         )
     extra = [o for o in node.output[1:] if o]
     if extra:
-        return Reason(Code.STATISTICS_OUTPUTS, f"outputs {', '.join(extra)} are requested, which only training mode computes")
+        return Reason(
+            Code.STATISTICS_OUTPUTS, f"outputs {', '.join(extra)} are requested, which only training mode computes"
+        )
     params = []
     for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
         if scope.index.is_overridable(name):
@@ -73,11 +75,13 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
     if len({p.shape for p in params}) != 1 or params[0].ndim < 1:
         shapes = ", ".join(str(p.shape) for p in params)
         return Reason(Code.CHANNEL_MISMATCH, f"its parameters have inconsistent shapes {shapes}")
-    s, t = scale_shift(*params, epsilon=attr(node, "epsilon", DEFAULT_EPSILON))
+    s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=attr(node, "epsilon", DEFAULT_EPSILON))
     if s.ndim > 1:  # spatial=0: per-activation parameters (C, D1, ...)
         flat_s, flat_t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
         if not (np.all(flat_s == flat_s[:, :1]) and np.all(flat_t == flat_t[:, :1])):
-            return Reason(Code.PER_ACTIVATION_PARAMETERS, f"spatial=0 parameters of shape {s.shape} vary along the spatial axes")
+            return Reason(
+                Code.PER_ACTIVATION_PARAMETERS, f"spatial=0 parameters of shape {s.shape} vary along the spatial axes"
+            )
         s, t = flat_s[:, 0], flat_t[:, 0]
     return Affine(s, t)
 

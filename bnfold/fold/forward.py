@@ -56,19 +56,30 @@ class Chain:
 
 # -- targets ------------------------------------------------------------------------------------
 
+
 def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
     name = node.input[slot]
     if scope.index.is_overridable(name):
-        return Reason(Code.OVERRIDABLE_INITIALIZER, f"{role} '{name}' of {node.op_type} '{node_label(node)}' is a graph input a caller may override")
+        return Reason(
+            Code.OVERRIDABLE_INITIALIZER,
+            f"{role} '{name}' of {node.op_type} '{node_label(node)}' is a graph input a caller may override",
+        )
     value = scope.constant(name)
     if value is None:
-        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"{role} '{name}' of {node.op_type} '{node_label(node)}' is computed at run time")
+        return Reason(
+            Code.PRODUCER_WEIGHT_NOT_CONSTANT,
+            f"{role} '{name}' of {node.op_type} '{node_label(node)}' is computed at run time",
+        )
     if not is_float(value):
-        return Reason(Code.UNSUPPORTED_DTYPE, f"{role} '{name}' of {node.op_type} '{node_label(node)}' is {value.dtype}")
+        return Reason(
+            Code.UNSUPPORTED_DTYPE, f"{role} '{name}' of {node.op_type} '{node_label(node)}' is {value.dtype}"
+        )
     return value
 
 
-def constant_weights(scope: Scope, node: onnx.NodeProto, roles=("weight", "bias")) -> Union[np.ndarray, Reason]:
+def constant_weights(
+    scope: Scope, node: onnx.NodeProto, roles: Tuple[str, str] = ("weight", "bias")
+) -> Union[np.ndarray, Reason]:
     """The node's weight (input 1) when it, and its bias (input 2) if any, are foldable constants."""
     w = constant_weight(scope, node, 1, roles[0])
     if not isinstance(w, Reason) and len(node.input) > 2 and node.input[2]:
@@ -83,7 +94,7 @@ def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
     if isinstance(w, Reason):
         return w
 
-    def scale(W, s):
+    def scale(W: np.ndarray, s: np.ndarray) -> np.ndarray:
         return s.reshape((-1,) + (1,) * (W.ndim - 1))
 
     return Target("Conv", w.shape[0], w.ndim, 1, 2, scale)
@@ -96,9 +107,11 @@ def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]
     group = attr(node, "group", 1)
     c_in, per_group = w.shape[0], w.shape[1]
     if c_in % group:
-        return Reason(Code.CHANNEL_MISMATCH, f"ConvTranspose '{node_label(node)}' has {c_in} input channels for group={group}")
+        return Reason(
+            Code.CHANNEL_MISMATCH, f"ConvTranspose '{node_label(node)}' has {c_in} input channels for group={group}"
+        )
 
-    def scale(W, s):
+    def scale(W: np.ndarray, s: np.ndarray) -> np.ndarray:
         # Weight layout (C_in, C_out/group, k...): output channel g*C_out/group + j lives in the rows
         # of group g, column j.
         rows = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
@@ -113,7 +126,7 @@ def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
         return b
     trans_b = attr(node, "transB", 0)
 
-    def scale(B, s):
+    def scale(B: np.ndarray, s: np.ndarray) -> np.ndarray:
         return s[:, None] if trans_b else s[None, :]
 
     return Target("Gemm", b.shape[0] if trans_b else b.shape[1], 2, 1, 2, scale, bias_scale=attr(node, "beta", 1.0))
@@ -125,9 +138,12 @@ def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
         return w
     rank = scope.rank(node.input[0])
     if w.ndim == 2 and rank is None:
-        return Reason(Code.UNKNOWN_RANK, f"the rank of '{node.input[0]}' (input of MatMul '{node_label(node)}') is unknown")
+        return Reason(
+            Code.UNKNOWN_RANK, f"the rank of '{node.input[0]}' (input of MatMul '{node_label(node)}') is unknown"
+        )
     if w.ndim != 2 or rank != 2:
-        return Reason(Code.AXIS_MISMATCH,
+        return Reason(
+            Code.AXIS_MISMATCH,
             f"MatMul '{node_label(node)}' multiplies a rank-{rank} input by a rank-{w.ndim} weight: "
             "its output columns are not on axis 1",
         )
@@ -139,6 +155,7 @@ AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 
 
 # -- planning -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -171,7 +188,16 @@ def _affine_operand(scope: Scope, node: onnx.NodeProto) -> Optional[Tuple[str, n
     ca, cb = (None if scope.index.is_overridable(n) else scope.constant(n) for n in (a, b))
     if (ca is None) == (cb is None):
         return None
-    return (b, ca) if cb is None else (a, cast(np.ndarray, cb))
+    return (b, cast(np.ndarray, ca)) if cb is None else (a, cb)
+
+
+def _fixed(affine: Affine) -> Callable[[Chain], Optional[Affine]]:
+    return lambda chain: affine
+
+
+def _operand_map(node: onnx.NodeProto, x: str, const: np.ndarray) -> Callable[[Chain], Optional[Affine]]:
+    """The affine map of an Add/Sub/Mul/Div by a constant, once the chain says its rank and channels."""
+    return lambda chain: _affine_of(node, x, const, chain.target.rank, chain.target.channels)
 
 
 def plan(scope: Scope) -> Plan:
@@ -183,7 +209,7 @@ def plan(scope: Scope) -> Plan:
         node = index.node(i)
         if is_batchnorm(node):
             affine = check_batchnorm(scope, node)
-            found = affine if isinstance(affine, Reason) else _extend(scope, chains, i, node.input[0], lambda c: affine)
+            found = affine if isinstance(affine, Reason) else _extend(scope, chains, i, node.input[0], _fixed(affine))
             if isinstance(found, Reason):
                 left[i] = found
             else:
@@ -192,13 +218,14 @@ def plan(scope: Scope) -> Plan:
             operand = _affine_operand(scope, node)
             if operand:
                 x, const = operand
-                _extend(scope, chains, i, x, lambda c: _affine_of(node, x, const, c.target.rank, c.target.channels))
+                _extend(scope, chains, i, x, _operand_map(node, x, const))
     kept = [c for c in chains.values() if c.bns]
     return Plan(tuple(sorted(kept, key=lambda c: c.producer)), left)
 
 
-def _extend(scope: Scope, chains: Dict[str, Chain], i: int, x: str,
-            affine_for: Callable[[Chain], Optional[Affine]]) -> Union[Chain, Reason]:
+def _extend(
+    scope: Scope, chains: Dict[str, Chain], i: int, x: str, affine_for: Callable[[Chain], Optional[Affine]]
+) -> Union[Chain, Reason]:
     """Add node ``i`` (reading ``x``) to the chain that ends at ``x``, starting one if needed."""
     index = scope.index
     chain = chains.get(x)
@@ -209,7 +236,9 @@ def _extend(scope: Scope, chains: Dict[str, Chain], i: int, x: str,
         producer = index.node(p)
         make = TARGETS.get(producer.op_type) if producer.domain in ONNX_DOMAINS else None
         if make is None:
-            return Reason(Code.UNSUPPORTED_PRODUCER, f"its input comes from {producer.op_type} '{node_label(producer)}'")
+            return Reason(
+                Code.UNSUPPORTED_PRODUCER, f"its input comes from {producer.op_type} '{node_label(producer)}'"
+            )
         target = make(scope, producer)
         if isinstance(target, Reason):
             return target
@@ -235,6 +264,7 @@ def _extend(scope: Scope, chains: Dict[str, Chain], i: int, x: str,
 
 # -- rewriting ----------------------------------------------------------------------------------
 
+
 def apply(scope: Scope, chain: Chain) -> List[str]:
     """Rewrite one chain; returns the names that may have become unused."""
     index = scope.index
@@ -256,6 +286,13 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
     freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)
     for i in chain.steps:
         index.remove_node(i)
-    rewrite_layer(scope, chain.producer, new_w, new_b, to_gemm=target.to_gemm,
-                  bias_slot=max(target.bias_slot, 2), output=chain.end)
+    rewrite_layer(
+        scope,
+        chain.producer,
+        new_w,
+        new_b,
+        to_gemm=target.to_gemm,
+        bias_slot=max(target.bias_slot, 2),
+        output=chain.end,
+    )
     return freed

@@ -15,7 +15,10 @@ from .common import Affine, Scope, check_batchnorm
 
 # Reasons that say the BN is not a fixed affine map: those stay BatchNormalization.
 INTRINSIC = {
-    Code.TRAINING_MODE, Code.STATISTICS_OUTPUTS, Code.NON_CONSTANT_PARAMETER, Code.OVERRIDABLE_INITIALIZER,
+    Code.TRAINING_MODE,
+    Code.STATISTICS_OUTPUTS,
+    Code.NON_CONSTANT_PARAMETER,
+    Code.OVERRIDABLE_INITIALIZER,
     Code.PER_ACTIVATION_PARAMETERS,
 }
 

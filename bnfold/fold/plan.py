@@ -61,10 +61,22 @@ class Env:
     lower_standalone: bool
 
 
-def make_scope(graph: onnx.GraphProto, env: Env, types: Optional[TypeLookup], outer: Optional[Scope], *,
-               lists_initializers: bool, opset: Optional[int] = None) -> Scope:
-    index = GraphIndex(graph, store=env.store, lists_initializers=lists_initializers, taken_names=env.taken,
-                       outer=outer.index if outer else None)
+def make_scope(
+    graph: onnx.GraphProto,
+    env: Env,
+    types: Optional[TypeLookup],
+    outer: Optional[Scope],
+    *,
+    lists_initializers: bool,
+    opset: Optional[int] = None,
+) -> Scope:
+    index = GraphIndex(
+        graph,
+        store=env.store,
+        lists_initializers=lists_initializers,
+        taken_names=env.taken,
+        outer=outer.index if outer else None,
+    )
     opset = opset or env.opset
     consts = Constants(index, opset=opset, types=types, outer=outer.consts if outer else None)
     return Scope(index, consts, types, opset)
@@ -86,7 +98,9 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         node = index.node(i)
         for k, body in enumerate(subgraphs(node)):
             inner = make_scope(body, env, types, scope, lists_initializers=False, opset=scope.opset)
-            bodies.append(_plan_graph(inner, env, types, f"{where} > {node.op_type} '{node_label(node)}' body {k}", notes))
+            bodies.append(
+                _plan_graph(inner, env, types, f"{where} > {node.op_type} '{node_label(node)}' body {k}", notes)
+            )
     fwd = forward.plan(scope)
     for chain in fwd.chains:
         producer = index.node(chain.producer)
@@ -109,8 +123,9 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
     for i, reason in sorted(left.items()):
         node = index.node(i)
         notes.left.append(LeftBN(node_label(node), node.output[0], reason.code.value, reason.message))
-    return GraphPlan(where, len(index.nodes), fwd.chains, tuple(backs), tuple(lowered), tuple(sorted(left.items())),
-                     tuple(bodies))
+    return GraphPlan(
+        where, len(index.nodes), fwd.chains, tuple(backs), tuple(lowered), tuple(sorted(left.items())), tuple(bodies)
+    )
 
 
 def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup, int]:
@@ -118,7 +133,9 @@ def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup,
     function value never borrows the type of a main-graph value of the same name."""
     opset = next((o.version for o in fn.opset_import if o.domain in ONNX_DOMAINS), 0)
     graph = onnx.helper.make_graph(
-        list(fn.node), fn.name, [onnx.helper.make_empty_tensor_value_info(n) for n in fn.input],
+        list(fn.node),
+        fn.name,
+        [onnx.helper.make_empty_tensor_value_info(n) for n in fn.input],
         [onnx.helper.make_empty_tensor_value_info(n) for n in fn.output],
     )
     imports = list(fn.opset_import) or [onnx.helper.make_opsetid("", opset)]

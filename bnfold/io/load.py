@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import BnfoldError
 from ..proto import external_location, initializers, set_location
-from .tensors import PENDING, Source, data_files, locate
+from .tensors import PENDING, Source, data_files
 from .wire import WireError, strip_raw_data
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,7 +43,9 @@ def regular_file(path: Path, what: str = "") -> os.stat_result:
 def file_size(path: Path, model: onnx.ModelProto) -> int:
     """Bytes of a model file and its external data files."""
     own = path.resolve()
-    return path.stat().st_size + sum(f.stat().st_size for f in data_files(model, path.parent) if f != own and f.is_file())
+    return path.stat().st_size + sum(
+        f.stat().st_size for f in data_files(model, path.parent) if f != own and f.is_file()
+    )
 
 
 def check_external(model: onnx.ModelProto, source: Source) -> None:

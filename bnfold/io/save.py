@@ -8,7 +8,7 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, BinaryIO, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -44,7 +44,7 @@ def _umask() -> int:
     return mask
 
 
-def _temp(path: Path, written: List[str]):
+def _temp(path: Path, written: List[str]) -> Tuple[BinaryIO, str]:
     """A new temporary file beside ``path`` (recorded in ``written``), open for unbuffered writing,
     with the mode a newly created file would get. It is written through the descriptor mkstemp
     opened: reopening with truncation would make ext4 flush the whole file on close."""
@@ -54,7 +54,7 @@ def _temp(path: Path, written: List[str]):
     return os.fdopen(fd, "wb", buffering=0), tmp
 
 
-def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -> None:
+def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out: BinaryIO) -> None:
     """Move every large tensor to ``out`` (the data file), in model order."""
     offset = 0
     for t in initializers(model):
@@ -74,7 +74,7 @@ def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out) -
     source.deferred.clear()
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
     for fd, value in src.ListFields():
         if fd.name == skip:
             continue
@@ -87,7 +87,7 @@ def _copy_fields(src, dst, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
+def _write_inline(model: onnx.ModelProto, source: Source, f: BinaryIO) -> None:
     """Serialize ``model`` with every main-graph tensor's bytes spliced in from its source, so that
     no weight is copied into protobuf (field order does not matter to a protobuf parser)."""
     graph = model.graph
@@ -121,8 +121,9 @@ def _write_inline(model: onnx.ModelProto, source: Source, f) -> None:
             source.write_to(tensor, f)
 
 
-def save(model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None,
-         external: Optional[bool] = None) -> int:
+def save(
+    model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None, external: Optional[bool] = None
+) -> int:
     """Write ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
 
     ``external`` None chooses: external data when the model already has some (beyond the input

@@ -7,7 +7,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Set
+from typing import BinaryIO, Callable, Dict, Iterator, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -65,12 +65,14 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Pat
         raise BnfoldError(f"tensor '{name}': external data has no usable location")
     parts = location.replace("\\", "/").split("/")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-        raise BnfoldError(f"tensor '{name}': external data location '{location}' is absolute; "
-                          "only paths inside the model's folder are read")
+        raise BnfoldError(
+            f"tensor '{name}': external data location '{location}' is absolute; "
+            "only paths inside the model's folder are read"
+        )
     if ".." in parts:
         raise BnfoldError(f"tensor '{name}': external data location '{location}' climbs out of the model's folder")
     folder = base_dir.resolve()
-    path = (base_dir / location)
+    path = base_dir / location
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):
@@ -86,8 +88,10 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Pat
     if not stat.S_ISREG(st.st_mode):
         raise BnfoldError(f"tensor '{name}': external data location '{location}' is not a regular file")
     if st.st_nlink > 1 and (model_file is None or real != model_file.resolve()):
-        raise BnfoldError(f"tensor '{name}': external data file '{location}' has other hard links, which may lie "
-                          "outside the model's folder; copy it (cp) to read it")
+        raise BnfoldError(
+            f"tensor '{name}': external data file '{location}' has other hard links, which may lie "
+            "outside the model's folder; copy it (cp) to read it"
+        )
     offset = _int_field(info, "offset", name) or 0
     try:
         needed = tensor_nbytes(tensor)
@@ -95,11 +99,14 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Pat
         raise BnfoldError(f"tensor '{name}': {exc}") from None
     length = _int_field(info, "length", name)
     if length is not None and length != needed:
-        raise BnfoldError(f"tensor '{name}': external data length {length} disagrees with its shape and type "
-                          f"({needed} bytes)")
+        raise BnfoldError(
+            f"tensor '{name}': external data length {length} disagrees with its shape and type ({needed} bytes)"
+        )
     if offset + needed > st.st_size:
-        raise BnfoldError(f"external data file {path} is too short for tensor '{name}' "
-                          f"(needs bytes {offset} to {offset + needed}, has {st.st_size})")
+        raise BnfoldError(
+            f"external data file {path} is too short for tensor '{name}' "
+            f"(needs bytes {offset} to {offset + needed}, has {st.st_size})"
+        )
     return Location(real, offset, needed)
 
 
@@ -112,7 +119,7 @@ def data_files(model: onnx.ModelProto, base_dir: Path) -> Set[Path]:
     }
 
 
-def _write_all(f, data) -> int:  # type: ignore[no-untyped-def]
+def _write_all(f: BinaryIO, data: Union[bytes, memoryview]) -> int:
     """Write everything to an unbuffered file (a raw write may take only part of it)."""
     view, done = memoryview(data), 0
     while done < len(view):
@@ -124,13 +131,14 @@ class Source:
     """Turns initializers into numpy arrays: inline ones parsed, file-backed ones memory-mapped (never
     read whole, never cached here), deferred ones computed. Implements :class:`graph.TensorStore`."""
 
-    def __init__(self, base_dir: Optional[Path], inline_refs: Optional[Set[str]] = None,
-                 model_file: Optional[Path] = None) -> None:
+    def __init__(
+        self, base_dir: Optional[Path], inline_refs: Optional[Set[str]] = None, model_file: Optional[Path] = None
+    ) -> None:
         self.base_dir = base_dir
         self.model_file = model_file
         self.inline_refs = inline_refs or set()  # tensors that live inside the input .onnx file
         self.deferred: Dict[str, Deferred] = {}
-        self._locations: Dict[tuple, Location] = {}  # type: ignore[type-arg]
+        self._locations: Dict[Tuple[str, ...], Location] = {}
         self._fds: Dict[Path, int] = {}
 
     def close(self) -> None:
@@ -202,9 +210,9 @@ class Source:
         """The tensor's little-endian bytes, in pieces of at most CHUNK bytes."""
         if not self.is_file_backed(tensor):
             array = np.ascontiguousarray(self.read(tensor))
-            view = memoryview(array.reshape(-1).view(np.uint8))
+            view = memoryview(array.reshape(-1).view(np.uint8).data)
             for start in range(0, len(view), CHUNK):
-                yield view[start:start + CHUNK]
+                yield view[start : start + CHUNK]
             return
         loc = self.location(tensor)
         length = loc.length
@@ -217,7 +225,7 @@ class Source:
                 yield memoryview(block)
                 length -= len(block)
 
-    def write_to(self, tensor: onnx.TensorProto, out) -> int:  # type: ignore[no-untyped-def]
+    def write_to(self, tensor: onnx.TensorProto, out: BinaryIO) -> int:
         """Append the tensor's bytes to the unbuffered file ``out``; returns how many. Unchanged bytes of
         a file are copied by the kernel (copy_file_range) where it can, never through Python."""
         if self.is_file_backed(tensor) and hasattr(os, "copy_file_range"):
@@ -254,7 +262,7 @@ class Source:
         self._locations.clear()
 
 
-def _map(loc: Location, dtype: np.dtype, shape: tuple) -> np.ndarray:  # type: ignore[type-arg]
+def _map(loc: Location, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
     """Mapped afresh for each use and unmapped when dropped: touched pages do not pile up in RSS."""
     if loc.length == 0:
         return np.zeros(shape, dtype)

@@ -29,8 +29,14 @@ from .options import PROVIDERS, InputsLike, VerifyOptions
 from .sessions import check_providers, make_session, session_source
 
 __all__ = [
-    "ErrorStats", "VerifyOptions", "VerifyReport", "check_providers", "input_specs", "random_input",
-    "resolve_shape", "verify",
+    "ErrorStats",
+    "VerifyOptions",
+    "VerifyReport",
+    "check_providers",
+    "input_specs",
+    "random_input",
+    "resolve_shape",
+    "verify",
 ]
 
 ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
@@ -100,9 +106,20 @@ def verify(
     (names survive folding) and names the first that diverges. ``progress`` is called with the
     number of samples done after each one. User errors raise :class:`bnfold.BnfoldError`.
     """
-    o = VerifyOptions.of(options, providers=None if providers is None else tuple(providers), rtol=rtol, atol=atol,
-                         samples=samples, seed=seed, dims=dims, input_shapes=input_shapes, inputs=inputs,
-                         per_layer=per_layer, graph_optimization=graph_optimization, allow_tf32=allow_tf32)
+    o = VerifyOptions.of(
+        options,
+        providers=None if providers is None else tuple(providers),
+        rtol=rtol,
+        atol=atol,
+        samples=samples,
+        seed=seed,
+        dims=dims,
+        input_shapes=input_shapes,
+        inputs=inputs,
+        per_layer=per_layer,
+        graph_optimization=graph_optimization,
+        allow_tf32=allow_tf32,
+    )
     provider_names = check_providers(o.providers)
     ref_model, ref_path = _proto_and_path(original)
     cand_model, cand_path = _proto_and_path(candidate)
@@ -118,20 +135,31 @@ def verify(
         cand_model = _with_outputs(cand_model, layer_names, types)
     uses_cuda = "CUDAExecutionProvider" in provider_names
     report = VerifyReport(
-        passed=False, providers=provider_names, samples=0, seed=o.seed, rtol=o.rtol, atol=o.atol,
-        graph_optimization=o.graph_optimization, tf32=o.allow_tf32 if uses_cuda else None,
+        passed=False,
+        providers=provider_names,
+        samples=0,
+        seed=o.seed,
+        rtol=o.rtol,
+        atol=o.atol,
+        graph_optimization=o.graph_optimization,
+        tf32=o.allow_tf32 if uses_cuda else None,
     )
     if uses_cuda:
         report.notes.append(
-            "TF32 is allowed on CUDA: float32 tolerances widened to match" if o.allow_tf32
+            "TF32 is allowed on CUDA: float32 tolerances widened to match"
+            if o.allow_tf32
             else "TF32 is off on CUDA, so differences are the fold's, not the math mode's"
         )
     stats: Dict[Tuple[str, str], ErrorStats] = {}
     with ExitStack() as stack:
         ref = make_session(session_source(ref_model, ref_path, o.per_layer, stack))
         cands = [
-            (p, make_session(session_source(cand_model, cand_path, o.per_layer, stack), p, o.graph_optimization,
-                             o.allow_tf32))
+            (
+                p,
+                make_session(
+                    session_source(cand_model, cand_path, o.per_layer, stack), p, o.graph_optimization, o.allow_tf32
+                ),
+            )
             for p in provider_names
         ]
         ref_outputs = [out.name for out in ref.get_outputs()]
@@ -144,7 +172,9 @@ def verify(
                 for name, value in ref_vals.items():
                     key = (name, provider)
                     if key not in stats:
-                        r, a = tolerance(value.dtype, o.rtol, o.atol, o.allow_tf32 and provider == "CUDAExecutionProvider")
+                        r, a = tolerance(
+                            value.dtype, o.rtol, o.atol, o.allow_tf32 and provider == "CUDAExecutionProvider"
+                        )
                         stats[key] = ErrorStats(name, r, a, provider=_short(provider))
                     if name not in got:
                         stats[key].missing = True

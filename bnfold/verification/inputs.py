@@ -35,8 +35,9 @@ def input_specs(model: onnx.ModelProto) -> List[Spec]:
     return specs
 
 
-def resolve_shape(name: str, dims: Sequence[Dim], dim_sizes: Mapping[str, int],
-                  shapes: Mapping[str, Sequence[int]]) -> Tuple[int, ...]:
+def resolve_shape(
+    name: str, dims: Sequence[Dim], dim_sizes: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
+) -> Tuple[int, ...]:
     if name in shapes:
         return tuple(int(d) for d in shapes[name])
     out = []
@@ -44,7 +45,7 @@ def resolve_shape(name: str, dims: Sequence[Dim], dim_sizes: Mapping[str, int],
         if isinstance(d, int) and d > 0:
             out.append(d)
         else:
-            out.append(int(dim_sizes.get(d, DEFAULT_DIM)) if d else DEFAULT_DIM)
+            out.append(int(dim_sizes.get(d, DEFAULT_DIM)) if isinstance(d, str) and d else DEFAULT_DIM)
     return tuple(out)
 
 
@@ -78,7 +79,9 @@ def sample_feeds(
         yield {n: random_input(rng, dt, resolve_shape(n, dims, dim_sizes, shapes)) for n, dt, dims in specs}
 
 
-def load_inputs(inputs: Union[str, "os.PathLike[str]", Mapping[str, np.ndarray], None]) -> Optional[Mapping[str, np.ndarray]]:
+def load_inputs(
+    inputs: Union[str, os.PathLike[str], Mapping[str, np.ndarray], None],
+) -> Optional[Mapping[str, np.ndarray]]:
     if inputs is None or isinstance(inputs, Mapping):
         return inputs
     path = Path(inputs)

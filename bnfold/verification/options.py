@@ -49,7 +49,9 @@ class VerifyOptions:
         if self.samples < 1:
             raise BnfoldError("--samples must be at least 1")
         if self.graph_optimization not in OPT_LEVELS:
-            raise BnfoldError(f"unknown optimization level '{self.graph_optimization}': choose from {', '.join(OPT_LEVELS)}")
+            raise BnfoldError(
+                f"unknown optimization level '{self.graph_optimization}': choose from {', '.join(OPT_LEVELS)}"
+            )
         for name, size in self.dims.items():
             if int(size) < 1:
                 raise BnfoldError(f"--dim {name}={size}: a dimension must be at least 1")

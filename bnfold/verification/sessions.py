@@ -16,7 +16,12 @@ from ..io.tensors import Source
 from ..proto import external_location
 from .options import PROVIDERS
 
-LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def ort() -> Any:
@@ -49,8 +54,9 @@ def check_providers(names: Sequence[str]) -> List[str]:
     return out
 
 
-def make_session(source: Union[str, bytes], provider: str = "CPUExecutionProvider", level: str = "disable",
-                 tf32: bool = False) -> Any:
+def make_session(
+    source: Union[str, bytes], provider: str = "CPUExecutionProvider", level: str = "disable", tf32: bool = False
+) -> Any:
     rt = ort()
     opts = rt.SessionOptions()
     opts.graph_optimization_level = getattr(rt.GraphOptimizationLevel, LEVELS[level])
@@ -85,7 +91,8 @@ def session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool, 
     if path is None or not _has_external(model):
         return model.SerializeToString()
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
-    source, linked = Source(path.parent, model_file=path), {}  # type: Source, Dict[Path, str]
+    source = Source(path.parent, model_file=path)
+    linked: Dict[Path, str] = {}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     tensors = [t for t in copy.graph.initializer if external_location(t) is not None]

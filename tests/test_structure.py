@@ -1,0 +1,103 @@
+"""The shape of the code: imports flow one way, and the public API is typed."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Set
+
+import bnfold
+
+PACKAGE = Path(bnfold.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: Set[str]) -> Set[str]:
+    """The bnfold modules a module imports, at any place in it (type-checking imports included).
+    ``from pkg import mod`` is an edge to ``pkg.mod``; ``from pkg import name`` one to ``pkg``."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("bnfold"):
+                for a in node.names:
+                    out.add(f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("bnfold"))
+    return out
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in _imports(path, set(modules)) if m in modules and m != name}
+    return graph
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(n: str) -> List[str]:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return [*stack[stack.index(m) :], m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return []
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "bnfold.proto" in graph and graph["bnfold.proto"] == set(), "proto.py is a leaf"
+    assert not any(m.startswith("bnfold.io") for m in graph["bnfold.graph"]), "the index knows no file format"
+    assert find_cycle(graph) == []
+
+
+def test_a_cycle_is_found():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_public_api_is_annotated():
+    for name in bnfold.__all__:
+        obj = getattr(bnfold, name)
+        if inspect.isfunction(obj):
+            sig = inspect.signature(obj)
+            assert sig.return_annotation is not inspect.Signature.empty, name
+            for p in sig.parameters.values():
+                assert p.annotation is not inspect.Parameter.empty, f"{name}({p.name})"
+    assert (PACKAGE / "py.typed").exists()
+
+
+def test_import_loads_no_onnxruntime():
+    code = "import sys, bnfold; print('onnxruntime' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_version_has_one_home():
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in text and "\nversion =" not in text.split("[tool.setuptools.dynamic]")[0]
