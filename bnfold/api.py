@@ -8,9 +8,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from .errors import BnfoldError
+from .errors import BnfoldError, handle_termination
 from .fold import apply, plan_model, stats
-from .io.load import file_size, open_model
+from .io.load import check_model, file_size, open_model
 from .io.save import save
 from .io.tensors import Source, data_files
 from .proto import all_nodes, external_location, initializers, is_batchnorm
@@ -24,6 +24,7 @@ def _open(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], Source]:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        check_model(copy, "<model>")
         return copy, None, Source(None)
     path = Path(model)
     proto, source = open_model(path)
@@ -39,7 +40,7 @@ def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in
         return
     out = Path(output).resolve()
     protected = {path.resolve()} | data_files(proto, path.parent)
-    if out in protected or out.with_name(out.name + ".data") in protected:
+    if {out, out.with_name(out.name + ".data"), out.with_name(out.name + ".1.data")} & protected:
         raise BnfoldError(
             f"{output}: writing there would overwrite the input model or its external data; "
             "choose another output path (or pass --in-place to replace the input)"
@@ -53,7 +54,10 @@ def _fold(
     lower_standalone: bool,
     external_data: Optional[bool],
     in_place: bool,
+    in_memory: bool = False,
 ) -> Tuple[onnx.ModelProto, FoldReport, Source]:
+    """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
+    that what is returned is what was written even when the output replaces the input."""
     proto, path, source = _open(model)
     if output is not None:
         _check_output(Path(output), path, proto, in_place)
@@ -61,6 +65,8 @@ def _fold(
     plan = plan_model(proto, source, lower_standalone=lower_standalone)
     if not dry_run:
         apply(proto, plan, source)
+        if in_memory:
+            source.materialize(proto)
     report = FoldReport(
         before=before,
         after=stats(proto, before.bytes if dry_run else 0),
@@ -95,8 +101,7 @@ def fold(
     :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
-    proto, report, source = _fold(model, output, dry_run, lower_standalone, external_data, in_place)
-    source.materialize(proto)
+    proto, report, source = _fold(model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True)
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
             int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t))
@@ -212,7 +217,7 @@ def _run_pool(
     from concurrent.futures.process import BrokenProcessPool
 
     unfinished = list(tasks)
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=handle_termination) as pool:
         futures = {pool.submit(_fold_one, i, o, *args): (i, o) for i, o in tasks}
         for future in as_completed(futures):
             try:
@@ -222,7 +227,7 @@ def _run_pool(
             unfinished.remove(futures[future])
             done(entry)
     for i, o in unfinished:
-        with ProcessPoolExecutor(max_workers=1) as single:
+        with ProcessPoolExecutor(max_workers=1, initializer=handle_termination) as single:
             try:
                 done(single.submit(_fold_one, i, o, *args).result())
             except BrokenProcessPool:

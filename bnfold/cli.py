@@ -14,7 +14,7 @@ import click
 from . import __version__
 from .api import default_output, fold_file, fold_many
 from .api import inspect as inspect_model
-from .errors import BnfoldError
+from .errors import BnfoldError, Terminated, handle_termination
 from .report import FAIL, OK, WARN, Line
 from .verification.options import VerifyOptions
 
@@ -24,11 +24,19 @@ class UserError(click.ClickException):
 
 
 class BnfoldGroup(click.Group):
-    """User errors become one line with exit code 2; anything unexpected is a bug: exit code 3."""
+    """User errors become one line with exit code 2; anything unexpected is a bug: exit code 3.
+    Ctrl-C and SIGTERM unwind (temporary files are removed on the way) and exit 130 and 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        handle_termination()
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing half-written was left behind.", err=True)
+            ctx.exit(130)
+        except Terminated:
+            click.echo("Terminated: nothing half-written was left behind.", err=True)
+            ctx.exit(143)
         except BnfoldError as exc:
             raise UserError(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):

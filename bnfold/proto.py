@@ -133,6 +133,14 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
 
 
 def constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+    """The value of a Constant node, or None when it has none that can be read."""
+    try:
+        return _constant_value(node)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
     for a in node.attribute:
         if a.name == "value":
             return numpy_helper.to_array(a.t)
@@ -173,6 +181,25 @@ def set_location(tensor: onnx.TensorProto, location: str, offset: int = 0, lengt
         entry.key, entry.value = key, value
 
 
+# Element types packed below one byte: bits per element in raw_data.
+_PACKED_BITS = {21: 4, 22: 4, 23: 4, 25: 2, 26: 2}
+
+
+def tensor_count(tensor: onnx.TensorProto) -> int:
+    """Elements of the tensor (ValueError for negative dims or an absurd product)."""
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise ValueError(f"negative dimension {d}")
+        count *= int(d)
+    if count >= 1 << 62:
+        raise ValueError(f"dims {list(tensor.dims)} are too large")
+    return count
+
+
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     """Bytes of the tensor's values in raw little-endian form (ValueError for an unknown type)."""
-    return int(np.prod(tensor.dims, dtype=np.int64)) * np_dtype(tensor.data_type).itemsize
+    count, bits = tensor_count(tensor), _PACKED_BITS.get(tensor.data_type)
+    if bits:
+        return (count * bits + 7) // 8
+    return count * np_dtype(tensor.data_type).itemsize

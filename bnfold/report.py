@@ -54,6 +54,7 @@ class Code(str, Enum):
     UNKNOWN_RANK = "unknown_rank"
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     PADDED_CONSUMER = "padded_consumer"
+    INVALID_NODE = "invalid_node"
 
     @property
     def description(self) -> str:
@@ -78,6 +79,7 @@ _DESCRIPTIONS: Dict[Code, str] = {
     Code.UNSUPPORTED_DTYPE: "the weights are of a type that cannot be folded",
     Code.PADDED_CONSUMER: "nothing before it can absorb it, and the Conv after it pads its input: "
     "folding into that Conv would change the border",
+    Code.INVALID_NODE: "it, or the node it would fold into, has inputs, shapes or attributes that make no sense",
 }
 
 # Code -> description, in a stable order (for documentation and JSON consumers).

@@ -51,6 +51,9 @@ def is_float(array: np.ndarray) -> bool:
 
 def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]:
     """The BN's affine map, or why it is not a fixed per-channel affine map."""
+    if len(node.input) < 5 or not all(node.input[:5]) or not node.output or not node.output[0]:
+        return Reason(Code.INVALID_NODE, f"it has {len(node.input)} input(s) and {len(node.output)} output(s); "
+                      "BatchNormalization needs X, scale, B, mean and var, and an output Y")
     version = bn_version(scope.opset)
     if version >= 14 and attr(node, "training_mode", 0):
         return Reason(Code.TRAINING_MODE, "training_mode=1: it normalizes with the statistics of each batch")
@@ -72,7 +75,9 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
         if value is None:
             return Reason(Code.NON_CONSTANT_PARAMETER, f"{role} '{name}' is computed at run time")
         params.append(value)
-    if len({p.shape for p in params}) != 1 or params[0].ndim < 1:
+    if not all(is_float(p) for p in params):
+        return Reason(Code.INVALID_NODE, "its parameters are not floating point")
+    if len({p.shape for p in params}) != 1 or params[0].ndim < 1 or params[0].size == 0:
         shapes = ", ".join(str(p.shape) for p in params)
         return Reason(Code.CHANNEL_MISMATCH, f"its parameters have inconsistent shapes {shapes}")
     s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=attr(node, "epsilon", DEFAULT_EPSILON))

@@ -58,6 +58,8 @@ class Chain:
 
 
 def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
+    if len(node.input) <= slot or not node.input[slot]:
+        return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' has no {role} input")
     name = node.input[slot]
     if scope.index.is_overridable(name):
         return Reason(
@@ -80,13 +82,44 @@ def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) ->
 def constant_weights(
     scope: Scope, node: onnx.NodeProto, roles: Tuple[str, str] = ("weight", "bias")
 ) -> Union[np.ndarray, Reason]:
-    """The node's weight (input 1) when it, and its bias (input 2) if any, are foldable constants."""
+    """The node's weight (input 1) when it, and its bias (input 2) if any, are foldable constants
+    and the layer makes sense (ranks, group, bias shape), in both fold directions."""
+    if len(node.input) < 2 or not node.input[0] or not node.input[1] or not node.output or not node.output[0]:
+        return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' lacks its input, weight or output")
     w = constant_weight(scope, node, 1, roles[0])
-    if not isinstance(w, Reason) and len(node.input) > 2 and node.input[2]:
-        bias = constant_weight(scope, node, 2, roles[1])
-        if isinstance(bias, Reason):
-            return bias
+    if isinstance(w, Reason):
+        return w
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        b = constant_weight(scope, node, 2, roles[1])
+        if isinstance(b, Reason):
+            return b
+        bias = b
+    problem = _layer_problem(node, w, bias)
+    if problem:
+        return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}': {problem}")
     return w
+
+
+def _layer_problem(node: onnx.NodeProto, w: np.ndarray, bias: Optional[np.ndarray]) -> str:
+    """What makes a layer impossible, or "" when its weight and bias fit together."""
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        group = attr(node, "group", 1)
+        if w.ndim < 3:
+            return f"a weight of rank {w.ndim} (needs at least 3)"
+        if not isinstance(group, int) or group < 1 or w.shape[0] % group:
+            return f"group={group} does not divide its {w.shape[0]} weight rows"
+        channels = w.shape[0] if op == "Conv" else w.shape[1] * group
+        if bias is not None and bias.shape != (channels,):
+            return f"a bias of shape {bias.shape} for {channels} output channels"
+    elif op == "Gemm":
+        if w.ndim != 2:
+            return f"a B of rank {w.ndim} (needs 2)"
+        n = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+        if bias is not None and (bias.ndim > 2 or (bias.ndim and bias.shape[-1] not in (1, n))):
+            return f"a C of shape {bias.shape} that does not broadcast to (M, {n})"
+    return ""
 
 
 def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
@@ -106,10 +139,6 @@ def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]
         return w
     group = attr(node, "group", 1)
     c_in, per_group = w.shape[0], w.shape[1]
-    if c_in % group:
-        return Reason(
-            Code.CHANNEL_MISMATCH, f"ConvTranspose '{node_label(node)}' has {c_in} input channels for group={group}"
-        )
 
     def scale(W: np.ndarray, s: np.ndarray) -> np.ndarray:
         # Weight layout (C_in, C_out/group, k...): output channel g*C_out/group + j lives in the rows

@@ -11,13 +11,22 @@ import mmap
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Set, Tuple, Union
+from typing import Dict, List, Set, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from ..errors import BnfoldError
-from ..proto import external_location, initializers, set_location
+from ..proto import (
+    all_nodes,
+    external_location,
+    initializers,
+    model_graphs,
+    np_dtype,
+    set_location,
+    tensor_nbytes,
+)
 from .tensors import PENDING, Source, data_files
 from .wire import WireError, strip_raw_data
 
@@ -61,7 +70,71 @@ def check_external(model: onnx.ModelProto, source: Source) -> None:
         source.location(t)
 
 
-def _parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
+def check_tensor(tensor: onnx.TensorProto) -> None:
+    """A tensor's declared type and shape agree with the bytes it holds (BnfoldError otherwise), so
+    that nothing later meets an impossible tensor."""
+    name = tensor.name
+    try:
+        np_dtype(tensor.data_type)
+        nbytes = tensor_nbytes(tensor)
+    except ValueError as exc:
+        raise BnfoldError(f"tensor '{name}': {exc}") from None
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+        return
+    if tensor.HasField("raw_data"):
+        if len(tensor.raw_data) != nbytes:
+            raise BnfoldError(f"tensor '{name}': {len(tensor.raw_data)} bytes of raw_data for dims "
+                              f"{list(tensor.dims)} of {onnx.TensorProto.DataType.Name(tensor.data_type)} ({nbytes} bytes)")
+        return
+    try:
+        numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises several types for values that do not match the dims
+        raise BnfoldError(f"tensor '{name}': its values do not match its type and dims ({type(exc).__name__})") from None
+
+
+def check_tensors(model: onnx.ModelProto) -> None:
+    """Every initializer of the model is a possible tensor."""
+    for t in initializers(model):
+        check_tensor(t)
+
+
+def check_model(model: onnx.ModelProto, where: str) -> None:
+    """What bnfold needs of any model before deciding anything: a graph, a known opset, possible
+    tensors. BnfoldError (a bad model) otherwise."""
+    if not model.HasField("graph") or not model.opset_import:
+        raise BnfoldError(f"{where}: not an ONNX model (no graph or no opset)")
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > newest:
+            raise BnfoldError(
+                f"{where}: uses opset {o.version}, newer than the installed onnx {onnx.__version__} understands "
+                f"({newest}); upgrade onnx (pip install -U onnx)"
+            )
+    if not _names_are_text(model):
+        raise BnfoldError(f"{where}: a name in the model is not valid UTF-8")
+    check_tensors(model)
+
+
+def _names_are_text(model: onnx.ModelProto) -> bool:
+    """Protobuf hands back a string field that is not valid UTF-8 as bytes, and refuses it when it
+    is written back: such a model would fail halfway through a rewrite."""
+    values: List[object] = [o.domain for o in model.opset_import]
+    for g in model_graphs(model):
+        values.append(g.name)
+        for seq in (g.input, g.output, g.value_info, g.initializer):
+            values.extend(v.name for v in seq)
+    for fn in model.functions:
+        values.extend([fn.name, fn.domain, *fn.input, *fn.output, *fn.attribute])
+    for node in all_nodes(model):
+        values.extend([node.name, node.op_type, node.domain, *node.input, *node.output])
+        values.extend(a.name for a in node.attribute)
+    for t in initializers(model):
+        values.extend(e.key for e in t.external_data)
+        values.extend(e.value for e in t.external_data)
+    return not any(isinstance(v, bytes) for v in values)
+
+
+def parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise DecodeError("empty file")
@@ -86,18 +159,10 @@ def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
     path = Path(path)
     regular_file(path)
     try:
-        model, inline = _parse(path)
+        model, inline = parse(path)
     except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as exc:
         raise BnfoldError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    if not model.HasField("graph") or not model.opset_import:
-        raise BnfoldError(f"{path}: not an ONNX model (no graph or no opset)")
-    newest = onnx.defs.onnx_opset_version()
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx") and o.version > newest:
-            raise BnfoldError(
-                f"{path}: uses opset {o.version}, newer than the installed onnx {onnx.__version__} understands "
-                f"({newest}); upgrade onnx (pip install -U onnx)"
-            )
+    check_model(model, str(path))
     source = Source(path.parent, inline, path)
     check_external(model, source)
     return model, source

@@ -8,14 +8,15 @@ import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..errors import BnfoldError
-from ..proto import graphs_of, initializers, set_location, tensor_nbytes
+from ..proto import external_location, graphs_of, initializers, set_location, tensor_nbytes
+from .load import parse
 from .tensors import Source, _write_all
 from .wire import key, varint
 
@@ -121,15 +122,54 @@ def _write_inline(model: onnx.ModelProto, source: Source, f: BinaryIO) -> None:
             source.write_to(tensor, f)
 
 
+def _live_locations(path: Path) -> Set[str]:
+    """The data files the model now at ``path`` uses (none when there is no readable model)."""
+    if not path.is_file():
+        return set()
+    try:
+        model, _ = parse(path)
+    except Exception:  # whatever is there is not a model we could break
+        return set()
+    return {loc["location"] for t in initializers(model) if (loc := external_location(t)) and "location" in loc}
+
+
+def _data_path(path: Path, live: Set[str]) -> Path:
+    """Where the new data file goes: ``OUT.data``, or ``OUT.1.data`` when the model now at ``path``
+    uses the first, so that the new pair never overwrites the data of the pair it replaces."""
+    for name in (f"{path.name}.data", f"{path.name}.1.data"):
+        if name not in live:
+            return path.with_name(name)
+    raise BnfoldError(f"{path}: the model there uses both {path.name}.data and {path.name}.1.data")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a folder; the renames are still atomic
+    finally:
+        os.close(fd)
+
+
 def save(
     model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None, external: Optional[bool] = None
 ) -> int:
-    """Write ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
+    """Write ``model`` to ``path`` so that a crash or a failed rename at any point leaves either the
+    old model (with its data) or the new one (with its data), never a mix.
 
+    Both files are written to temporary names in the output folder and fsynced; the data file is
+    renamed to a name the current model at ``path`` does not use; the model is renamed over
+    ``path`` last (the commit point); the folder is fsynced. Only then is a data file of the old
+    pair that bnfold named (``OUT.data``/``OUT.1.data``) and the new model does not use removed.
     ``external`` None chooses: external data when the model already has some (beyond the input
-    file's own inline weights) or would pass 2 GB. External data goes to one file beside the output,
-    named after it (``OUT.onnx.data``). Returns the bytes written (model and data file)."""
+    file's own inline weights) or would pass 2 GB. Returns the bytes written (model and data)."""
     path = Path(path)
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a folder; name a file for the output")
     if not path.parent.is_dir():
         raise BnfoldError(f"{path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
@@ -140,26 +180,35 @@ def save(
         external = has_external or approx_bytes(model) > TWO_GB - (64 << 20)
     if not external and approx_bytes(model) > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
-    data_path = path.with_name(path.name + ".data")
+    live = _live_locations(path)
+    data_path = _data_path(path, live) if external else None
     written: List[str] = []
     try:
         tmp_data = None
-        if external:
+        if data_path is not None:
             out, tmp_data = _temp(data_path, written)
             with out:  # unbuffered: kernel copies append at the file's position
                 _externalize(model, source, data_path, out)
+                os.fsync(out.fileno())
         f, tmp = _temp(path, written)
         with f:
-            if external:
+            if data_path is not None:
                 _write_all(f, model.SerializeToString())
             else:
                 _write_inline(model, source, f)
-        if tmp_data:
+            os.fsync(f.fileno())
+        if tmp_data is not None and data_path is not None:
             os.replace(tmp_data, data_path)
-        os.replace(tmp, path)
+            written.append(str(data_path))  # not yet used by any model: removed if the commit fails
+        os.replace(tmp, path)  # the commit point
+        written.clear()
     except BaseException:
         for name in written:
             if os.path.exists(name):
                 os.unlink(name)
         raise
-    return path.stat().st_size + (data_path.stat().st_size if external else 0)
+    _fsync_dir(path.parent)
+    for old in live - ({data_path.name} if data_path is not None else set()):
+        if old in (f"{path.name}.data", f"{path.name}.1.data") and (path.parent / old).is_file():
+            (path.parent / old).unlink()
+    return path.stat().st_size + (data_path.stat().st_size if data_path is not None else 0)
