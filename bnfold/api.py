@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from .errors import BnfoldError, handle_termination
+from .errors import BnfoldError, handle_termination, model_text
 from .fold import apply, plan_model, stats
 from .io.load import check_model, file_size, open_model
 from .io.save import save
@@ -47,6 +47,7 @@ def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in
         )
 
 
+@model_text()
 def _fold(
     model: ModelLike,
     output: Optional[Union[str, os.PathLike[str]]],
@@ -101,7 +102,7 @@ def fold(
     :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
-    proto, report, source = _fold(model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True)
+    proto, report, _source = _fold(model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True)
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
             int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t))
@@ -139,6 +140,7 @@ def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[st
     return producers, readers
 
 
+@model_text()
 def inspect(model: ModelLike) -> InspectReport:
     """Facts about ``model`` and every BatchNormalization in it: its neighbours, and whether it
     folds (and how) or why not: the decision ``fold`` would take, nothing written."""
@@ -150,7 +152,9 @@ def inspect(model: ModelLike) -> InspectReport:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
     for item in plan.left:
         infos.append(BatchNormInfo(item.name, item.output, None, [], False, item.reason, item.message))
-    bn_inputs = {node.output[0]: node.input[0] for node in all_nodes(proto) if is_batchnorm(node)}
+    bn_inputs = {
+        node.output[0]: node.input[0] for node in all_nodes(proto) if is_batchnorm(node) and node.output and node.input
+    }
     for info in infos:
         info.producer = producers.get(bn_inputs.get(info.output, ""))
         info.consumers = sorted(set(readers.get(info.output, [])))
@@ -182,7 +186,7 @@ def _fold_one(
         if verify is not None and not options.get("dry_run"):
             from .verification import verify as run_verify
 
-            entry.verify = run_verify(model, output, verify)
+            entry.verify = run_verify(model, output, _for_model(verify, model))
             if not entry.verify.passed:
                 entry.exit_code = 1
                 if not keep_failed:
@@ -193,6 +197,25 @@ def _fold_one(
     except Exception as exc:  # a bug: reported, and the other models still fold
         entry.error, entry.exit_code = f"internal error: {exc!r}", 3
     return entry
+
+
+def _for_model(options: VerifyOptions, model: str) -> VerifyOptions:
+    """A batch gives one --dim/--input-shape for models whose inputs differ: each model gets those
+    it has (a single verification is strict and refuses names the model lacks)."""
+    if not options.dims and not options.input_shapes:
+        return options
+    from dataclasses import replace
+
+    from .verification.inputs import input_specs
+
+    specs = input_specs(open_model(model)[0])
+    dynamic = {d for _, _, dims in specs for d in dims if isinstance(d, str)}
+    names = {n for n, _, _ in specs}
+    return replace(
+        options,
+        dims={k: v for k, v in options.dims.items() if k in dynamic},
+        input_shapes={k: v for k, v in options.input_shapes.items() if k in names},
+    )
 
 
 def remove_output(path: Path) -> None:

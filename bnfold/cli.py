@@ -75,7 +75,8 @@ def _verify_options(o: Dict[str, Any]) -> VerifyOptions:
         seed=o["seed"],
         dims=dims,
         input_shapes=shapes,
-        inputs=o["inputs"],
+        inputs=tuple(o["inputs"]) or None,
+        max_input_bytes=o["max_input_bytes"],
         per_layer=o["per_layer"],
         graph_optimization=o["graph_optimization"],
         allow_tf32=o["allow_tf32"],
@@ -106,7 +107,17 @@ VERIFY_OPTIONS = [
     ),
     click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Full shape of one input. Repeatable."),
     click.option(
-        "--inputs", type=click.Path(dir_okay=False), default=None, help="Use these arrays (.npz, keyed by input name)."
+        "--inputs",
+        type=click.Path(dir_okay=False),
+        multiple=True,
+        help="Use these arrays (.npz keyed by input name; a leading axis holds several samples). Repeatable.",
+    ),
+    click.option(
+        "--max-input-bytes",
+        type=click.IntRange(min=1),
+        default=_DEFAULTS.max_input_bytes,
+        show_default=True,
+        help="Refuse inputs larger than this (one synthesized sample, or all --inputs arrays).",
     ),
     click.option(
         "--per-layer", is_flag=True, help="Also compare every BatchNormalization output; name the first that diverges."

@@ -19,7 +19,10 @@ from .proto import ONNX_DOMAINS, attr, constant_node_value
 from .shapes import TypeLookup
 
 MAX_ELEMENTS = 1 << 24
-MAX_DEPTH = 64  # constant subgraphs are small; deeper chains are not evaluated
+MAX_DEPTH = 64
+SMALL_INLINE = (
+    1 << 16
+)  # inline initializers up to this many bytes are parsed once and kept  # constant subgraphs are small; deeper chains are not evaluated
 
 Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
 
@@ -163,18 +166,39 @@ EVALUATORS: Dict[str, Evaluator] = {
 }
 
 
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow"}
+
+
+def _too_large(node: onnx.NodeProto, operands: Sequence[Optional[Operand]]) -> bool:
+    """Whether the result would exceed the budget, known before anything is allocated (Expand and
+    ConstantOfShape check their own target shapes)."""
+    values = [o.value for o in operands if o is not None and o.value is not None]
+    try:
+        if node.op_type in ELEMENTWISE and len(values) == 2:
+            size = int(np.prod(np.broadcast_shapes(values[0].shape, values[1].shape), dtype=np.float64))
+        elif node.op_type == "Concat":
+            size = sum(v.size for v in values)
+        elif node.op_type == "Gather" and len(values) == 2:
+            size = values[0].size // max(values[0].shape[attr(node, "axis", 0)], 1) * values[1].size
+        else:
+            return False
+    except (ValueError, IndexError, TypeError):
+        return True  # shapes that do not broadcast: nothing to evaluate
+    return size > MAX_ELEMENTS
+
+
 def evaluate(node: onnx.NodeProto, operands: Sequence[Optional[Operand]], opset: int) -> Optional[np.ndarray]:
     """The value of the node's single output, or None when it cannot be computed here.
 
     ``operands`` holds None for an absent optional input; every other input is a value, except in
     ``TYPE_ONLY`` slots, which may carry only a dtype and static shape."""
     fn = EVALUATORS.get(node.op_type)
-    if fn is None or len(node.output) != 1:
+    if fn is None or len(node.output) != 1 or _too_large(node, operands):
         return None
     with np.errstate(all="ignore"):
         try:
             out = fn(node, list(operands), opset)
-        except (ValueError, TypeError, IndexError, AttributeError):
+        except (ValueError, TypeError, IndexError, AttributeError, OverflowError, MemoryError):
             return None
     if out is None or np.asarray(out).size > MAX_ELEMENTS:
         return None
@@ -195,6 +219,7 @@ class Constants:
         self.types = types
         self.outer = outer
         self._cache: Dict[str, Optional[np.ndarray]] = {}
+        self._inline: Dict[str, Tuple[int, Optional[np.ndarray]]] = {}  # small inline initializers
         self._depth = 0
 
     def value(self, name: str) -> Optional[np.ndarray]:
@@ -202,8 +227,18 @@ class Constants:
         index = self.index
         if not name or index.is_overridable(name):
             return None
-        if name in index.initializers:
-            return index.initializer_value(name)
+        tensor = index.initializers.get(name)
+        if tensor is not None:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) > SMALL_INLINE:
+                return index.initializer_value(name)
+            revision = index.revision.get(name, 0)
+            hit = self._inline.get(name)
+            if hit is None or hit[0] != revision:
+                value = index.initializer_value(name)
+                if value is not None:
+                    value.flags.writeable = False  # shared by every reader: never changed in place
+                hit = self._inline[name] = (revision, value)
+            return hit[1]
         if name not in index.producer:
             if self.outer is not None and name not in index.input_names:
                 return self.outer.value(name)

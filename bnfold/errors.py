@@ -1,9 +1,9 @@
 """Errors a user can act on. The CLI prints them as one line and exits with code 2."""
 
-
 import signal
+from contextlib import contextmanager
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 
 class BnfoldError(Exception):
@@ -12,6 +12,16 @@ class BnfoldError(Exception):
 
 class Terminated(BaseException):
     """SIGTERM arrived: raised like KeyboardInterrupt, so that every cleanup on the way runs."""
+
+
+@contextmanager
+def model_text() -> Iterator[None]:
+    """Protobuf hands back a name that is not valid UTF-8 as bytes, and refuses it when it is
+    written into another message: such a model is bad input, found where it is first written."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise BnfoldError("a name in the model is not valid UTF-8") from None
 
 
 def _terminate(signum: int, frame: Optional[FrameType]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Prot
 import numpy as np
 import onnx
 
-from .proto import ONNX_DOMAINS, all_names, outer_names, subgraphs
+from .proto import ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,14 @@ class TensorStore(Protocol):
         """A function giving the value the tensor has now, even after it is written again."""
 
 
+class Names(Protocol):
+    """The names a new name must differ from."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def add(self, name: str) -> None: ...
+
+
 class GraphIndex:
     """Who produces and who reads each value of one graph.
 
@@ -55,7 +63,7 @@ class GraphIndex:
         *,
         store: TensorStore,
         lists_initializers: bool = False,
-        taken_names: Optional[Set[str]] = None,
+        taken_names: Optional[Names] = None,
         outer: Optional[GraphIndex] = None,
     ) -> None:
         self.graph = graph
@@ -72,8 +80,9 @@ class GraphIndex:
         # IR >= 4: an initializer listed among the inputs is a default a caller may override.
         # IR 3: every initializer must be listed as an input, and that says nothing.
         self.overridable = set() if lists_initializers else set(self.input_names) & set(self.initializers)
-        self.taken = taken_names if taken_names is not None else all_names(graph, set())
+        self.taken: Names = taken_names if taken_names is not None else all_names(graph, set())
         self._dropped: Set[str] = set()
+        self.revision: Dict[str, int] = {}  # bumped when an initializer gets new values
         self.producer: Dict[str, int] = {}
         self.consumers: Dict[str, List[int]] = {}
         for i in range(len(self.nodes)):
@@ -83,19 +92,27 @@ class GraphIndex:
     @staticmethod
     def _reads(node: onnx.NodeProto) -> List[str]:
         names = [n for n in node.input if n]
-        for g in subgraphs(node):
-            names.extend(sorted(outer_names(g)))
+        if has_subgraphs(node):
+            for g in subgraphs(node):
+                names.extend(sorted(outer_names(g)))
         return names
 
     def _link(self, i: int, node: onnx.NodeProto) -> None:
-        for name in self._reads(node):
-            self.consumers.setdefault(name, []).append(i)
+        consumers, producer = self.consumers, self.producer
+        for name in self._reads(node) if has_subgraphs(node) else node.input:
+            if not name:
+                continue
+            users = consumers.get(name)
+            if users is None:
+                consumers[name] = [i]
+            else:
+                users.append(i)
         for name in node.output:
             if name:
-                self.producer[name] = i
+                producer[name] = i
 
     def _unlink(self, i: int, node: onnx.NodeProto) -> None:
-        for name in self._reads(node):
+        for name in self._reads(node) if has_subgraphs(node) else node.input:
             users = self.consumers.get(name, [])
             if i in users:
                 users.remove(i)
@@ -167,6 +184,7 @@ class GraphIndex:
     def replace_initializer(self, name: str, value: Value) -> None:
         """New values of the same shape and dtype, in the existing TensorProto (name kept)."""
         self.store.write(self.initializers[name], value)
+        self.revision[name] = self.revision.get(name, 0) + 1
 
     def replace_node(self, i: int, node: onnx.NodeProto) -> None:
         self._unlink(i, self.node(i))
@@ -203,7 +221,8 @@ class GraphIndex:
                 pending.extend(node.input)
 
     def commit(self) -> None:
-        """Write nodes, initializers and declarations back to the GraphProto, in linear time."""
+        """Write nodes, initializers and declarations back to the GraphProto, in linear time. The
+        index is finished then: a graph rewritten again needs an index of its own."""
         graph = self.graph
         order = sorted(range(len(self.nodes)), key=self._order.__getitem__)
         kept = [n for n in (self.nodes[i] for i in order) if n is not None]
@@ -216,12 +235,9 @@ class GraphIndex:
         self._dropped.clear()
         live = set(self.producer) | set(self.initializers) | set(self.input_names)
         _keep_only(graph.value_info, lambda v: v.name in live)
-        self.nodes = list(graph.node)
-        self._order = [(i, 0) for i in range(len(self.nodes))]
+        self.nodes = []
         self.producer.clear()
         self.consumers.clear()
-        for i in range(len(self.nodes)):
-            self._link(i, self.node(i))
 
 
 def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:

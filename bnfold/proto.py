@@ -5,6 +5,7 @@ Nothing here imports another bnfold module.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, Iterator, Optional, Set
 
 import numpy as np
@@ -12,10 +13,21 @@ import onnx
 from onnx import numpy_helper
 
 ONNX_DOMAINS = ("", "ai.onnx")
+# The standard operators with graph attributes; nodes of other domains may have some too.
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def has_subgraphs(node: onnx.NodeProto) -> bool:
+    if node.domain in ONNX_DOMAINS and node.op_type not in CONTROL_FLOW:
+        return False
+    return any(a.type in _GRAPH_TYPES for a in node.attribute)
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The bodies a node holds (If branches, Loop/Scan bodies)."""
+    if not has_subgraphs(node):
+        return
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
             yield a.g
@@ -124,8 +136,13 @@ def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
+def text(value: Any) -> str:
+    """A name as text: protobuf returns a name that is not valid UTF-8 as bytes."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
 def node_label(node: onnx.NodeProto) -> str:
-    return node.name or (node.output[0] if node.output else node.op_type)
+    return text(node.name or (node.output[0] if node.output else node.op_type))
 
 
 def is_batchnorm(node: onnx.NodeProto) -> bool:
@@ -163,6 +180,20 @@ def np_dtype(elem_type: int) -> np.dtype:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"unknown element type {elem_type}") from exc
+
+
+_PLAIN = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13)}
+
+
+def to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An inline tensor's value. Plain numeric raw data is viewed where it lies (read-only), which
+    is many times faster than onnx's general decoder; every other form goes through that."""
+    dtype = _PLAIN.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data") and sys.byteorder == "little":
+        raw = tensor.raw_data
+        if len(raw) == tensor_count(tensor) * dtype.itemsize:
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
 
 
 def external_location(tensor: onnx.TensorProto) -> Optional[Dict[str, str]]:

@@ -11,6 +11,7 @@ from conftest import assert_same, count_bn, feeds_for, rel_error
 
 import bnfold
 from bnfold.cli import cli
+from bnfold.io import load as io_load
 from bnfold.io import save as io_save
 from bnfold.io import tensors as io_tensors
 from models import resnet_bottleneck
@@ -29,6 +30,13 @@ def run_path(path: Path, feeds):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)[0]
+
+
+@pytest.fixture(autouse=True)
+def scan_every_file(monkeypatch):
+    """Files this small are parsed whole; here every file goes through the wire-format scan, the
+    path large models take."""
+    monkeypatch.setattr(io_load, "SCAN_BYTES", 0)
 
 
 @pytest.fixture

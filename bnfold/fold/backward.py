@@ -128,8 +128,8 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Backward], Dict[in
             continue
         how = make(scope, consumer)
         if isinstance(how, Reason):
-            if how.code == Code.PADDED_CONSUMER:
-                still[i] = Reason(Code.PADDED_CONSUMER, f"{reason.message}; {how.message}")
+            if how.code in (Code.PADDED_CONSUMER, Code.INVALID_NODE):  # says more than the producer side
+                still[i] = Reason(how.code, f"{reason.message}; {how.message}")
             continue
         affine = check_batchnorm(scope, bn)
         if isinstance(affine, Reason) or affine.s.shape != (how.channels,):

@@ -52,8 +52,11 @@ def is_float(array: np.ndarray) -> bool:
 def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]:
     """The BN's affine map, or why it is not a fixed per-channel affine map."""
     if len(node.input) < 5 or not all(node.input[:5]) or not node.output or not node.output[0]:
-        return Reason(Code.INVALID_NODE, f"it has {len(node.input)} input(s) and {len(node.output)} output(s); "
-                      "BatchNormalization needs X, scale, B, mean and var, and an output Y")
+        return Reason(
+            Code.INVALID_NODE,
+            f"it has {len(node.input)} input(s) and {len(node.output)} output(s); "
+            "BatchNormalization needs X, scale, B, mean and var, and an output Y",
+        )
     version = bn_version(scope.opset)
     if version >= 14 and attr(node, "training_mode", 0):
         return Reason(Code.TRAINING_MODE, "training_mode=1: it normalizes with the statistics of each batch")

@@ -8,16 +8,18 @@ chain's affine maps composed in float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
 import onnx
 
-from ..graph import Deferred
+from ..graph import Deferred, Value
 from ..proto import ONNX_DOMAINS, attr, is_batchnorm, node_label
 from ..report import Code, Reason
 from .common import Affine, Scope, channel_vector, check_batchnorm, is_float, rewrite_layer, scaled
+
+DEFER_BYTES = 1 << 20  # folded weights larger than this are computed when written
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Chain:
             s, t = affine.s, affine.t
         else:
             s, t = affine.s * self.s, affine.s * self.t + affine.t
-        return replace(self, s=s, t=t, steps=(*self.steps, step), end=end)
+        return Chain(self.producer, self.target, end, (*self.steps, step), self.bns, s, t)
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -242,7 +244,9 @@ def plan(scope: Scope) -> Plan:
             if isinstance(found, Reason):
                 left[i] = found
             else:
-                chains[found.end] = replace(found, bns=(*found.bns, i))
+                chains[found.end] = Chain(
+                    found.producer, found.target, found.end, found.steps, (*found.bns, i), found.s, found.t
+                )
         else:
             operand = _affine_operand(scope, node)
             if operand:
@@ -306,7 +310,12 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
         raise ValueError(f"weight '{w_name}' is no longer constant")
     # The weight is computed when written (one at a time), from the value it has now.
     current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
-    new_w = Deferred(tuple(w.shape), w.dtype, lambda: scaled(current(), factor))
+    # Large weights are computed when written (one at a time), small ones at once.
+    new_w: Value = (
+        Deferred(tuple(w.shape), w.dtype, lambda: scaled(current(), factor))
+        if w.nbytes > DEFER_BYTES
+        else scaled(w, factor)
+    )
     has_bias = target.bias_slot > 0 and len(old.input) > target.bias_slot and old.input[target.bias_slot]
     old_bias = scope.constant(old.input[target.bias_slot]) if has_bias else None
     bias = 0.0 if old_bias is None else old_bias.astype(np.float64)

@@ -51,13 +51,32 @@ class FoldPlan:
         return bool(self.folded or self.absorbed)
 
 
+class ModelNames:
+    """Every name of a model, collected when a new name is first needed (planning needs none)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._model = model
+        self._names: Optional[Set[str]] = None
+
+    def _all(self) -> Set[str]:
+        if self._names is None:
+            self._names = model_names(self._model)
+        return self._names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+    def add(self, name: str) -> None:
+        self._all().add(name)
+
+
 @dataclass(frozen=True)
 class Env:
     """What every graph of one model is planned and applied with."""
 
     store: TensorStore
     opset: int
-    taken: Set[str]
+    taken: ModelNames
     lower_standalone: bool
 
 
@@ -122,7 +141,8 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         notes.folded.append(FoldedBN(node_label(bn), bn.output[0], "Mul+Add", "Mul+Add", "lowered"))
     for i, reason in sorted(left.items()):
         node = index.node(i)
-        notes.left.append(LeftBN(node_label(node), node.output[0], reason.code.value, reason.message))
+        output = node.output[0] if node.output else ""
+        notes.left.append(LeftBN(node_label(node), output, reason.code.value, reason.message))
     return GraphPlan(
         where, len(index.nodes), fwd.chains, tuple(backs), tuple(lowered), tuple(sorted(left.items())), tuple(bodies)
     )
@@ -143,7 +163,7 @@ def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup,
 
 
 def model_env(model: onnx.ModelProto, store: TensorStore, lower_standalone: bool) -> Env:
-    return Env(store, opset_of(model), model_names(model), lower_standalone)
+    return Env(store, opset_of(model), ModelNames(model), lower_standalone)
 
 
 def plan_model(model: onnx.ModelProto, store: TensorStore, *, lower_standalone: bool = False) -> FoldPlan:

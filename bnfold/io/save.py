@@ -180,7 +180,7 @@ def save(
         external = has_external or approx_bytes(model) > TWO_GB - (64 << 20)
     if not external and approx_bytes(model) > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
-    live = _live_locations(path)
+    live = _live_locations(path) if external else set()
     data_path = _data_path(path, live) if external else None
     written: List[str] = []
     try:

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from ..errors import BnfoldError
 from ..graph import Deferred, Value
-from ..proto import external_location, initializers, np_dtype, set_location, tensor_nbytes
+from ..proto import external_location, initializers, np_dtype, set_location, tensor_nbytes, to_array
 
 CHUNK = 16 << 20
 SMALL = 1 << 20  # file-backed tensors below this are read with pread; larger ones memory-mapped
@@ -172,7 +172,12 @@ class Source:
     # -- TensorStore ---------------------------------------------------------------------------
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
+            try:
+                return to_array(tensor)
+            except Exception as exc:  # onnx raises several types for values that do not fit the dims
+                raise BnfoldError(
+                    f"tensor '{tensor.name}': its values do not match its type and dims ({type(exc).__name__})"
+                ) from None
         if self._pending(tensor):
             return self.deferred[tensor.name].compute()
         loc, dtype, shape = self.location(tensor), np_dtype(tensor.data_type), tuple(tensor.dims)

@@ -100,7 +100,7 @@ def strip_raw_data(buf: bytes, threshold: int) -> Tuple[bytes, List[Ref]]:
     """The model without the raw_data of its large main-graph initializers, and for each
     main-graph initializer (in the order protobuf will list them) the (offset, length) of its
     raw_data in ``buf``, or None where the tensor was kept whole."""
-    out, refs = bytearray(), []
+    out, refs = bytearray(), []  # type: bytearray, List[Ref]
     for number, wire, begin, value, end in fields(buf, 0, len(buf)):
         if number != MODEL_GRAPH or wire != LENGTH_DELIMITED:
             out += buf[begin:end]
@@ -109,6 +109,10 @@ def strip_raw_data(buf: bytes, threshold: int) -> Tuple[bytes, List[Ref]]:
         for g_number, g_wire, g_begin, g_value, g_end in fields(buf, value, end):
             if g_number != GRAPH_INITIALIZER or g_wire != LENGTH_DELIMITED:
                 graph += buf[g_begin:g_end]
+                continue
+            if g_end - g_value < threshold:  # too small to hold a raw_data worth leaving in the file
+                graph += buf[g_begin:g_end]
+                refs.append(None)
                 continue
             tensor, ref = _tensor(buf, g_value, g_end, threshold)
             refs.append(ref)

@@ -15,16 +15,17 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
+from ..errors import BnfoldError, model_text
 from ..io.load import load
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
 from .compare import accumulate, tolerance
-from .inputs import input_specs, load_inputs, random_input, resolve_shape, sample_feeds
+from .inputs import given_samples, input_specs, load_inputs, random_input, resolve_shape, synthesized
 from .options import PROVIDERS, InputsLike, VerifyOptions
 from .sessions import check_providers, make_session, session_source
 
@@ -75,11 +76,25 @@ def _short(provider: str) -> str:
     return next((k for k, v in PROVIDERS.items() if v == provider), provider)
 
 
-def _inputs_of(sess: object, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    names = {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
-    return {k: v for k, v in feeds.items() if k in names}
+def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[Dict[str, np.ndarray]]:
+    if o.inputs is None:
+        return synthesized(model, o.samples, o.seed, o.dims, o.input_shapes, o.max_input_bytes)
+    if isinstance(o.inputs, Mapping):
+        return given_samples(model, [{k: np.asarray(v) for k, v in o.inputs.items()}])
+    return given_samples(model, load_inputs(o.inputs, o.max_input_bytes))
 
 
+def _run(sess: Any, feeds: Dict[str, np.ndarray], which: str) -> List[np.ndarray]:
+    """One run; onnxruntime's refusal of these inputs is the user's to fix, not a bug here."""
+    names = {i.name for i in sess.get_inputs()}
+    try:
+        return list(sess.run(None, {k: v for k, v in feeds.items() if k in names}))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}") from None
+
+
+@model_text()
 def verify(
     original: ModelLike,
     candidate: ModelLike,
@@ -96,6 +111,7 @@ def verify(
     per_layer: Optional[bool] = None,
     graph_optimization: Optional[str] = None,
     allow_tf32: Optional[bool] = None,
+    max_input_bytes: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> VerifyReport:
     """Run ``original`` (CPU, optimizations off) and ``candidate`` (each provider) on the same inputs
@@ -119,11 +135,11 @@ def verify(
         per_layer=per_layer,
         graph_optimization=graph_optimization,
         allow_tf32=allow_tf32,
+        max_input_bytes=max_input_bytes,
     )
     provider_names = check_providers(o.providers)
     ref_model, ref_path = _proto_and_path(original)
     cand_model, cand_path = _proto_and_path(candidate)
-    given = load_inputs(o.inputs)
     output_names = [out.name for out in ref_model.graph.output]
     layer_names: List[str] = []
     if o.per_layer:
@@ -163,12 +179,12 @@ def verify(
             for p in provider_names
         ]
         ref_outputs = [out.name for out in ref.get_outputs()]
-        feeds_iter = sample_feeds(ref_model, o.samples, o.seed, o.dims, o.input_shapes, given)
+        feeds_iter = _feeds(ref_model, o)
         for k, feeds in enumerate(feeds_iter):
-            ref_vals = dict(zip(ref_outputs, ref.run(None, _inputs_of(ref, feeds))))
+            ref_vals = dict(zip(ref_outputs, _run(ref, feeds, "the original")))
             for provider, sess in cands:
                 got_names = [out.name for out in sess.get_outputs()]
-                got = dict(zip(got_names, sess.run(None, _inputs_of(sess, feeds))))
+                got = dict(zip(got_names, _run(sess, feeds, "the candidate")))
                 for name, value in ref_vals.items():
                     key = (name, provider)
                     if key not in stats:

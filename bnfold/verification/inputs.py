@@ -4,13 +4,15 @@ the user gives (.npz)."""
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
 from ..errors import BnfoldError
+from ..io.load import regular_file
 from ..proto import np_dtype
 
 DEFAULT_DIM = 1
@@ -59,34 +61,124 @@ def random_input(rng: np.random.Generator, dtype: np.dtype, shape: Tuple[int, ..
     raise BnfoldError(f"cannot synthesize inputs of type {dtype}: pass them with --inputs FILE.npz")
 
 
-def sample_feeds(
+def _nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
+    return int(np.prod([int(d) for d in shape], dtype=np.float64)) * dtype.itemsize
+
+
+def check_budget(what: str, nbytes: float, budget: int) -> None:
+    if nbytes > budget:
+        raise BnfoldError(
+            f"{what} would take {nbytes / 2**20:,.0f} MiB, over the {budget / 2**20:,.0f} MiB allowed; "
+            "check the shapes, or raise the limit with --max-input-bytes"
+        )
+
+
+def synthesized(
     model: onnx.ModelProto,
     samples: int,
     seed: int,
     dim_sizes: Mapping[str, int],
     shapes: Mapping[str, Sequence[int]],
-    given: Optional[Mapping[str, np.ndarray]] = None,
+    budget: int,
 ) -> Iterator[Dict[str, np.ndarray]]:
+    """Seeded random samples; their size is checked against ``budget`` before anything is made."""
     specs = input_specs(model)
-    if given is not None:
-        missing = [n for n, _, _ in specs if n not in given]
-        if missing:
-            raise BnfoldError(f"the inputs file lacks graph input(s) {', '.join(missing)}")
-        yield {n: np.asarray(given[n]) for n, _, _ in specs}
-        return
+    unknown = sorted(set(shapes) - {n for n, _, _ in specs})
+    if unknown:
+        raise BnfoldError(f"--input-shape names {', '.join(unknown)}, which the model does not take as input(s)")
+    dynamic = {d for _, _, dims in specs for d in dims if isinstance(d, str)}
+    extra = sorted(set(dim_sizes) - dynamic)
+    if extra:
+        known = ", ".join(sorted(dynamic)) or "none"
+        raise BnfoldError(f"--dim names {', '.join(extra)}, not a dynamic dimension of the model (it has: {known})")
+    resolved = []
+    for name, dtype, dims in specs:
+        shape = resolve_shape(name, dims, dim_sizes, shapes)
+        if name in shapes and len(shape) != len(dims) and dims:
+            raise BnfoldError(f"--input-shape {name}: {len(shape)} dimension(s), but the input has rank {len(dims)}")
+        static = [(k, d) for k, d in enumerate(dims) if isinstance(d, int) and d > 0]
+        wrong = [k for k, d in static if k < len(shape) and shape[k] != d]
+        if wrong:
+            raise BnfoldError(f"--input-shape {name}={','.join(map(str, shape))} contradicts its static shape {dims}")
+        resolved.append((name, dtype, shape))
+    check_budget("one sample of inputs", sum(_nbytes(dt, sh) for _, dt, sh in resolved), budget)
     rng = np.random.default_rng(seed)
     for _ in range(samples):
-        yield {n: random_input(rng, dt, resolve_shape(n, dims, dim_sizes, shapes)) for n, dt, dims in specs}
+        yield {n: random_input(rng, dt, sh) for n, dt, sh in resolved}
+
+
+def _npz_header_bytes(path: Path) -> int:
+    """Bytes the arrays of an .npz take once loaded, read from their headers (a small compressed
+    file can hold huge arrays)."""
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (
+                    np.lib.format.read_array_header_1_0(f)
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0(f)
+                )
+            total += _nbytes(np.dtype(dtype), shape)
+    return total
 
 
 def load_inputs(
-    inputs: Union[str, os.PathLike[str], Mapping[str, np.ndarray], None],
-) -> Optional[Mapping[str, np.ndarray]]:
-    if inputs is None or isinstance(inputs, Mapping):
-        return inputs
-    path = Path(inputs)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise BnfoldError(f"{path}: cannot read inputs ({exc})") from None
+    inputs: Union[str, os.PathLike[str], Sequence[Union[str, os.PathLike[str]]]], budget: int
+) -> List[Dict[str, np.ndarray]]:
+    """The arrays of one or several .npz files, keyed by input name (each file one or more samples)."""
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out = []
+    total = 0
+    for item in paths:
+        path = Path(item)
+        regular_file(path, "an .npz file")
+        try:
+            total += _npz_header_bytes(path)
+            check_budget(f"the arrays in {path}", total, budget)
+            with np.load(path, allow_pickle=False) as data:
+                out.append({k: data[k] for k in data.files})
+        except BnfoldError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise BnfoldError(f"{path}: cannot read inputs ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def given_samples(model: onnx.ModelProto, files: List[Dict[str, np.ndarray]]) -> Iterator[Dict[str, np.ndarray]]:
+    """Samples from arrays the user gave, checked against the graph inputs: the same dtype, the
+    same rank (or one more: a leading axis of samples), and the static dimensions."""
+    specs = input_specs(model)
+    for arrays in files:
+        missing = [n for n, _, _ in specs if n not in arrays]
+        if missing:
+            raise BnfoldError(f"the inputs file lacks graph input(s) {', '.join(missing)}")
+        stacked = {n: len(dims) + 1 == arrays[n].ndim for n, _, dims in specs}
+        counts = {arrays[n].shape[0] for n, _, _ in specs if stacked[n]}
+        if len(set(stacked.values())) > 1 or len(counts) > 1:
+            raise BnfoldError(
+                "the inputs file mixes arrays with and without a leading sample axis, or of different sample counts"
+            )
+        for name, dtype, dims in specs:
+            a = arrays[name]
+            rank = a.ndim - stacked[name]
+            if a.dtype != dtype:
+                raise BnfoldError(f"input '{name}': the file has {a.dtype}, the model takes {dtype}")
+            if rank != len(dims):
+                raise BnfoldError(
+                    f"input '{name}': the file has rank {rank} {a.shape}, the model takes rank {len(dims)} {dims}"
+                )
+            shape = a.shape[1:] if stacked[name] else a.shape
+            if any(isinstance(d, int) and d > 0 and shape[k] != d for k, d in enumerate(dims)):
+                raise BnfoldError(f"input '{name}': the file has shape {tuple(shape)}, the model takes {dims}")
+            if 0 in shape:
+                raise BnfoldError(f"input '{name}': shape {tuple(shape)} has no elements to compare")
+        n = counts.pop() if counts else None
+        if n is None:
+            yield {name: arrays[name] for name, _, _ in specs}
+        else:
+            for k in range(n):
+                yield {name: arrays[name][k] for name, _, _ in specs}

@@ -13,7 +13,8 @@ from ..errors import BnfoldError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-InputsLike = Union[str, "os.PathLike[str]", Mapping[str, np.ndarray], None]
+PathLike = Union[str, "os.PathLike[str]"]
+InputsLike = Union[PathLike, Sequence[PathLike], Mapping[str, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class VerifyOptions:
     per_layer: bool = False
     graph_optimization: str = "disable"
     allow_tf32: bool = False
+    max_input_bytes: int = 1 << 30  # per sample synthesized, or all .npz arrays together
 
     def __post_init__(self) -> None:
         providers = self.providers
@@ -46,6 +48,8 @@ class VerifyOptions:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise BnfoldError(f"--{name} must be a finite number >= 0, got {value}")
+        if self.max_input_bytes < 1:
+            raise BnfoldError("--max-input-bytes must be at least 1")
         if self.samples < 1:
             raise BnfoldError("--samples must be at least 1")
         if self.graph_optimization not in OPT_LEVELS:
