@@ -77,6 +77,9 @@ def _verify_options(o: Dict[str, Any]) -> VerifyOptions:
         input_shapes=shapes,
         inputs=tuple(o["inputs"]) or None,
         max_input_bytes=o["max_input_bytes"],
+        baseline=o["baseline"],
+        save_inputs=o["save_inputs"],
+        save_outputs=o["save_outputs"],
         per_layer=o["per_layer"],
         graph_optimization=o["graph_optimization"],
         allow_tf32=o["allow_tf32"],
@@ -89,10 +92,26 @@ VERIFY_OPTIONS = [
         "--providers", default=",".join(_DEFAULTS.providers), show_default=True, help="Comma-separated: cpu, cuda."
     ),
     click.option(
-        "--rtol", type=float, default=None, help="Relative tolerance (default by dtype: float32 1e-4, float16 1e-2)."
+        "--rtol",
+        type=float,
+        default=None,
+        help="Judge elementwise with this relative tolerance (instead of the scaled error).",
     ),
     click.option(
-        "--atol", type=float, default=None, help="Absolute tolerance (default by dtype: float32 1e-5, float16 1e-3)."
+        "--atol",
+        type=float,
+        default=None,
+        help="Judge elementwise with this absolute tolerance (instead of the scaled error).",
+    ),
+    click.option(
+        "--baseline/--no-baseline",
+        default=_DEFAULTS.baseline,
+        show_default=True,
+        help="Also run onnxruntime's own BN fusion of the original: the noise floor the bound adapts to.",
+    ),
+    click.option("--save-inputs", type=click.Path(dir_okay=False), default=None, help="Write the inputs used (.npz)."),
+    click.option(
+        "--save-outputs", type=click.Path(dir_okay=False), default=None, help="Write every output compared (.npz)."
     ),
     click.option(
         "--samples",

@@ -257,46 +257,73 @@ class ErrorStats:
     """Error of one output (or one layer) on one provider, over all samples."""
 
     name: str
-    rtol: float
-    atol: float
+    provider: str = ""
+    criterion: str = "scaled"  # "scaled" (max|d| / max|ref|, by default) or "elementwise" (rtol/atol given)
+    threshold: float = 0.0  # scaled: the dtype's threshold
+    bound: float = 0.0  # scaled: the bound applied (threshold, or baseline / earlier layers raised it)
+    decided_by: str = "threshold"  # what set the bound: threshold, baseline (outputs), jump (layers)
+    error: float = 0.0  # scaled error: max|d| / max|ref| (layers: the worst channel's)
+    baseline_error: Optional[float] = None  # onnxruntime's own fusion of the original, same measure
+    worst_channel: Optional[int] = None
     elements: int = 0
+    ref_max: float = 0.0
+    ref_sum: float = 0.0
     max_abs: float = 0.0
-    max_rel: float = 0.0
-    mean_abs: float = 0.0
-    mismatches: int = 0
+    max_index: Optional[List[int]] = None  # [sample, i0, i1, ...] of the largest |d|
+    percentiles: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # |d| at p50, p90, p99
+    rtol: float = 0.0
+    atol: float = 0.0
+    mismatches: int = 0  # elementwise: elements outside both tolerances
     nonfinite_mismatches: int = 0  # places where NaN/Inf differ between the two models
-    atol_needed: float = 0.0  # the atol that would have passed with this rtol
-    rtol_needed: float = 0.0  # the rtol that would have passed with this atol
+    atol_needed: float = 0.0  # elementwise: the atol that would have passed with this rtol
+    rtol_needed: float = 0.0  # elementwise: the rtol that would have passed with this atol
     missing: bool = False
     shape_mismatch: bool = False
-    provider: str = ""
+    channel_diff: Optional[np.ndarray] = field(default=None, repr=False)
+    channel_ref: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def ref_mean(self) -> float:
+        return self.ref_sum / self.elements if self.elements else 0.0
 
     @property
     def passed(self) -> bool:
-        return not (self.mismatches or self.nonfinite_mismatches or self.missing or self.shape_mismatch)
+        if self.missing or self.shape_mismatch or self.nonfinite_mismatches:
+            return False
+        if self.criterion == "elementwise":
+            return not self.mismatches
+        return bool(self.error <= self.bound)
 
     def to_dict(self) -> Dict[str, Any]:
-        d = {
-            k: getattr(self, k)
-            for k in (
-                "name",
-                "provider",
-                "passed",
-                "elements",
-                "mismatches",
-                "nonfinite_mismatches",
-                "max_abs",
-                "max_rel",
-                "mean_abs",
-                "rtol",
-                "atol",
-                "atol_needed",
-                "rtol_needed",
-                "missing",
-                "shape_mismatch",
-            )
-        }
-        return _json_floats(d)
+        keys = (
+            "name",
+            "provider",
+            "passed",
+            "criterion",
+            "error",
+            "bound",
+            "threshold",
+            "decided_by",
+            "baseline_error",
+            "worst_channel",
+            "elements",
+            "ref_max",
+            "ref_mean",
+            "max_abs",
+            "max_index",
+            "percentiles",
+            "rtol",
+            "atol",
+            "mismatches",
+            "nonfinite_mismatches",
+            "atol_needed",
+            "rtol_needed",
+            "missing",
+            "shape_mismatch",
+        )
+        d = _json_floats({k: getattr(self, k) for k in keys})
+        d["percentiles"] = dict(zip(("p50", "p90", "p99"), self.percentiles))
+        return d
 
     def verdict(self) -> Span:
         if self.missing:
@@ -305,9 +332,25 @@ class ErrorStats:
             return "shapes differ", FAIL
         if self.nonfinite_mismatches:
             return f"FAIL: NaN/Inf differ at {self.nonfinite_mismatches} place(s)", FAIL
-        if self.mismatches:
-            return f"FAIL (passes with atol {self.atol_needed:.3g} or rtol {self.rtol_needed:.3g})", FAIL
-        return "ok", OK
+        if self.criterion == "elementwise":
+            if self.mismatches:
+                return (
+                    f"FAIL: {self.mismatches} outside rtol/atol (needs atol {self.atol_needed:.2g} or rtol {self.rtol_needed:.2g})",
+                    FAIL,
+                )
+            return "ok", OK
+        return ("ok", OK) if self.passed else ("FAIL", FAIL)
+
+    def detail(self) -> List[str]:
+        """Where the largest error is, and how errors spread."""
+        where = (
+            ""
+            if self.max_index is None
+            else f"largest |d| {self.max_abs:.2g} at sample {self.max_index[0]} {self.max_index[1:]}"
+        )
+        channel = "" if self.worst_channel is None else f", channel {self.worst_channel}"
+        spread = " ".join(f"p{q} {p:.1g}" for q, p in zip((50, 90, 99), self.percentiles))
+        return [where + channel, f"mean|ref| {self.ref_mean:.3g}; |d| {spread}"]
 
 
 NAME_WIDTH = 24
@@ -328,19 +371,26 @@ class VerifyReport:
     first_divergent_layer: Optional[str] = None
     graph_optimization: str = "disable"
     tf32: Optional[bool] = None
+    baseline: bool = True
     notes: List[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.passed
 
+    @property
+    def criterion(self) -> str:
+        return "elementwise" if self.rtol is not None or self.atol is not None else "scaled"
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "passed": self.passed,
+            "criterion": self.criterion,
             "providers": self.providers,
             "samples": self.samples,
             "seed": self.seed,
             "rtol": self.rtol,
             "atol": self.atol,
+            "baseline": self.baseline,
             "graph_optimization": self.graph_optimization,
             "tf32": self.tf32,
             "outputs": [o.to_dict() for o in self.outputs],
@@ -354,23 +404,36 @@ class VerifyReport:
 
     def render_lines(self) -> List[Line]:
         verdict = ("verification PASSED", OK) if self.passed else ("verification FAILED", FAIL)
-        lines: List[Line] = [
-            [
-                verdict,
-                (
-                    f": {self.samples} sample(s), seed {self.seed}, providers {', '.join(self.providers)}, "
-                    f"candidate optimization level '{self.graph_optimization}'",
-                    PLAIN,
-                ),
-            ]
-        ]
+        providers = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
+        lines: List[Line] = [[verdict, (f": {self.samples} sample(s), seed {self.seed}, on {providers}", PLAIN)]]
+        if self.criterion == "scaled":
+            how = "max|d| / max|ref| <= bound = " + ("max(threshold, 4 x floor)" if self.baseline else "threshold")
+        else:
+            how = f"elementwise: rtol {self.rtol or 0:g}, atol {self.atol or 0:g}"
+        lines.append([(f"  criterion: {how}", PLAIN)])
+        if self.criterion == "scaled" and self.baseline:
+            lines.append([("  floor: the same error for onnxruntime's own BN fusion of the original", PLAIN)])
         lines.extend([(f"  note: {n}", PLAIN)] for n in self.notes)
-        lines.append(
-            [(f"  {'output':{NAME_WIDTH}} {'prov':5}{'max abs':>10}{'max rel':>10}{'bad':>7}  verdict", PLAIN)]
-        )
-        for o in self.outputs + self.layers:
-            lines.append(_row(o))
+        if self.outputs:
+            lines.append(
+                [
+                    (
+                        f"  {'output':{NAME_WIDTH}} {'prov':5}{'max|ref|':>9}{'error':>9}{'floor':>9}{'bound':>9}  verdict",
+                        PLAIN,
+                    )
+                ]
+            )
+            lines.extend(line for o in self.outputs for line in _rows(o))
         if self.layers:
+            lines.append(
+                [
+                    (
+                        f"  {'layer (per channel)':{NAME_WIDTH}} {'prov':5}{'max|ref|':>9}{'error':>9}{'':>9}{'bound':>9}  verdict",
+                        PLAIN,
+                    )
+                ]
+            )
+            lines.extend(line for o in self.layers for line in _rows(o, detail=not o.passed))
             lines.append(
                 [(f"  first layer to diverge: {self.first_divergent_layer}", FAIL)]
                 if self.first_divergent_layer
@@ -382,14 +445,22 @@ class VerifyReport:
         return plain(self.render_lines())
 
 
-def _row(o: ErrorStats) -> Line:
+def _g(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2g}"
+
+
+def _rows(o: ErrorStats, detail: bool = True) -> List[Line]:
     head = f"  {shorten(o.name, NAME_WIDTH):{NAME_WIDTH}} {o.provider:5}"
     if o.missing or o.shape_mismatch:
-        return [(head, PLAIN), o.verdict()]
-    return [
-        (f"{head}{o.max_abs:>10.3g}{o.max_rel:>10.3g}{o.mismatches + o.nonfinite_mismatches:>7}  ", PLAIN),
-        o.verdict(),
-    ]
+        return [[(head, PLAIN), o.verdict()]]
+    if o.criterion == "elementwise":
+        numbers = f"{o.ref_max:>9.2g}{_g(o.max_abs):>9}{'':>9}{'':>9}  "
+    else:
+        numbers = f"{o.ref_max:>9.2g}{_g(o.error):>9}{_g(o.baseline_error):>9}{_g(o.bound):>9}  "
+    rows = [[(head + numbers, PLAIN), o.verdict()]]
+    if detail:
+        rows.extend([(f"      {text}", PLAIN)] for text in o.detail())
+    return rows
 
 
 @dataclass

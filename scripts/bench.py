@@ -30,29 +30,14 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.models import Builder  # noqa: E402
+from tests.models import Builder, resnet50_layout  # noqa: E402
 
 # -- models -------------------------------------------------------------------------------------
 
 
 def resnet50() -> onnx.ModelProto:
     """ResNet-50's layout (53 Conv+BN pairs, about 25.5 M parameters, ~100 MB inline)."""
-    b = Builder(seed=50, he_init=True)
-    x = b.input("input", ["N", 3, 224, 224])
-    y = b.relu(b.bn(b.conv(x, 3, 64, 7, stride=2, bias=False), 64))
-    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    cin = 64
-    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-        for i in range(blocks):
-            s = stride if i == 0 else 1
-            h = b.relu(b.bn(b.conv(y, cin, width, 1, pad=0, bias=False), width))
-            h = b.relu(b.bn(b.conv(h, width, width, 3, stride=s, bias=False), width))
-            h = b.bn(b.conv(h, width, width * 4, 1, pad=0, bias=False), width * 4)
-            short = y if i else b.bn(b.conv(y, cin, width * 4, 1, stride=s, pad=0, bias=False), width * 4)
-            y = b.relu(b.op("Add", [h, short]))
-            cin = width * 4
-    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
-    return b.model(b.gemm(y, 2048, 1000, trans_b=1))
+    return resnet50_layout()
 
 
 def deep(blocks: int, channels: int = 16) -> onnx.ModelProto:
@@ -84,8 +69,12 @@ def chain(nodes: int, channels: int = 2) -> onnx.ModelProto:
         infos += [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, shape) for t in (c, bn, r)]
         x = r
     graph = helper.make_graph(
-        graph_nodes, "chain", [helper.make_tensor_value_info("x", 1, shape)], [helper.make_tensor_value_info(x, 1, shape)],
-        inits, value_info=infos,
+        graph_nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", 1, shape)],
+        [helper.make_tensor_value_info(x, 1, shape)],
+        inits,
+        value_info=infos,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10

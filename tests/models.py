@@ -206,6 +206,116 @@ def conv3d_net(seed=0) -> onnx.ModelProto:
     return b.model(b.op("GlobalAveragePool", [y]))
 
 
+def resnet50_layout(resolution: int = 224, seed: int = 50) -> onnx.ModelProto:
+    """ResNet-50's layout (53 Conv+BN pairs, about 25.5 M parameters, ~100 MB inline)."""
+    b = Builder(seed=seed, he_init=True)
+    x = b.input("input", ["N", 3, resolution, resolution])
+    y = b.relu(b.bn(b.conv(x, 3, 64, 7, stride=2, bias=False), 64))
+    y = b.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            s = stride if i == 0 else 1
+            h = b.relu(b.bn(b.conv(y, cin, width, 1, pad=0, bias=False), width))
+            h = b.relu(b.bn(b.conv(h, width, width, 3, stride=s, bias=False), width))
+            h = b.bn(b.conv(h, width, width * 4, 1, pad=0, bias=False), width * 4)
+            short = y if i else b.bn(b.conv(y, cin, width * 4, 1, stride=s, pad=0, bias=False), width * 4)
+            y = b.relu(b.op("Add", [h, short]))
+            cin = width * 4
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    return b.model(b.gemm(y, 2048, 1000, trans_b=1))
+
+
+def calibrate(
+    model: onnx.ModelProto, dims: Optional[Dict[str, int]] = None, batch: int = 4, seed: int = 0
+) -> onnx.ModelProto:
+    """The model with every main-graph BN's mean and var set to the per-channel statistics of the
+    activations that reach it on random inputs, in graph order (each BN sees inputs normalized by
+    the BNs before it), as a BN in a trained network has: activations stay healthy in depth, and
+    folding errors show at their true size."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    bns = [n for n in g.node if n.op_type == "BatchNormalization"]
+    stats = {n: None for bn in bns for n in bn.input[3:5]}
+    inits = {t.name: t for t in g.initializer}
+    values = {n: numpy_helper.to_array(inits[n]) for n in stats}
+    for n in stats:
+        g.initializer.remove(inits[n])
+        g.input.append(helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)))
+    have = {o.name for o in g.output}
+    for bn in bns:
+        if bn.input[0] not in have:
+            g.output.append(helper.make_tensor_value_info(bn.input[0], inits[bn.input[1]].data_type, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name in stats:
+            continue
+        shape = [d if isinstance(d, int) else (dims or {}).get(d, batch) for d in i.shape]
+        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    for bn in bns:
+        act = sess.run([bn.input[0]], {**feeds, **values})[0].astype(np.float64)
+        axes = tuple(k for k in range(act.ndim) if k != 1)
+        mean, var = bn.input[3], bn.input[4]
+        values[mean] = act.mean(axis=axes).astype(values[mean].dtype)
+        values[var] = np.maximum(act.var(axis=axes), 1e-6).astype(values[var].dtype)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+    return out
+
+
+def perturb_channel(
+    folded: onnx.ModelProto, original: onnx.ModelProto, factor: float = 1.01, channel: int = 0
+) -> tuple:
+    """A wrong candidate: one output channel (weight row and bias) of the middle folded layer
+    scaled by ``factor``. Returns the model and the BN output name of that layer."""
+    bn_outputs = [n.output[0] for n in original.graph.node if n.op_type == "BatchNormalization"]
+    layers = [
+        n for n in folded.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm") and n.output[0] in bn_outputs
+    ]
+    layer = layers[len(layers) // 2]
+    out = onnx.ModelProto()
+    out.CopyFrom(folded)
+    node = next(n for n in out.graph.node if n.output[0] == layer.output[0])
+    inits = {t.name: t for t in out.graph.initializer}
+    for slot in (1, 2):
+        t = inits[node.input[slot]]
+        a = numpy_helper.to_array(t).copy()
+        if node.op_type == "Gemm" and slot == 1 and not any(x.name == "transB" and x.i for x in node.attribute):
+            a[:, channel] *= factor
+        elif node.op_type == "ConvTranspose" and slot == 1:  # (C_in, C_out/group, k...)
+            group = next((x.i for x in node.attribute if x.name == "group"), 1)
+            per_in, per_out = a.shape[0] // group, a.shape[1]
+            g = channel // per_out
+            a[g * per_in : (g + 1) * per_in, channel % per_out] *= factor
+        else:
+            a[channel] *= factor
+        t.CopyFrom(numpy_helper.from_array(a, t.name))
+    return out, layer.output[0]
+
+
+def with_epsilon(model: onnx.ModelProto, epsilon: float) -> onnx.ModelProto:
+    """The model with every BN's epsilon replaced: folding it gives a wrong-epsilon fold."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in out.graph.node:
+        if n.op_type == "BatchNormalization":
+            for a in list(n.attribute):
+                if a.name == "epsilon":
+                    n.attribute.remove(a)
+            n.attribute.append(helper.make_attribute("epsilon", epsilon))
+    return out
+
+
 ARCHITECTURES = {
     "resnet_bottleneck": resnet_bottleneck,
     "mobilenet_se": mobilenet_se,

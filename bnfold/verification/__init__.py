@@ -24,7 +24,8 @@ from ..errors import BnfoldError, model_text
 from ..io.load import load
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
-from .compare import accumulate, tolerance
+from . import compare
+from .compare import accumulate, judge_layers, judge_outputs, new_stats
 from .inputs import given_samples, input_specs, load_inputs, random_input, resolve_shape, synthesized
 from .options import PROVIDERS, InputsLike, VerifyOptions
 from .sessions import check_providers, make_session, session_source
@@ -84,6 +85,15 @@ def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[Dict[str, np.nd
     return given_samples(model, load_inputs(o.inputs, o.max_input_bytes))
 
 
+def _save_npz(path: Union[str, os.PathLike[str]], arrays: Dict[str, np.ndarray]) -> None:
+    """Arrays with a leading axis of samples, as --inputs reads them back."""
+    try:
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot write ({exc.strerror})") from None
+
+
 def _run(sess: Any, feeds: Dict[str, np.ndarray], which: str) -> List[np.ndarray]:
     """One run; onnxruntime's refusal of these inputs is the user's to fix, not a bug here."""
     names = {i.name for i in sess.get_inputs()}
@@ -112,6 +122,9 @@ def verify(
     graph_optimization: Optional[str] = None,
     allow_tf32: Optional[bool] = None,
     max_input_bytes: Optional[int] = None,
+    baseline: Optional[bool] = None,
+    save_inputs: Optional[Union[str, os.PathLike[str]]] = None,
+    save_outputs: Optional[Union[str, os.PathLike[str]]] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> VerifyReport:
     """Run ``original`` (CPU, optimizations off) and ``candidate`` (each provider) on the same inputs
@@ -136,12 +149,16 @@ def verify(
         graph_optimization=graph_optimization,
         allow_tf32=allow_tf32,
         max_input_bytes=max_input_bytes,
+        baseline=baseline,
+        save_inputs=save_inputs,
+        save_outputs=save_outputs,
     )
     provider_names = check_providers(o.providers)
     ref_model, ref_path = _proto_and_path(original)
     cand_model, cand_path = _proto_and_path(candidate)
     output_names = [out.name for out in ref_model.graph.output]
     layer_names: List[str] = []
+    orig_model = ref_model
     if o.per_layer:
         # A BN folded backward or lowered leaves no tensor of its own name: only names both have count.
         produced = {name for n in cand_model.graph.node for name in n.output}
@@ -150,6 +167,7 @@ def verify(
         ref_model = _with_outputs(ref_model, layer_names, types)
         cand_model = _with_outputs(cand_model, layer_names, types)
     uses_cuda = "CUDAExecutionProvider" in provider_names
+    scaled = o.rtol is None and o.atol is None
     report = VerifyReport(
         passed=False,
         providers=provider_names,
@@ -159,16 +177,24 @@ def verify(
         atol=o.atol,
         graph_optimization=o.graph_optimization,
         tf32=o.allow_tf32 if uses_cuda else None,
+        baseline=o.baseline and scaled,
     )
     if uses_cuda:
         report.notes.append(
-            "TF32 is allowed on CUDA: float32 tolerances widened to match"
+            "TF32 is allowed on CUDA: float32 thresholds widened to match"
             if o.allow_tf32
             else "TF32 is off on CUDA, so differences are the fold's, not the math mode's"
         )
     stats: Dict[Tuple[str, str], ErrorStats] = {}
+    floors: Dict[str, ErrorStats] = {}
+    layer_set = set(layer_names)
+    saved_inputs: List[Dict[str, np.ndarray]] = []
+    saved_outputs: Dict[str, List[np.ndarray]] = {}
     with ExitStack() as stack:
         ref = make_session(session_source(ref_model, ref_path, o.per_layer, stack))
+        base = (
+            make_session(session_source(orig_model, ref_path, False, stack), level="basic") if report.baseline else None
+        )
         cands = [
             (
                 p,
@@ -179,29 +205,58 @@ def verify(
             for p in provider_names
         ]
         ref_outputs = [out.name for out in ref.get_outputs()]
-        feeds_iter = _feeds(ref_model, o)
-        for k, feeds in enumerate(feeds_iter):
+        common = set(ref_outputs) & {out.name for out in cands[0][1].get_outputs()}
+        if not common & set(output_names):
+            raise BnfoldError("the two models have no output name in common: they are not two versions of one model")
+        for k, feeds in enumerate(_feeds(ref_model, o)):
             ref_vals = dict(zip(ref_outputs, _run(ref, feeds, "the original")))
+            if o.save_inputs:
+                saved_inputs.append(feeds)
+            if o.save_outputs:
+                for name, value in ref_vals.items():
+                    saved_outputs.setdefault(f"reference/{name}", []).append(value)
+            if base is not None:
+                for name, value in zip([x.name for x in base.get_outputs()], _run(base, feeds, "the original")):
+                    if name in ref_vals:
+                        floor = floors.setdefault(name, new_stats(name, ref_vals[name].dtype, "floor", None, None))
+                        accumulate(floor, ref_vals[name], value, k)
             for provider, sess in cands:
-                got_names = [out.name for out in sess.get_outputs()]
-                got = dict(zip(got_names, _run(sess, feeds, "the candidate")))
+                tf32 = o.allow_tf32 and provider == "CUDAExecutionProvider"
+                got = dict(zip([x.name for x in sess.get_outputs()], _run(sess, feeds, "the candidate")))
                 for name, value in ref_vals.items():
                     key = (name, provider)
                     if key not in stats:
-                        r, a = tolerance(
-                            value.dtype, o.rtol, o.atol, o.allow_tf32 and provider == "CUDAExecutionProvider"
-                        )
-                        stats[key] = ErrorStats(name, r, a, provider=_short(provider))
+                        stats[key] = new_stats(name, value.dtype, _short(provider), o.rtol, o.atol, tf32)
                     if name not in got:
                         stats[key].missing = True
-                    else:
-                        accumulate(stats[key], value, got[name])
+                        continue
+                    accumulate(stats[key], value, got[name], k, channels=name in layer_set)
+                    if o.save_outputs:
+                        saved_outputs.setdefault(f"{_short(provider)}/{name}", []).append(got[name])
             report.samples = k + 1
             if progress:
                 progress(k + 1)
-    report.outputs = [stats[(n, p)] for n in output_names for p in provider_names]
+    report.outputs = [stats[(n, p)] for n in output_names for p in provider_names if (n, p) in stats]
     report.layers = [stats[(n, p)] for n in layer_names for p in provider_names if (n, p) in stats]
+    empty = [
+        s.name
+        for s in report.outputs + report.layers
+        if not s.elements and not (s.missing or s.shape_mismatch) and not s.nonfinite_mismatches
+    ]
+    if empty:
+        raise BnfoldError(
+            f"nothing was compared for {', '.join(sorted(set(empty)))} (no elements): check the input shapes and --dim"
+        )
+    judge_outputs(
+        report.outputs, [compare.scaled_error(floors[s.name]) if s.name in floors else None for s in report.outputs]
+    )
+    for provider in provider_names:
+        judge_layers([s for s in report.layers if s.provider == _short(provider)])
     bad_layers = [s.name for s in report.layers if not s.passed]
     report.first_divergent_layer = bad_layers[0] if bad_layers else None
-    report.passed = all(s.passed for s in report.outputs)
+    report.passed = all(s.passed for s in report.outputs + report.layers)
+    if o.save_inputs and saved_inputs:
+        _save_npz(o.save_inputs, {n: np.stack([f[n] for f in saved_inputs]) for n in saved_inputs[0]})
+    if o.save_outputs and saved_outputs:
+        _save_npz(o.save_outputs, {n: np.stack(v) for n, v in saved_outputs.items()})
     return report

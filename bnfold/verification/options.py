@@ -22,7 +22,7 @@ class VerifyOptions:
     """How two models are compared. Every field has the default the CLI shows."""
 
     providers: Tuple[str, ...] = ("cpu",)
-    rtol: Optional[float] = None  # elementwise tolerances: None = by dtype (see compare.DEFAULT_TOLERANCES)
+    rtol: Optional[float] = None  # elementwise tolerances; both None: the scaled criterion (see compare)
     atol: Optional[float] = None
     samples: int = 3
     seed: int = 0
@@ -33,6 +33,9 @@ class VerifyOptions:
     graph_optimization: str = "disable"
     allow_tf32: bool = False
     max_input_bytes: int = 1 << 30  # per sample synthesized, or all .npz arrays together
+    baseline: bool = True  # run onnxruntime's own fusion of the original: the noise floor
+    save_inputs: Optional[PathLike] = None  # .npz of the inputs, a leading axis of samples
+    save_outputs: Optional[PathLike] = None  # .npz of the reference's and each provider's outputs
 
     def __post_init__(self) -> None:
         providers = self.providers
