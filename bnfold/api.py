@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from .errors import BnfoldError, handle_termination, model_text
+from .errors import BnfoldError, handle_termination, model_text, quiet_numpy
 from .fold import apply, plan_model, stats
 from .io.load import check_model, file_size, open_model
 from .io.save import save
@@ -56,6 +56,7 @@ def _fold(
     external_data: Optional[bool],
     in_place: bool,
     in_memory: bool = False,
+    strict: bool = False,
 ) -> Tuple[onnx.ModelProto, FoldReport, Source]:
     """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
     that what is returned is what was written even when the output replaces the input."""
@@ -63,11 +64,12 @@ def _fold(
     if output is not None:
         _check_output(Path(output), path, proto, in_place)
     before = stats(proto, file_size(path, proto) if path is not None else None)
-    plan = plan_model(proto, source, lower_standalone=lower_standalone)
-    if not dry_run:
-        apply(proto, plan, source)
-        if in_memory:
-            source.materialize(proto)
+    with quiet_numpy():
+        plan = plan_model(proto, source, lower_standalone=lower_standalone, strict=strict)
+        if not dry_run:
+            apply(proto, plan, source)
+            if in_memory:
+                source.materialize(proto)
     report = FoldReport(
         before=before,
         after=stats(proto, before.bytes if dry_run else 0),
@@ -76,6 +78,7 @@ def _fold(
         absorbed=list(plan.absorbed),
         input=str(path) if path is not None else None,
         dry_run=dry_run,
+        warnings=[h.to_dict() for h in plan.warnings],
     )
     if output is not None and not dry_run:
         report.after.bytes = save(proto, output, source=source, external=external_data)
@@ -91,18 +94,22 @@ def fold(
     lower_standalone: bool = False,
     external_data: Optional[bool] = None,
     in_place: bool = False,
+    strict: bool = False,
 ) -> Tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
     ``model`` is a path or an ``onnx.ModelProto`` (never modified: the fold works on a copy). With
     ``output``, the folded model is also written there atomically; ``external_data`` forces (True)
     or forbids (False) an external data file beside it (default: as the input had, or when over
-    2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add. Returns the folded model,
+    2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add; ``strict`` leaves a BN
+    whose fold has a hazard (see :mod:`bnfold.fold.safety`) with that hazard as its reason. Returns the folded model,
     with its weights in memory (or in the external data file it was written with), and a
     :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
-    proto, report, _source = _fold(model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True)
+    proto, report, _source = _fold(
+        model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True, strict=strict
+    )
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
             int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t))
@@ -118,6 +125,7 @@ def fold_file(
     lower_standalone: bool = False,
     external_data: Optional[bool] = None,
     in_place: bool = False,
+    strict: bool = False,
 ) -> FoldReport:
     """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it),
     streaming: weights are read from their files only where they change, and written one at a time.
@@ -125,7 +133,9 @@ def fold_file(
     path = Path(model)
     if output is None:
         output = path if in_place else default_output(path)
-    return _fold(path, None if dry_run else output, dry_run, lower_standalone, external_data, in_place)[1]
+    return _fold(path, None if dry_run else output, dry_run, lower_standalone, external_data, in_place, strict=strict)[
+        1
+    ]
 
 
 def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
@@ -141,12 +151,14 @@ def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[st
 
 
 @model_text()
-def inspect(model: ModelLike) -> InspectReport:
+def inspect(model: ModelLike, *, strict: bool = False, lower_standalone: bool = False) -> InspectReport:
     """Facts about ``model`` and every BatchNormalization in it: its neighbours, and whether it
-    folds (and how) or why not: the decision ``fold`` would take, nothing written."""
+    folds (and how) or why not, and the hazards of the folds: the decisions ``fold`` would take with
+    the same options, nothing written."""
     proto, path, source = _open(model)
     producers, readers = _op_types(proto)
-    plan = plan_model(proto, source)
+    with quiet_numpy():
+        plan = plan_model(proto, source, strict=strict, lower_standalone=lower_standalone)
     infos = []
     for f in plan.folded:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
@@ -173,6 +185,7 @@ def inspect(model: ModelLike) -> InspectReport:
         nodes=counts.nodes,
         initializers=counts.initializers,
         batchnorms=infos,
+        warnings=[h.to_dict() for h in plan.warnings],
     )
 
 
@@ -267,6 +280,7 @@ def fold_many(
     external_data: Optional[bool] = None,
     verify: Optional[VerifyOptions] = None,
     keep_failed: bool = True,
+    strict: bool = False,
     progress: Optional[Callable[[str], None]] = None,
 ) -> BatchReport:
     """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
@@ -285,7 +299,7 @@ def fold_many(
         except OSError as exc:
             raise BnfoldError(f"{out}: cannot create the folder ({exc.strerror})") from None
     tasks = [(str(m), str(out / Path(m).name)) for m in models]
-    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data)
+    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, strict=strict)
     results: Dict[str, BatchEntry] = {}
 
     def done(entry: BatchEntry) -> None:

@@ -87,6 +87,9 @@ def _verify_options(o: Dict[str, Any]) -> VerifyOptions:
 
 
 _DEFAULTS = VerifyOptions()
+STRICT = click.option(
+    "--strict", is_flag=True, help="Refuse every fold with a hazard (the BN stays, the hazard its reason)."
+)
 VERIFY_OPTIONS = [
     click.option(
         "--providers", default=",".join(_DEFAULTS.providers), show_default=True, help="Comma-separated: cpu, cuda."
@@ -278,6 +281,7 @@ def _batch(
     help="Write weights to OUT.data beside the output, or inline (default: as the input, or external over 2 GB).",
 )
 @click.option("--in-place", is_flag=True, help="Allow the output to replace MODEL (still written atomically).")
+@STRICT
 @click.option(
     "-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel (batch)."
 )
@@ -302,6 +306,7 @@ def fold(
     lower_standalone: bool,
     external_data: Optional[bool],
     in_place: bool,
+    strict: bool,
     jobs: int,
     as_json: bool,
     quiet: bool,
@@ -331,7 +336,9 @@ def fold(
         if in_place:
             raise UserError("--verify needs the original: it cannot be combined with --in-place")
         _check_providers(verify)  # before anything is written
-    options: Dict[str, Any] = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data)
+    options: Dict[str, Any] = dict(
+        dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, strict=strict
+    )
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
         if output is None:
@@ -370,10 +377,13 @@ def _check_providers(options: VerifyOptions) -> None:
 @cli.command(short_help="Show every BatchNormalization of a model: folds how, or stays why.")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
-def inspect(model: Path, as_json: bool) -> None:
+@STRICT
+@click.option("--lower-standalone", is_flag=True, help="Decide as fold --lower-standalone would.")
+def inspect(model: Path, as_json: bool, strict: bool, lower_standalone: bool) -> None:
     """Show MODEL's facts and every BatchNormalization in it: its neighbours, and whether it folds
-    (and how) or why not. The decisions are exactly those `bnfold fold` takes; nothing is written."""
-    report = inspect_model(model)
+    (and how) or why not, and the hazards of the folds. The decisions are exactly those `bnfold fold`
+    takes with the same options; nothing is written."""
+    report = inspect_model(model, strict=strict, lower_standalone=lower_standalone)
     if as_json:
         click.echo(report.to_json())
     else:

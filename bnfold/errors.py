@@ -24,6 +24,19 @@ def model_text() -> Iterator[None]:
         raise BnfoldError("a name in the model is not valid UTF-8") from None
 
 
+@contextmanager
+def quiet_numpy() -> Iterator[None]:
+    """No numpy warning reaches the user: every condition it would warn of is checked explicitly
+    (bnfold.fold.safety) and reported as a reason or a hazard."""
+    import warnings
+
+    import numpy as np
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise Terminated()
 

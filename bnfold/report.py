@@ -55,6 +55,13 @@ class Code(str, Enum):
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     PADDED_CONSUMER = "padded_consumer"
     INVALID_NODE = "invalid_node"
+    NONFINITE_PARAMETER = "nonfinite_parameter"
+    NONPOSITIVE_VARIANCE = "nonpositive_variance"
+    UNSAFE_FOLD = "unsafe_fold"
+    EXTREME_SCALE = "extreme_scale"
+    DEAD_CHANNEL = "dead_channel"
+    RANGE_INFLATION = "range_inflation"
+    PRECISION_LOSS = "precision_loss"
 
     @property
     def description(self) -> str:
@@ -80,6 +87,13 @@ _DESCRIPTIONS: Dict[Code, str] = {
     Code.PADDED_CONSUMER: "nothing before it can absorb it, and the Conv after it pads its input: "
     "folding into that Conv would change the border",
     Code.INVALID_NODE: "it, or the node it would fold into, has inputs, shapes or attributes that make no sense",
+    Code.NONFINITE_PARAMETER: "a scale/bias/mean/var value is NaN or Inf",
+    Code.NONPOSITIVE_VARIANCE: "var + epsilon <= 0 for some channel: the normalization is undefined there",
+    Code.UNSAFE_FOLD: "a folded value would overflow, turn NaN or be flushed below the dtype's normal range",
+    Code.EXTREME_SCALE: "--strict: a scale factor above 1e3 or below 1e-3",
+    Code.DEAD_CHANNEL: "--strict: a scale factor of 0 (a dead channel)",
+    Code.RANGE_INFLATION: "--strict: the fold inflates the weight range that per-tensor int8 quantization sees",
+    Code.PRECISION_LOSS: "--strict: the cast to a 16-bit type loses more than its own rounding",
 }
 
 # Code -> description, in a stable order (for documentation and JSON consumers).
@@ -129,6 +143,7 @@ class FoldReport:
     input: Optional[str] = None
     output: Optional[str] = None
     dry_run: bool = False
+    warnings: List[Dict[str, Any]] = field(default_factory=list)  # hazards of the folds made
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +180,8 @@ class FoldReport:
                 )
         if self.absorbed:
             lines.append([(f"also absorbed: {', '.join(self.absorbed)}", PLAIN)])
+        if self.warnings:
+            lines.append(_warning_line(self.warnings))
         if self.left:
             lines.append([(f"left alone ({len(self.left)}):", WARN)])
             for group, items in _by_reason(self.left).items():
@@ -201,6 +218,7 @@ class InspectReport:
     nodes: int
     initializers: int
     batchnorms: List[BatchNormInfo] = field(default_factory=list)
+    warnings: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,10 +257,21 @@ class InspectReport:
                         (verdict, OK if b.foldable else WARN),
                     ]
                 )
+        if self.warnings:
+            lines.append(_warning_line(self.warnings))
+            lines.extend([(f"    {w['code']}: {w['bn']}: {w['message']}", PLAIN)] for w in self.warnings)
         return lines
 
     def render_text(self) -> str:
         return plain(self.render_lines())
+
+
+def _warning_line(warnings: List[Dict[str, Any]]) -> Line:
+    counts: Dict[str, int] = OrderedDict()
+    for w in warnings:
+        counts[w["code"]] = counts.get(w["code"], 0) + 1
+    summary = ", ".join(f"{code} {n}" for code, n in counts.items())
+    return [(f"warnings ({len(warnings)}): {summary}", WARN), ("; --strict refuses them, --json lists them", PLAIN)]
 
 
 def _by_reason(left: List[LeftBN]) -> Dict[str, List[LeftBN]]:

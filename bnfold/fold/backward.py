@@ -39,7 +39,9 @@ class Consumer:
 
     channels: int
     rewrite: Rewrite  # (W, B or None, s, t) in float64 -> (W', B')
+    factor: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (W, s) -> what W is multiplied by
     to_gemm: bool = False
+    channel_axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,18 @@ def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     group = attr(node, "group", 1)
     m, per_group = w.shape[0], w.shape[1]
 
-    def rewrite(W: np.ndarray, B: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        # Output channel m belongs to group m // (M/group) and reads input channels of that group.
-        groups = np.arange(m) // (m // group)
-        idx = groups[:, None] * per_group + np.arange(per_group)[None, :]  # (M, C/group)
-        extra = (1,) * (W.ndim - 2)
-        new_w = W * s[idx].reshape(idx.shape + extra)
-        shift = (W * t[idx].reshape(idx.shape + extra)).reshape(m, -1).sum(axis=1)
-        return new_w, shift if B is None else B + shift
+    # Output channel m belongs to group m // (M/group) and reads input channels of that group.
+    groups = np.arange(m) // (m // group)
+    idx = groups[:, None] * per_group + np.arange(per_group)[None, :]  # (M, C/group)
 
-    return Consumer(per_group * group, rewrite)
+    def factor(W: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return s[idx].reshape(idx.shape + (1,) * (W.ndim - 2))
+
+    def rewrite(W: np.ndarray, B: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        shift = (W * factor(W, t)).reshape(m, -1).sum(axis=1)
+        return W * factor(W, s), shift if B is None else B + shift
+
+    return Consumer(per_group * group, rewrite, factor)
 
 
 def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
@@ -84,13 +88,15 @@ def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
         return b
     trans_b, alpha, beta = attr(node, "transB", 0), attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
 
+    def factor(B: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return s[None, :] if trans_b else s[:, None]
+
     def rewrite(B: np.ndarray, C: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         bk = B.T if trans_b else B  # (K, N)
-        new_b = B * (s[None, :] if trans_b else s[:, None])
         shift = alpha * (t @ bk)
-        return new_b, shift if C is None else beta * C + shift
+        return B * factor(B, s), shift if C is None else beta * C + shift
 
-    return Consumer(b.shape[1] if trans_b else b.shape[0], rewrite)
+    return Consumer(b.shape[1] if trans_b else b.shape[0], rewrite, factor, channel_axis=0 if trans_b else 1)
 
 
 def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
@@ -103,7 +109,9 @@ def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
             Code.AXIS_MISMATCH,
             f"MatMul '{node_label(node)}' is not a rank-2 product: the BN's channels are not its K axis",
         )
-    return Consumer(w.shape[0], lambda W, B, s, t: (W * s[:, None], t @ W), to_gemm=True)
+    return Consumer(
+        w.shape[0], lambda W, B, s, t: (W * s[:, None], t @ W), lambda W, s: s[:, None], to_gemm=True, channel_axis=1
+    )
 
 
 CONSUMERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}

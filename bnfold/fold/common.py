@@ -15,6 +15,7 @@ from ..graph import GraphIndex, Value
 from ..proto import attr, node_label, np_dtype, set_attr
 from ..report import Code, Reason
 from ..shapes import TypeLookup
+from .safety import parameter_problem
 
 
 @dataclass
@@ -83,7 +84,18 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
     if len({p.shape for p in params}) != 1 or params[0].ndim < 1 or params[0].size == 0:
         shapes = ", ".join(str(p.shape) for p in params)
         return Reason(Code.CHANNEL_MISMATCH, f"its parameters have inconsistent shapes {shapes}")
-    s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=attr(node, "epsilon", DEFAULT_EPSILON))
+    epsilon = attr(node, "epsilon", DEFAULT_EPSILON)
+    problem = parameter_problem(dict(zip(("scale", "B", "mean", "var"), params)), epsilon)
+    if problem is not None:
+        return problem
+    with np.errstate(all="ignore"):
+        s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=epsilon)
+    if not (np.isfinite(s).all() and np.isfinite(t).all()):
+        c = int(np.flatnonzero(~(np.isfinite(s) & np.isfinite(t)).reshape(-1))[0])
+        return Reason(
+            Code.UNSAFE_FOLD,
+            f"its float64 scale/shift overflow at channel {c} (scale / sqrt(var + epsilon) = {s.reshape(-1)[c]:g})",
+        )
     if s.ndim > 1:  # spatial=0: per-activation parameters (C, D1, ...)
         flat_s, flat_t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
         if not (np.all(flat_s == flat_s[:, :1]) and np.all(flat_t == flat_t[:, :1])):

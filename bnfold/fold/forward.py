@@ -34,6 +34,7 @@ class Target:
     factor: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (weight, s) -> float64 factor broadcastable to it
     bias_scale: float = 1.0  # Gemm: the old bias enters as beta * C
     to_gemm: bool = False  # MatMul becomes Gemm(A, W', t)
+    channel_axis: int = 0  # the weight's output-channel axis (for per-channel ranges)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]
         rows = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
         return rows.reshape(rows.shape + (1,) * (W.ndim - 2))
 
-    return Target("ConvTranspose", per_group * group, w.ndim, 1, 2, scale)
+    return Target("ConvTranspose", per_group * group, w.ndim, 1, 2, scale, channel_axis=1)
 
 
 def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
@@ -160,7 +161,16 @@ def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
     def scale(B: np.ndarray, s: np.ndarray) -> np.ndarray:
         return s[:, None] if trans_b else s[None, :]
 
-    return Target("Gemm", b.shape[0] if trans_b else b.shape[1], 2, 1, 2, scale, bias_scale=attr(node, "beta", 1.0))
+    return Target(
+        "Gemm",
+        b.shape[0] if trans_b else b.shape[1],
+        2,
+        1,
+        2,
+        scale,
+        bias_scale=attr(node, "beta", 1.0),
+        channel_axis=0 if trans_b else 1,
+    )
 
 
 def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
@@ -178,7 +188,7 @@ def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
             f"MatMul '{node_label(node)}' multiplies a rank-{rank} input by a rank-{w.ndim} weight: "
             "its output columns are not on axis 1",
         )
-    return Target("MatMul", w.shape[1], 2, 1, -1, lambda W, s: s[None, :], to_gemm=True)
+    return Target("MatMul", w.shape[1], 2, 1, -1, lambda W, s: s[None, :], to_gemm=True, channel_axis=1)
 
 
 TARGETS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
@@ -206,6 +216,8 @@ def _affine_of(node: onnx.NodeProto, x: str, const: np.ndarray, rank: int, chann
         return Affine(vec, zero)
     if node.op_type == "Sub":
         return Affine(one, -vec) if first else Affine(-one, vec)
+    if not np.isfinite(vec).all():
+        return None  # Inf/NaN constants: the op stays as it is
     if first and np.all(vec != 0):  # Div: only x / c is affine
         return Affine(1.0 / vec, zero)
     return None
@@ -298,6 +310,17 @@ def _extend(
 # -- rewriting ----------------------------------------------------------------------------------
 
 
+def new_bias(scope: Scope, node: onnx.NodeProto, chain: Chain) -> np.ndarray:
+    """The chain's folded bias in float64: ``bias_scale * b * s + t``."""
+    target = chain.target
+    assert chain.s is not None and chain.t is not None
+    has_bias = target.bias_slot > 0 and len(node.input) > target.bias_slot and node.input[target.bias_slot]
+    old_bias = scope.constant(node.input[target.bias_slot]) if has_bias else None
+    bias = 0.0 if old_bias is None else old_bias.astype(np.float64)
+    with np.errstate(all="ignore"):
+        return np.asarray(target.bias_scale * bias * chain.s + chain.t, dtype=np.float64)
+
+
 def apply(scope: Scope, chain: Chain) -> List[str]:
     """Rewrite one chain; returns the names that may have become unused."""
     index = scope.index
@@ -316,10 +339,7 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
         if w.nbytes > DEFER_BYTES
         else scaled(w, factor)
     )
-    has_bias = target.bias_slot > 0 and len(old.input) > target.bias_slot and old.input[target.bias_slot]
-    old_bias = scope.constant(old.input[target.bias_slot]) if has_bias else None
-    bias = 0.0 if old_bias is None else old_bias.astype(np.float64)
-    new_b = (target.bias_scale * bias * chain.s + chain.t).astype(w.dtype)
+    new_b = new_bias(scope, old, chain).astype(w.dtype)
     del w
     freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)
     for i in chain.steps:

@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Set, Tuple
 
+import numpy as np
 import onnx
 
 from ..constants import Constants
 from ..graph import GraphIndex, TensorStore
 from ..proto import ONNX_DOMAINS, model_names, node_label, opset_of, subgraphs
-from ..report import FoldedBN, LeftBN, Reason
+from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
 from . import backward, forward, lower
 from .common import Scope
+from .safety import Hazard, check_bias, check_weight, scale_hazards, weight_hazards
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class FoldPlan:
     folded: Tuple[FoldedBN, ...]
     left: Tuple[LeftBN, ...]
     absorbed: Tuple[str, ...]
+    warnings: Tuple[Hazard, ...] = ()
 
     @property
     def changes(self) -> bool:
@@ -78,6 +81,7 @@ class Env:
     opset: int
     taken: ModelNames
     lower_standalone: bool
+    strict: bool = False
 
 
 def make_scope(
@@ -108,6 +112,57 @@ class _Notes:
         self.folded: List[FoldedBN] = []
         self.left: List[LeftBN] = []
         self.absorbed: List[str] = []
+        self.warnings: List[Hazard] = []
+
+
+def _verdict(hazards: List[Hazard], strict: bool, notes: _Notes) -> Optional[Reason]:
+    """Hazards are warnings, or with --strict the reason the BN stays."""
+    if strict and hazards:
+        h = hazards[0]
+        return Reason(Code(h.code), f"{h.tensor + ': ' if h.tensor else ''}{h.message}")
+    notes.warnings.extend(hazards)
+    return None
+
+
+def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[Reason]:
+    """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards."""
+    assert chain.s is not None
+    index, target = scope.index, chain.target
+    node = index.node(chain.producer)
+    w_name = node.input[target.weight_slot]
+    w = scope.constant(w_name)
+    if w is None:
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' is computed at run time")
+    found = check_weight(w_name, w, target.factor(w, chain.s), target.channel_axis)
+    if isinstance(found, Reason):
+        return found
+    problem = check_bias(f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype)
+    if problem is not None:
+        return problem
+    bns = ", ".join(node_label(index.node(i)) for i in chain.bns)
+    return _verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, w.dtype, found), strict, notes)
+
+
+def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Notes) -> Optional[Reason]:
+    consumer = scope.index.node(b.consumer)
+    w_name = consumer.input[1]
+    w = scope.constant(w_name)
+    if w is None:
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' is computed at run time")
+    found = check_weight(w_name, w, b.how.factor(w, b.affine.s), b.how.channel_axis)
+    if isinstance(found, Reason):
+        return found
+    bias_name = consumer.input[2] if len(consumer.input) > 2 and consumer.input[2] else ""
+    old_bias = scope.constant(bias_name) if bias_name else None
+    with np.errstate(all="ignore"):
+        _, new_b = b.how.rewrite(
+            w.astype(np.float64), None if old_bias is None else old_bias.astype(np.float64), b.affine.s, b.affine.t
+        )
+    problem = check_bias(f"bias of {node_label(consumer)}", np.asarray(new_b, dtype=np.float64), w.dtype)
+    if problem is not None:
+        return problem
+    bn = node_label(scope.index.node(b.bn))
+    return _verdict(scale_hazards(bn, b.affine.s) + weight_hazards(bn, w_name, w.dtype, found), strict, notes)
 
 
 def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str, notes: _Notes) -> GraphPlan:
@@ -121,6 +176,14 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
                 _plan_graph(inner, env, types, f"{where} > {node.op_type} '{node_label(node)}' body {k}", notes)
             )
     fwd = forward.plan(scope)
+    chains, refused = [], dict(fwd.left)
+    for chain in fwd.chains:
+        reason = _vet_forward(scope, chain, env.strict, notes)
+        if reason is None:
+            chains.append(chain)
+        else:
+            refused.update((i, reason) for i in chain.bns)
+    fwd = forward.Plan(tuple(chains), refused)
     for chain in fwd.chains:
         producer = index.node(chain.producer)
         for i in chain.steps:
@@ -130,6 +193,14 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
             else:
                 notes.absorbed.append(f"{node.op_type} '{node_label(node)}'")
     backs, left = backward.plan(scope, fwd.left)
+    kept = []
+    for b in backs:
+        reason = _vet_backward(scope, b, env.strict, notes)
+        if reason is None:
+            kept.append(b)
+        else:
+            left[b.bn] = reason
+    backs = kept
     for b in backs:
         bn, consumer = index.node(b.bn), index.node(b.consumer)
         notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(consumer), consumer.op_type, "backward"))
@@ -162,13 +233,15 @@ def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup,
     return graph, TypeLookup(onnx.helper.make_model(graph, opset_imports=imports)), opset
 
 
-def model_env(model: onnx.ModelProto, store: TensorStore, lower_standalone: bool) -> Env:
-    return Env(store, opset_of(model), ModelNames(model), lower_standalone)
+def model_env(model: onnx.ModelProto, store: TensorStore, lower_standalone: bool, strict: bool = False) -> Env:
+    return Env(store, opset_of(model), ModelNames(model), lower_standalone, strict)
 
 
-def plan_model(model: onnx.ModelProto, store: TensorStore, *, lower_standalone: bool = False) -> FoldPlan:
-    """Every decision for ``model``, which is not modified."""
-    env = model_env(model, store, lower_standalone)
+def plan_model(
+    model: onnx.ModelProto, store: TensorStore, *, lower_standalone: bool = False, strict: bool = False
+) -> FoldPlan:
+    """Every decision for ``model``, which is not modified. ``strict`` refuses folds with hazards."""
+    env = model_env(model, store, lower_standalone, strict)
     notes = _Notes()
     types = TypeLookup(model)
     main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4)
@@ -178,4 +251,6 @@ def plan_model(model: onnx.ModelProto, store: TensorStore, *, lower_standalone: 
         graph, fn_types, opset = function_graph(fn)
         scope = make_scope(graph, env, fn_types, None, lists_initializers=False, opset=opset or env.opset)
         functions.append(_plan_graph(scope, env, fn_types, f"function '{fn.name}'", notes))
-    return FoldPlan(main, tuple(functions), tuple(notes.folded), tuple(notes.left), tuple(notes.absorbed))
+    return FoldPlan(
+        main, tuple(functions), tuple(notes.folded), tuple(notes.left), tuple(notes.absorbed), tuple(notes.warnings)
+    )

@@ -72,8 +72,9 @@ def accumulate(stats: ErrorStats, ref: np.ndarray, got: np.ndarray, sample: int 
     # NaN and Inf agree only where both sides hold the same value at the same place.
     same_special = (np.isnan(ref64) & np.isnan(got64)) | (ref64 == got64)
     stats.nonfinite_mismatches += int(np.count_nonzero(~finite & ~same_special))
-    diff = np.where(finite, np.abs(ref64 - got64), 0.0)
-    mag = np.where(finite, np.abs(ref64), 0.0)
+    with np.errstate(all="ignore"):  # Inf - Inf where both are special: masked out here
+        diff = np.where(finite, np.abs(ref64 - got64), 0.0)
+        mag = np.where(finite, np.abs(ref64), 0.0)
     n = int(np.count_nonzero(finite))
     if not n:
         return

@@ -1,0 +1,229 @@
+"""Is a folded tensor safe in its destination dtype, and what hazards does a fold create?
+
+A fold rescales weights channel by channel, in float64, then casts once. It is *unsafe* (refused)
+when the result is not what the unfolded graph computed:
+
+* an element that was finite becomes Inf or NaN (overflow of the destination dtype, ``inf * 0``);
+* a channel whose largest value was a normal number of the destination dtype is scaled into its
+  subnormal range or to zero (its values lose their precision together; a single small value becoming
+  subnormal in a channel of normal values is ordinary rounding, as in the unfolded graph);
+* the float64 arithmetic itself overflows or is invalid.
+
+Hazards do not block a fold (unless ``--strict``) but are reported: extreme scale factors, dead
+channels, weight-range inflation that matters to per-tensor int8 quantization, and in 16-bit types a
+cast that loses more than the dtype's own rounding (subnormal results).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ..report import Code, Reason
+
+EXTREME_HIGH, EXTREME_LOW = 1e3, 1e-3
+INFLATION = 10.0  # max|W'| / max|W| above this (or below its inverse) is reported
+SPREAD_GROWTH = 4.0  # (largest / median channel range) growing by more than this is reported
+CHUNK_ELEMENTS = 1 << 22  # weights are checked this many elements at a time
+
+
+@dataclass(frozen=True)
+class Hazard:
+    """Something a fold creates that does not change the result but may matter downstream."""
+
+    code: str  # extreme_scale, dead_channel, range_inflation, precision_loss
+    bn: str
+    tensor: str
+    message: str
+    numbers: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"code": self.code, "bn": self.bn, "tensor": self.tensor, "message": self.message, **self.numbers}
+
+
+def finfo(dtype: np.dtype) -> Tuple[float, float, float]:
+    """(largest finite, smallest normal, unit roundoff) of a float dtype, bfloat16 included."""
+    try:
+        info = np.finfo(dtype)
+    except (TypeError, ValueError):
+        import ml_dtypes
+
+        info = ml_dtypes.finfo(dtype)
+    return float(info.max), float(info.tiny), float(info.eps) / 2
+
+
+def parameter_problem(params: Dict[str, np.ndarray], epsilon: float) -> Optional[Reason]:
+    """Non-finite BN parameters, or ``var + epsilon <= 0``: the BN stays, with its own reason."""
+    for role, value in params.items():
+        bad = ~np.isfinite(value.astype(np.float64))
+        if bad.any():
+            c = int(np.flatnonzero(bad)[0])
+            return Reason(Code.NONFINITE_PARAMETER, f"{role} holds {value.reshape(-1)[c]} at channel {c}")
+    denom = params["var"].astype(np.float64) + np.float64(epsilon)
+    if (denom <= 0).any():
+        c = int(np.flatnonzero(denom.reshape(-1) <= 0)[0])
+        return Reason(Code.NONPOSITIVE_VARIANCE, f"var + epsilon = {denom.reshape(-1)[c]:g} at channel {c}")
+    return None
+
+
+def scale_hazards(bn: str, s: np.ndarray) -> List[Hazard]:
+    out = []
+    a = np.abs(s)
+    dead = np.flatnonzero(a == 0)
+    if dead.size:
+        out.append(
+            Hazard(
+                "dead_channel",
+                bn,
+                "",
+                f"{dead.size} channel(s) scaled to 0 (first: {int(dead[0])}): their output is the bias alone",
+                {"channels": float(dead.size), "channel": float(dead[0])},
+            )
+        )
+    live = a[a > 0]
+    if live.size and (live.max() > EXTREME_HIGH or live.min() < EXTREME_LOW):
+        c = int(np.argmax(a)) if live.max() > EXTREME_HIGH else int(np.flatnonzero(a == live.min())[0])
+        out.append(
+            Hazard(
+                "extreme_scale",
+                bn,
+                "",
+                f"scale factor {s[c]:.3g} at channel {c}",
+                {
+                    "channel": float(c),
+                    "scale": float(s[c]),
+                    "max_abs_scale": float(live.max()),
+                    "min_abs_scale": float(live.min()),
+                },
+            )
+        )
+    return out
+
+
+@dataclass
+class _Pass:
+    """What one pass over a weight and its scaled version found."""
+
+    before: np.ndarray  # per channel: max |W|
+    after: np.ndarray  # per channel: max |W'| (float64, before the cast)
+    cast_error: float = 0.0  # largest change the cast made, relative to the channel's range
+
+
+def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
+    rows = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
+    full = factor.ndim == w.ndim and factor.shape[0] == w.shape[0] and w.shape[0] > 1
+    for start in range(0, max(w.shape[0], 1), rows):
+        stop = start + rows
+        yield w[start:stop], factor[start:stop] if full else factor
+
+
+def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> Union[Reason, _Pass]:
+    """Scale ``w`` by ``factor`` in float64 as the fold will, and either refuse (unsafe) or return
+    per-channel ranges (along ``axis``) and the cast's largest error relative to its channel's range."""
+    dtype = w.dtype
+    top, tiny, _ = finfo(dtype)
+    channels = w.shape[axis] if w.ndim else 1
+    before, after, cast_abs = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    offset = 0
+    with np.errstate(all="ignore"):
+        for chunk, f in _chunks(w, factor):
+            w64 = chunk.astype(np.float64)
+            p = w64 * f
+            finite = np.isfinite(w64)
+            bad = finite & ~np.isfinite(p)
+            if not bad.any():
+                bad = finite & (np.abs(p) > top)
+                if bad.any():
+                    rounded = p[bad].astype(dtype).astype(np.float64)
+                    bad[bad] = ~np.isfinite(rounded)
+            if bad.any() or (np.isnan(p) & ~np.isnan(w64)).any():
+                bad = bad | (np.isnan(p) & ~np.isnan(w64))
+                k = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+                channel = k[axis] + (offset if axis == 0 else 0) if chunk.ndim else 0
+                return Reason(
+                    Code.UNSAFE_FOLD,
+                    f"'{tensor}' at channel {channel}: {float(w64[k]):.4g} x "
+                    f"{float(np.broadcast_to(f, p.shape)[k]):.4g} = {float(p[k]):.4g}, "
+                    f"which is not finite in {dtype}",
+                )
+            good = np.isfinite(p)
+            err = np.where(
+                good, np.abs(np.where(good, p, 0).astype(dtype).astype(np.float64) - np.where(good, p, 0)), 0
+            )
+            if chunk.ndim:
+                axes = tuple(i for i in range(chunk.ndim) if i != axis)
+                b_c = np.where(finite, np.abs(w64), 0).max(axis=axes, initial=0)
+                a_c = np.where(good, np.abs(p), 0).max(axis=axes, initial=0)
+                e_c = err.max(axis=axes, initial=0)
+                if axis == 0:
+                    span = slice(offset, offset + b_c.size)
+                    before[span], after[span], cast_abs[span] = b_c, a_c, e_c
+                else:
+                    before, after, cast_abs = np.maximum(before, b_c), np.maximum(after, a_c), np.maximum(cast_abs, e_c)
+            else:
+                before[0], after[0], cast_abs[0] = abs(float(w64)), abs(float(p)), float(err)
+            offset += chunk.shape[0] if chunk.ndim else 1
+    # A channel whose largest value was a normal number and is scaled below the normal range loses
+    # its precision as a whole (or vanishes): single small values becoming subnormal do not matter.
+    flushed = (before >= tiny) & (after < tiny) & (after > 0)
+    if flushed.any():
+        c = int(np.flatnonzero(flushed)[0])
+        return Reason(
+            Code.UNSAFE_FOLD,
+            f"'{tensor}' channel {c}: its largest value {before[c]:.4g} becomes "
+            f"{after[c]:.4g}, below {dtype}'s smallest normal number {tiny:g}",
+        )
+    with np.errstate(all="ignore"):
+        rel = np.where(after > 0, cast_abs / np.where(after > 0, after, 1), 0)
+    return _Pass(before, after, float(rel.max(initial=0)) if dtype.itemsize <= 2 else 0.0)
+
+
+def check_bias(what: str, bias: np.ndarray, dtype: np.dtype) -> Optional[Reason]:
+    """A folded bias must be finite and fit the destination dtype."""
+    top, _, _ = finfo(dtype)
+    with np.errstate(all="ignore"):
+        bad = ~np.isfinite(bias) | (np.abs(bias) > top)
+        if bad.any():
+            bad = bad & ~np.isfinite(bias.astype(dtype).astype(np.float64))
+    if bad.any():
+        c = int(np.flatnonzero(bad.reshape(-1))[0])
+        return Reason(
+            Code.UNSAFE_FOLD,
+            f"{what} at channel {c} would be {bias.reshape(-1)[c]:.4g}, which is not finite in {dtype}",
+        )
+    return None
+
+
+def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> List[Hazard]:
+    out = []
+    b_max, a_max = float(found.before.max(initial=0)), float(found.after.max(initial=0))
+    if b_max > 0 and a_max > 0:
+        ratio = a_max / b_max
+        spread_b = b_max / max(float(np.median(found.before)), 1e-300)
+        spread_a = a_max / max(float(np.median(found.after)), 1e-300)
+        if ratio > INFLATION or ratio < 1 / INFLATION or spread_a > SPREAD_GROWTH * spread_b:
+            out.append(
+                Hazard(
+                    "range_inflation",
+                    bn,
+                    tensor,
+                    f"max|W| x{ratio:.3g}; largest/median channel range {spread_b:.3g} -> {spread_a:.3g} "
+                    "(per-tensor int8 quantization loses resolution)",
+                    {"max_ratio": ratio, "spread_before": spread_b, "spread_after": spread_a},
+                )
+            )
+    _, _, unit = finfo(dtype)
+    if found.cast_error > unit * (1 + 1e-6):
+        out.append(
+            Hazard(
+                "precision_loss",
+                bn,
+                tensor,
+                f"the cast to {dtype} changes a value by {found.cast_error:.3g} relative (the dtype's own "
+                f"rounding is {unit:.3g}): subnormal results",
+                {"cast_error": found.cast_error, "unit_roundoff": unit},
+            )
+        )
+    return out

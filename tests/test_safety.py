@@ -1,0 +1,190 @@
+"""Folds that never distort: extreme BN parameters either fold into a model that computes what the
+original computes (NaN/Inf positions included), or the BN stays with the right reason; hazards of
+the folds that are made are reported, and --strict refuses them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import feeds_for, run_ort, run_reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+import bnfold
+from bnfold.cli import cli
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+C = 3
+
+
+def conv_bn(dtype, gamma, beta, mean, var, epsilon=1e-5, weight=None) -> onnx.ModelProto:
+    """x -> Conv(3 -> 3, 1x1) -> BN -> y, everything of ``dtype``."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 1.5, (C, C, 1, 1)) if weight is None else weight
+    with np.errstate(all="ignore"):  # extreme values overflow in 16-bit types on purpose
+        inits = [
+            numpy_helper.from_array(np.asarray(a, dtype=np.float64).astype(dtype), n)
+            for n, a in (("w", w), ("g", gamma), ("b", beta), ("m", mean), ("v", var))
+        ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn", epsilon=epsilon),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", elem, [1, C, 2, 2])],
+        [helper.make_tensor_value_info("y", elem, [1, C, 2, 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+def outputs(model, dtype_name):
+    runner = run_reference if dtype_name == "bfloat16" else run_ort
+    feeds = feeds_for(model, 0)
+    return runner(model, feeds)["y"].astype(np.float64)
+
+
+def same_including_specials(ref: np.ndarray, got: np.ndarray, tol: float) -> None:
+    assert np.array_equal(np.isnan(ref), np.isnan(got)), (ref, got)
+    assert np.array_equal(np.isinf(ref), np.isinf(got)) and np.array_equal(ref[np.isinf(ref)], got[np.isinf(got)])
+    finite = np.isfinite(ref)
+    if finite.any():
+        scale = max(float(np.abs(ref[finite]).max()), 1e-30)
+        assert float(np.abs(ref[finite] - got[finite]).max()) / scale <= tol, (ref, got)
+
+
+special = st.sampled_from([np.nan, np.inf, -np.inf])
+gammas = st.one_of(st.sampled_from([0.0, 1e-30, 1e-8, 1e-3, 1e3, 1e8, 1e30, 1e300]), st.floats(-2, 2), special)
+variances = st.one_of(
+    st.sampled_from([0.0, 1e-30, 1e-12, 1e-6, 1e6, 1e12, 1e30, -1e-5, -1.0]), st.floats(0, 4), special
+)
+plain = st.one_of(st.floats(-3, 3), special, st.sampled_from([1e30, -1e30]))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype_name=st.sampled_from(sorted(DTYPES)),
+    channel=st.integers(0, C - 1),
+    gamma=gammas,
+    beta=plain,
+    mean=plain,
+    var=variances,
+    epsilon=st.sampled_from([0.0, 1e-5]),
+)
+def test_extreme_parameters_fold_exactly_or_stay_with_the_right_reason(
+    dtype_name, channel, gamma, beta, mean, var, epsilon
+):
+    dtype = DTYPES[dtype_name]
+    params = {k: np.array([1.0, 0.0, 0.0, 1.0][i] * np.ones(C)) for i, k in enumerate(("g", "b", "m", "v"))}
+    for k, v in zip("gbmv", (gamma, beta, mean, var)):
+        params[k][channel] = v
+    model = conv_bn(dtype, params["g"], params["b"], params["m"], params["v"], epsilon)
+    folded, report = bnfold.fold(model)
+    with np.errstate(all="ignore"):
+        stored = {k: np.asarray(params[k]).astype(dtype).astype(np.float64) for k in params}  # as the model holds them
+    if report.folded:
+        assert not report.left
+        weights = [numpy_helper.to_array(t).astype(np.float64) for t in folded.graph.initializer]
+        assert all(np.isfinite(w).all() for w in weights)  # the original's weights were finite
+        same_including_specials(outputs(model, dtype_name), outputs(folded, dtype_name), TOL[dtype_name])
+        return
+    (left,) = report.left
+    if not all(np.isfinite(v).all() for v in stored.values()):
+        assert left.reason == "nonfinite_parameter", left
+    elif (stored["v"] + epsilon <= 0).any():
+        assert left.reason == "nonpositive_variance", left
+    else:
+        assert left.reason == "unsafe_fold", left
+        assert "channel" in left.message
+
+
+def test_float16_overflow_is_refused_naming_tensor_channel_and_value():
+    model = conv_bn(np.float16, [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1e-7, 1], epsilon=0.0)  # s ~ 3162 on channel 1
+    weight = np.full((C, C, 1, 1), 40.0)
+    model = conv_bn(np.float16, [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1e-7, 1], epsilon=0.0, weight=weight)
+    _, report = bnfold.fold(model)
+    (left,) = report.left
+    assert left.reason == "unsafe_fold" and "'w' at channel 1" in left.message and "not finite" in left.message
+
+
+def test_flush_below_the_normal_range_is_refused():
+    weight = np.full((C, C, 1, 1), 1e-3)  # normal in float16 (smallest normal 6.1e-5)
+    model = conv_bn(np.float16, [1, 1e-3, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], weight=weight)
+    (left,) = bnfold.fold(model)[1].left
+    assert left.reason == "unsafe_fold" and "smallest normal" in left.message
+
+
+def test_a_constant_subgraph_that_overflows_is_a_nonfinite_parameter():
+    model = conv_bn(np.float32, [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1])
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.full(C, 1e30, np.float32), "base"))
+    g.initializer.append(numpy_helper.from_array(np.array(4.0, np.float32), "four"))
+    g.node.insert(0, helper.make_node("Pow", ["base", "four"], ["g_pow"]))
+    g.node[-1].input[1] = "g_pow"
+    (left,) = bnfold.fold(model)[1].left
+    assert left.reason == "nonfinite_parameter" and "inf" in left.message
+
+
+def _warnings(model, **kw):
+    _, report = bnfold.fold(model, **kw)
+    return report, {w["code"]: w for w in report.warnings}
+
+
+@pytest.mark.parametrize(
+    "code, gamma, weight, dtype",
+    [
+        ("extreme_scale", [1, 5e3, 1], None, np.float32),
+        ("dead_channel", [1, 0, 1], None, np.float32),
+        ("range_inflation", [1, 60, 1], None, np.float32),
+        ("precision_loss", [1, 0.3, 1], np.full((C, C, 1, 1), 2e-5), np.float16),  # subnormal weights rounded
+    ],
+)
+def test_each_hazard_is_reported_and_strict_refuses_it(tmp_path, code, gamma, weight, dtype):
+    model = conv_bn(dtype, gamma, [0, 0, 0], [0, 0, 0], [1, 1, 1], weight=weight)
+    report, found = _warnings(model)
+    assert report.folded and code in found, report.warnings
+    assert found[code]["bn"] == "bn" and found[code]["message"]
+    strict_report, _ = _warnings(model, strict=True)
+    assert not strict_report.folded and strict_report.left[0].reason in {w["code"] for w in report.warnings}
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    text = CliRunner().invoke(cli, ["fold", str(path), "-o", str(tmp_path / "o.onnx")]).output
+    assert f"warnings ({len(report.warnings)})" in text and code in text
+    inspected = CliRunner().invoke(cli, ["inspect", str(path)]).output
+    assert code in inspected and "folds forward" in inspected
+    strict_inspect = CliRunner().invoke(cli, ["inspect", str(path), "--strict"]).output
+    assert "stays" in strict_inspect
+    doc = CliRunner().invoke(cli, ["fold", str(path), "-o", str(tmp_path / "o.onnx"), "--json"]).output
+    assert code in doc and '"warnings"' in doc
+
+
+def test_a_healthy_fold_has_no_warning():
+    model = conv_bn(np.float32, [1.1, 0.9, 1.0], [0.1, 0, -0.1], [0, 0.2, 0], [1, 2, 0.5])
+    assert _warnings(model)[0].warnings == []
+
+
+def test_no_numpy_warning_reaches_the_user(tmp_path):
+    weight = np.full((C, C, 1, 1), 40.0)
+    model = conv_bn(np.float16, [1, 1e4, 1], [0, 0, 0], [0, 0, 0], [1, 1e-6, 1], epsilon=0.0, weight=weight)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "bnfold", "fold", str(path), "-o", str(tmp_path / "o.onnx")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "unsafe_fold" in result.stdout
