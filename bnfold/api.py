@@ -13,9 +13,9 @@ from .fold import apply, plan_model, stats
 from .io.load import check_model, file_size, open_model
 from .io.save import save
 from .io.tensors import Source, data_files
+from .options import VerifyOptions
 from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
-from .verification.options import VerifyOptions
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 

@@ -12,11 +12,81 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import click
 
 from . import __version__
-from .api import default_output, fold_file, fold_many
-from .api import inspect as inspect_model
 from .errors import BnfoldError, Terminated, handle_termination
+from .options import PROVIDERS, VerifyOptions
 from .report import FAIL, OK, WARN, Line
-from .verification.options import VerifyOptions
+
+# The API (onnx, numpy) is imported when a command runs, not at start-up: shell completion stays fast.
+
+
+def fold_file(*args: Any, **kwargs: Any) -> Any:
+    from .api import fold_file as run
+
+    return run(*args, **kwargs)
+
+
+def fold_many(*args: Any, **kwargs: Any) -> Any:
+    from .api import fold_many as run
+
+    return run(*args, **kwargs)
+
+
+def inspect_model(*args: Any, **kwargs: Any) -> Any:
+    from .api import inspect as run
+
+    return run(*args, **kwargs)
+
+
+def default_output(path: Path) -> Path:
+    from .api import default_output as where
+
+    return where(path)
+
+
+def _complete_providers(ctx: click.Context, param: click.Parameter, incomplete: str) -> List[Any]:
+    """Completes the last name of a comma-separated list."""
+    from click.shell_completion import CompletionItem
+
+    head, _, last = incomplete.rpartition(",")
+    prefix = head + "," if head else ""
+    return [CompletionItem(prefix + p) for p in PROVIDERS if p.startswith(last)]
+
+
+def _version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """bnfold's version, and those of what it runs on."""
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib import metadata
+
+    from .runtime import conflict, installed_runtimes
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    click.echo(f"bnfold, version {__version__}")
+    click.echo(
+        f"python {platform.python_version()}, onnx {version('onnx')}, numpy {version('numpy')}, "
+        f"click {version('click')}"
+    )
+    runtimes = installed_runtimes()
+    click.echo(
+        "onnxruntime: " + (", ".join(f"{n} {v}" for n, v in runtimes) or "not installed (pip install 'bnfold[cpu]')")
+    )
+    if runtimes:
+        try:
+            import onnxruntime
+
+            click.echo("providers: " + ", ".join(onnxruntime.get_available_providers()))
+        except ImportError as exc:
+            click.echo(f"providers: onnxruntime cannot be imported ({exc})")
+    problem = conflict()
+    if problem:
+        click.echo(f"Warning: {problem}", err=True)
+    ctx.exit()
 
 
 class UserError(click.ClickException):
@@ -92,7 +162,11 @@ STRICT = click.option(
 )
 VERIFY_OPTIONS = [
     click.option(
-        "--providers", default=",".join(_DEFAULTS.providers), show_default=True, help="Comma-separated: cpu, cuda."
+        "--providers",
+        default=",".join(_DEFAULTS.providers),
+        show_default=True,
+        shell_complete=_complete_providers,
+        help="Comma-separated: cpu, cuda.",
     ),
     click.option(
         "--rtol",
@@ -201,7 +275,14 @@ def _run_verify(original: Path, candidate: Path, options: VerifyOptions) -> Any:
 
 
 @click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="bnfold")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version,
+    help="Show the versions of bnfold, onnx, onnxruntime (and its providers), numpy; then exit.",
+)
 def cli() -> None:
     """Fold BatchNormalization into neighbouring layers of ONNX models, and verify the result.
 
@@ -257,8 +338,8 @@ def _batch(
     elif not quiet:
         _echo(report.render_lines())
     for e in report.entries:
-        if e.error is not None:
-            click.echo(f"Error: {e.input}: {e.error}", err=True)
+        if e.error is not None:  # the message names the file already when it is about the file
+            click.echo(f"Error: {e.error if e.input in e.error else e.input + ': ' + e.error}", err=True)
     return report.exit_code
 
 

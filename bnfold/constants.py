@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex
-from .proto import ONNX_DOMAINS, attr, constant_node_value
+from .proto import ONNX_DOMAINS, attr, constant_node_value, to_array
 from .shapes import TypeLookup
 
 MAX_ELEMENTS = 1 << 24
@@ -69,7 +69,7 @@ def _constant_of_shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Opti
     if int(np.prod(shape)) > MAX_ELEMENTS:
         return None
     value = attr(node, "value")
-    fill = onnx.numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
+    fill = to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
     return np.full(shape, fill[0], dtype=fill.dtype)
 
 

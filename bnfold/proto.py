@@ -160,7 +160,7 @@ def constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
 def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
     for a in node.attribute:
         if a.name == "value":
-            return numpy_helper.to_array(a.t)
+            return to_array(a.t)
         if a.name == "value_float":
             return np.array(a.f, dtype=np.float32)
         if a.name == "value_floats":
@@ -176,6 +176,8 @@ def np_dtype(elem_type: int) -> np.dtype:
     """The numpy dtype of an ONNX element type (ValueError for unknown or undefined ones)."""
     if not elem_type:
         raise ValueError("element type UNDEFINED")
+    if elem_type == BFLOAT16:
+        return _bfloat16()
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, TypeError) as exc:
@@ -185,9 +187,44 @@ def np_dtype(elem_type: int) -> np.dtype:
 _PLAIN = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13)}
 
 
+BFLOAT16 = onnx.TensorProto.BFLOAT16
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def tensor_type(dtype: np.dtype) -> int:
+    """The ONNX element type of a numpy dtype (bfloat16 mapped here: onnx before 1.19 cannot)."""
+    if dtype.name == "bfloat16":
+        return BFLOAT16
+    return int(onnx.helper.np_dtype_to_tensor_dtype(dtype))
+
+
+def from_array(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """A TensorProto holding ``array`` (bfloat16 written as raw bytes, whatever the onnx version)."""
+    if array.dtype.name != "bfloat16":
+        return numpy_helper.from_array(array, name)
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type = name, BFLOAT16
+    tensor.dims.extend(array.shape)
+    tensor.raw_data = np.ascontiguousarray(array).view(np.uint16).astype("<u2").tobytes()
+    return tensor
+
+
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """An inline tensor's value. Plain numeric raw data is viewed where it lies (read-only), which
-    is many times faster than onnx's general decoder; every other form goes through that."""
+    is many times faster than onnx's general decoder; bfloat16 is decoded here as ml_dtypes'
+    bfloat16 whatever the onnx version; every other form goes through onnx."""
+    if tensor.data_type == BFLOAT16:
+        shape = tuple(tensor.dims)
+        if tensor.HasField("raw_data"):
+            bits = np.frombuffer(tensor.raw_data, dtype="<u2")
+        else:
+            bits = np.asarray(tensor.int32_data, dtype=np.uint32).astype(np.uint16)
+        return bits.astype(np.uint16).view(_bfloat16()).reshape(shape)
     dtype = _PLAIN.get(tensor.data_type)
     if dtype is not None and tensor.HasField("raw_data") and sys.byteorder == "little":
         raw = tensor.raw_data

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import numpy as np
+if TYPE_CHECKING:  # not imported at run time: the CLI imports this module at start-up
+    import numpy as np
 
 # Styles a renderer may give a span; the CLI maps them to colours (or none).
 OK, WARN, FAIL, PLAIN = "ok", "warn", "fail", ""
@@ -33,7 +35,7 @@ def shorten(name: str, width: int) -> str:
 
 
 def _json_floats(d: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 class Code(str, Enum):

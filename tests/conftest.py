@@ -32,6 +32,17 @@ def run_ort(
     return dict(zip(names, sess.run(None, dict(feeds))))
 
 
+def ort_runs(model: onnx.ModelProto) -> bool:
+    """Whether the installed onnxruntime accepts the model's opset."""
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types
+        if "opset" in str(exc).lower():
+            return False
+        raise
+    return True
+
+
 def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """The ONNX reference evaluator, for forms onnxruntime has no kernel for (BN-6, bfloat16)."""
     from onnx.reference import ReferenceEvaluator

@@ -4,7 +4,7 @@ precision, backward folds, lowering. Each checked numerically with every fold in
 import numpy as np
 import onnx
 import pytest
-from conftest import check_fold, rel_error, run_ort, run_reference
+from conftest import check_fold, ort_runs, rel_error, run_ort, run_reference
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -26,9 +26,12 @@ def conv_bn_net(opset, ir_version=None):
 
 @pytest.mark.parametrize("opset", list(range(6, 24)), ids=lambda v: f"opset{v}")
 def test_every_opset(opset):
+    if opset > onnx.defs.onnx_opset_version():
+        pytest.skip(f"the installed onnx {onnx.__version__} does not know opset {opset}")
     model = conv_bn_net(opset)
-    # onnxruntime has no BatchNormalization-6 kernel: the reference evaluator checks opset 6.
-    check_fold(model, runner=run_reference if opset < 7 else run_ort)
+    # onnxruntime has no BatchNormalization-6 kernel, and older releases refuse the newest opsets:
+    # the ONNX reference evaluator checks those.
+    check_fold(model, runner=run_reference if opset < 7 or not ort_runs(model) else run_ort)
 
 
 @pytest.mark.parametrize("opset", [7, 8, 9], ids=lambda v: f"opset{v}")

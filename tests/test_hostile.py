@@ -585,6 +585,8 @@ def test_o_naming_a_file_in_batch_mode_is_a_usage_error(tmp_path):
     assert taken.read_text() == "x"
 
 
+import bnfold.api  # noqa: E402
+
 _REAL_FOLD_ONE = bnfold.api._fold_one
 
 

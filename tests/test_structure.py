@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import subprocess
 import sys
@@ -90,6 +91,13 @@ def test_public_api_is_annotated():
             for p in sig.parameters.values():
                 assert p.annotation is not inspect.Parameter.empty, f"{name}({p.name})"
     assert (PACKAGE / "py.typed").exists()
+
+
+def test_every_public_name_resolves():
+    assert set(bnfold.__all__) == {"__version__", *bnfold._WHERE}
+    importlib.import_module("bnfold.fold.plan")  # the subpackage must not shadow the function
+
+    assert callable(bnfold.fold) and callable(bnfold.verify)
 
 
 def test_import_loads_no_onnxruntime():

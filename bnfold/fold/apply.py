@@ -6,10 +6,9 @@ from typing import List, Optional
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..graph import TensorStore
-from ..proto import subgraphs
+from ..proto import from_array, subgraphs
 from ..shapes import TypeLookup
 from . import backward, forward, lower
 from .common import Scope
@@ -57,7 +56,7 @@ def _apply_function(fn: onnx.FunctionProto, plan: GraphPlan, env: Env) -> None:
     _apply_graph(graph, plan, env, types, None, False, opset or env.opset)
     constants = [
         onnx.helper.make_node(
-            "Constant", [], [t.name], name=t.name, value=numpy_helper.from_array(np.asarray(env.store.read(t)), t.name)
+            "Constant", [], [t.name], name=t.name, value=from_array(np.asarray(env.store.read(t)), t.name)
         )
         for t in graph.initializer
     ]

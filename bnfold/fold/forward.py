@@ -234,6 +234,63 @@ def _affine_operand(scope: Scope, node: onnx.NodeProto) -> Optional[Tuple[str, n
     return (b, cast(np.ndarray, ca)) if cb is None else (a, cb)
 
 
+def noop_input(scope: Scope, node: onnx.NodeProto) -> Optional[str]:
+    """The input of a node that passes it through unchanged at inference: Identity, Dropout in
+    inference mode whose mask is not read, a Cast to the type it already has. Else None."""
+    if node.domain not in ONNX_DOMAINS or not node.input or not node.input[0] or len(node.output) < 1:
+        return None
+    x = node.input[0]
+    if node.op_type == "Identity":
+        return x
+    if node.op_type == "Dropout":
+        mask = node.output[1] if len(node.output) > 1 else ""
+        if mask and scope.index.uses(mask):
+            return None
+        if scope.opset < 7:
+            return x if attr(node, "is_test", 0) else None
+        training = node.input[2] if len(node.input) > 2 else ""
+        if training:
+            value = scope.constant(training)
+            if value is None or bool(np.asarray(value).reshape(-1)[0]):
+                return None
+        return x
+    if node.op_type == "Cast" and scope.types is not None:
+        elem = scope.types.elem_type(x)
+        return x if elem and attr(node, "to") == elem else None
+    return None
+
+
+def _identity(chain: Chain) -> Optional[Affine]:
+    c = chain.target.channels
+    return Affine(np.ones(c), np.zeros(c))
+
+
+def _obstacle(scope: Scope, x: str) -> Reason:
+    """Why the node before a BN cannot take it, looking through no-ops to what really stops it."""
+    index, name = scope.index, x
+    via: List[str] = []
+    node = index.node_of(name)
+    while node is not None and noop_input(scope, node) is not None:
+        if index.uses(name) > 1 or name in index.graph_outputs:
+            what = "a graph output" if name in index.graph_outputs else f"read by {index.uses(name)} nodes"
+            return Reason(
+                Code.SHARED_PRODUCER_OUTPUT, f"'{name}' (after {' -> '.join(via) or 'the producer'}) is {what}"
+            )
+        via.insert(0, f"{node.op_type} '{node_label(node)}'")
+        name = node.input[0]
+        node = index.node_of(name)
+    if node is None:
+        return Reason(
+            Code.NO_PRODUCER,
+            f"its input '{name}' is a graph input or initializer" + (f" (through {', '.join(via)})" if via else ""),
+        )
+    if node.op_type in TARGETS and node.domain in ONNX_DOMAINS and via:
+        what = "a graph output" if name in index.graph_outputs else f"read by {index.uses(name)} nodes"
+        return Reason(Code.SHARED_PRODUCER_OUTPUT, f"'{name}' of {node.op_type} '{node_label(node)}' is {what}")
+    through = f" (through {', '.join(via)})" if via else ""
+    return Reason(Code.UNSUPPORTED_PRODUCER, f"its input comes from {node.op_type} '{node_label(node)}'{through}")
+
+
 def _fixed(affine: Affine) -> Callable[[Chain], Optional[Affine]]:
     return lambda chain: affine
 
@@ -259,6 +316,8 @@ def plan(scope: Scope) -> Plan:
                 chains[found.end] = Chain(
                     found.producer, found.target, found.end, found.steps, (*found.bns, i), found.s, found.t
                 )
+        elif (x_in := noop_input(scope, node)) is not None:
+            _extend(scope, chains, i, x_in, _identity)  # a no-op joins the chain as the identity map
         else:
             operand = _affine_operand(scope, node)
             if operand:
@@ -281,9 +340,7 @@ def _extend(
         producer = index.node(p)
         make = TARGETS.get(producer.op_type) if producer.domain in ONNX_DOMAINS else None
         if make is None:
-            return Reason(
-                Code.UNSUPPORTED_PRODUCER, f"its input comes from {producer.op_type} '{node_label(producer)}'"
-            )
+            return _obstacle(scope, x)
         target = make(scope, producer)
         if isinstance(target, Reason):
             return target

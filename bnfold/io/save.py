@@ -12,10 +12,9 @@ from typing import Any, BinaryIO, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import BnfoldError
-from ..proto import external_location, graphs_of, initializers, set_location, tensor_nbytes
+from ..proto import external_location, from_array, graphs_of, initializers, set_location, tensor_nbytes, to_array
 from .load import parse
 from .tensors import Source, _write_all
 from .wire import key, varint
@@ -65,7 +64,7 @@ def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out: B
             if not t.HasField("raw_data"):
                 if tensor_nbytes(t) < EXTERNAL_THRESHOLD or t.data_type == onnx.TensorProto.STRING:
                     continue
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+                t.CopyFrom(from_array(to_array(t), t.name))
             if len(t.raw_data) < EXTERNAL_THRESHOLD:
                 continue
             length = _write_all(out, t.raw_data)

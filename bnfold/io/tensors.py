@@ -11,11 +11,19 @@ from typing import BinaryIO, Callable, Dict, Iterator, Optional, Set, Tuple, Uni
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import BnfoldError
 from ..graph import Deferred, Value
-from ..proto import external_location, initializers, np_dtype, set_location, tensor_nbytes, to_array
+from ..proto import (
+    external_location,
+    from_array,
+    initializers,
+    np_dtype,
+    set_location,
+    tensor_nbytes,
+    tensor_type,
+    to_array,
+)
 
 CHUNK = 16 << 20
 SMALL = 1 << 20  # file-backed tensors below this are read with pread; larger ones memory-mapped
@@ -189,10 +197,10 @@ class Source:
         name = tensor.name
         self.inline_refs.discard(name)
         if isinstance(value, np.ndarray):
-            tensor.CopyFrom(numpy_helper.from_array(value, name))
+            tensor.CopyFrom(from_array(value, name))
             self.deferred.pop(name, None)
             return
-        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        tensor.data_type = tensor_type(value.dtype)
         del tensor.dims[:]
         tensor.dims.extend(value.shape)
         set_location(tensor, PENDING)

@@ -22,12 +22,12 @@ import onnx
 
 from ..errors import BnfoldError, model_text
 from ..io.load import load
+from ..options import PROVIDERS, InputsLike, VerifyOptions
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
 from . import compare
 from .compare import accumulate, judge_layers, judge_outputs, new_stats
 from .inputs import given_samples, input_specs, load_inputs, random_input, resolve_shape, synthesized
-from .options import PROVIDERS, InputsLike, VerifyOptions
 from .sessions import check_providers, make_session, session_source
 
 __all__ = [

@@ -13,8 +13,8 @@ import onnx
 
 from ..errors import BnfoldError
 from ..io.tensors import Source
+from ..options import PROVIDERS
 from ..proto import external_location
-from .options import PROVIDERS
 
 LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -36,6 +36,11 @@ def ort() -> Any:
 
 def check_providers(names: Sequence[str]) -> List[str]:
     """Map 'cpu'/'cuda' to onnxruntime providers; fail clearly when one is not available."""
+    from ..runtime import conflict
+
+    problem = conflict()
+    if problem:
+        raise BnfoldError(problem)
     available = ort().get_available_providers()
     out = []
     for name in names:

@@ -1,20 +1,22 @@
-"""The verification options: one dataclass, the single home of the defaults for the API and the CLI."""
+"""The verification options: one dataclass, the single home of the defaults for the API and the CLI.
+Imports nothing heavy: the CLI reads it at start-up, shell completion included."""
 
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
+from .errors import BnfoldError
 
-from ..errors import BnfoldError
+if TYPE_CHECKING:  # numpy is not imported here: the CLI reads these defaults at start-up
+    import numpy as np
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 PathLike = Union[str, "os.PathLike[str]"]
-InputsLike = Union[PathLike, Sequence[PathLike], Mapping[str, np.ndarray], None]
+InputsLike = Union[PathLike, Sequence[PathLike], Mapping[str, "np.ndarray"], None]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,77 @@
+"""Forms other exporters write, built the way they write them: each folds and matches onnxruntime
+(optimizations off), and a variant where the fold would be wrong stays with the right reason."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from conftest import check_fold
+
+import bnfold
+from models import Builder, calibrate
+
+
+def paddle_conv(shared: bool = False, noop: str = "Identity") -> onnx.ModelProto:
+    """paddle2onnx (Paddle 3): Conv -> Add(bias [1,C,1,1]) -> Identity -> BatchNormalization."""
+    b = Builder(seed=5)
+    x = b.input("x", ["N", 3, 8, 8])
+    conv = b.conv(x, 3, 8, 3, bias=False)
+    biased = b.op("Add", [conv, b.const(b.randn(1, 8, 1, 1), "bias")])
+    if noop == "Dropout":
+        passed = b.op("Dropout", [biased], outputs=2)  # inference: the mask output is not read
+    elif noop == "Cast":
+        passed = b.op("Cast", [biased], to=onnx.TensorProto.FLOAT)
+    else:
+        passed = b.op(noop, [biased])
+    y = b.relu(b.bn(passed, 8))
+    outputs = [y, b.op("Sigmoid", [passed])] if shared else [y]
+    return calibrate(b.model(*outputs), {"N": 2})
+
+
+def paddle_linear() -> onnx.ModelProto:
+    """paddle2onnx: MatMul -> Add(bias) -> Identity -> BatchNormalization (BatchNorm1D)."""
+    b = Builder(seed=6)
+    x = b.input("x", ["N", 16])
+    mm = b.op("MatMul", [x, b.const(b.randn(16, 12), "w")])
+    y = b.bn(b.op("Identity", [b.op("Add", [mm, b.const(b.randn(12), "bias")])]), 12)
+    return calibrate(b.model(b.relu(y)), {"N": 4})
+
+
+@pytest.mark.parametrize("noop", ["Identity", "Dropout", "Cast"])
+def test_paddle_conv_bias_identity_bn_folds(noop):
+    folded, report = check_fold(paddle_conv(noop=noop), dims={"N": 2})
+    assert [f.into_op for f in report.folded] == ["Conv"] and len(report.absorbed) == 2
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]
+
+
+def test_paddle_linear_folds():
+    folded, _ = check_fold(paddle_linear(), dims={"N": 4})
+    assert [n.op_type for n in folded.graph.node] == ["Gemm", "Relu"]
+
+
+def test_a_shared_no_op_stays_and_the_reason_says_so():
+    _, report = check_fold(paddle_conv(shared=True), left=1, dims={"N": 2})
+    (left,) = report.left
+    assert left.reason == "shared_producer_output" and "Identity" not in left.message.split("'")[0]
+
+
+def test_identity_is_never_the_obstacle():
+    b = Builder(seed=7)
+    x = b.input("x", [1, 4, 4, 4])
+    y = b.bn(b.op("Identity", [b.relu(x)]), 4)
+    _, report = bnfold.fold(b.model(y))
+    (left,) = report.left
+    assert (
+        left.reason == "unsupported_producer"
+        and "comes from Relu" in left.message
+        and "through Identity" in left.message
+    )
+
+
+def test_a_training_dropout_is_not_a_no_op():
+    b = Builder(seed=8)
+    x = b.input("x", [1, 3, 4, 4])
+    c = b.conv(x, 3, 4)
+    drop = b.op("Dropout", [c, b.const(0.5, "ratio"), b.const(True, "train", dtype=bool)])
+    _, report = bnfold.fold(b.model(b.bn(drop, 4)))
+    assert report.left and report.left[0].reason == "unsupported_producer"
