@@ -57,6 +57,7 @@ def _fold(
     in_place: bool,
     in_memory: bool = False,
     strict: bool = False,
+    affine: bool = True,
 ) -> Tuple[onnx.ModelProto, FoldReport, Source]:
     """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
     that what is returned is what was written even when the output replaces the input."""
@@ -65,7 +66,7 @@ def _fold(
         _check_output(Path(output), path, proto, in_place)
     before = stats(proto, file_size(path, proto) if path is not None else None)
     with quiet_numpy():
-        plan = plan_model(proto, source, lower_standalone=lower_standalone, strict=strict)
+        plan = plan_model(proto, source, lower_standalone=lower_standalone, strict=strict, affine=affine)
         if not dry_run:
             apply(proto, plan, source)
             if in_memory:
@@ -79,6 +80,7 @@ def _fold(
         input=str(path) if path is not None else None,
         dry_run=dry_run,
         warnings=[h.to_dict() for h in plan.warnings],
+        affine=list(plan.affine),
     )
     if output is not None and not dry_run:
         report.after.bytes = save(proto, output, source=source, external=external_data)
@@ -95,6 +97,7 @@ def fold(
     external_data: Optional[bool] = None,
     in_place: bool = False,
     strict: bool = False,
+    affine: bool = True,
 ) -> Tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
@@ -108,7 +111,7 @@ def fold(
     For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
     proto, report, _source = _fold(
-        model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True, strict=strict
+        model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True, strict=strict, affine=affine
     )
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
@@ -126,6 +129,7 @@ def fold_file(
     external_data: Optional[bool] = None,
     in_place: bool = False,
     strict: bool = False,
+    affine: bool = True,
 ) -> FoldReport:
     """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it),
     streaming: weights are read from their files only where they change, and written one at a time.
@@ -133,9 +137,16 @@ def fold_file(
     path = Path(model)
     if output is None:
         output = path if in_place else default_output(path)
-    return _fold(path, None if dry_run else output, dry_run, lower_standalone, external_data, in_place, strict=strict)[
-        1
-    ]
+    return _fold(
+        path,
+        None if dry_run else output,
+        dry_run,
+        lower_standalone,
+        external_data,
+        in_place,
+        strict=strict,
+        affine=affine,
+    )[1]
 
 
 def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
@@ -151,14 +162,16 @@ def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[st
 
 
 @model_text()
-def inspect(model: ModelLike, *, strict: bool = False, lower_standalone: bool = False) -> InspectReport:
+def inspect(
+    model: ModelLike, *, strict: bool = False, lower_standalone: bool = False, affine: bool = True
+) -> InspectReport:
     """Facts about ``model`` and every BatchNormalization in it: its neighbours, and whether it
     folds (and how) or why not, and the hazards of the folds: the decisions ``fold`` would take with
     the same options, nothing written."""
     proto, path, source = _open(model)
     producers, readers = _op_types(proto)
     with quiet_numpy():
-        plan = plan_model(proto, source, strict=strict, lower_standalone=lower_standalone)
+        plan = plan_model(proto, source, strict=strict, lower_standalone=lower_standalone, affine=affine)
     infos = []
     for f in plan.folded:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
@@ -281,6 +294,7 @@ def fold_many(
     verify: Optional[VerifyOptions] = None,
     keep_failed: bool = True,
     strict: bool = False,
+    affine: bool = True,
     progress: Optional[Callable[[str], None]] = None,
 ) -> BatchReport:
     """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
@@ -299,7 +313,9 @@ def fold_many(
         except OSError as exc:
             raise BnfoldError(f"{out}: cannot create the folder ({exc.strerror})") from None
     tasks = [(str(m), str(out / Path(m).name)) for m in models]
-    options = dict(dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, strict=strict)
+    options = dict(
+        dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, strict=strict, affine=affine
+    )
     results: Dict[str, BatchEntry] = {}
 
     def done(entry: BatchEntry) -> None:

@@ -146,6 +146,7 @@ class FoldReport:
     output: Optional[str] = None
     dry_run: bool = False
     warnings: List[Dict[str, Any]] = field(default_factory=list)  # hazards of the folds made
+    affine: List[str] = field(default_factory=list)  # per-channel affine chains folded without a BN
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +181,9 @@ class FoldReport:
                         )
                     ]
                 )
+        if self.affine:
+            lines.append([(f"affine ops folded without a BN ({len(self.affine)}):", OK)])
+            lines.extend([(f"  {a}", PLAIN)] for a in self.affine)
         if self.absorbed:
             lines.append([(f"also absorbed: {', '.join(self.absorbed)}", PLAIN)])
         if self.warnings:

@@ -75,3 +75,43 @@ def test_a_training_dropout_is_not_a_no_op():
     drop = b.op("Dropout", [c, b.const(0.5, "ratio"), b.const(True, "train", dtype=bool)])
     _, report = bnfold.fold(b.model(b.bn(drop, 4)))
     assert report.left and report.left[0].reason == "unsupported_producer"
+
+
+def keras_depthwise(spatial_scale: bool = False, shared: bool = False) -> onnx.ModelProto:
+    """Keras 3 through tf2onnx: no BatchNormalization; Conv(group=C) -> Mul[1,C,1,1] -> Add[1,C,1,1]."""
+    b = Builder(seed=9)
+    x = b.input("x", ["N", 6, 8, 8])
+    dw = b.conv(x, 6, 6, 3, group=6, bias=False)
+    scale = b.rng.uniform(0.5, 1.5, (1, 6, 8, 8) if spatial_scale else (1, 6, 1, 1))
+    y = b.op("Add", [b.op("Mul", [dw, b.const(scale, "scale")]), b.const(b.randn(1, 6, 1, 1), "shift")])
+    outputs = [b.relu(y), b.op("Sigmoid", [dw])] if shared else [b.relu(y)]
+    return b.model(*outputs)
+
+
+def keras_dense() -> onnx.ModelProto:
+    """Keras 3 Dense + BatchNormalization: MatMul -> Mul -> Add."""
+    b = Builder(seed=10)
+    x = b.input("x", ["N", 16])
+    mm = b.op("MatMul", [x, b.const(b.randn(16, 8), "w")])
+    y = b.op("Add", [b.op("Mul", [mm, b.const(b.rng.uniform(0.5, 1.5, 8), "scale")]), b.const(b.randn(8), "shift")])
+    return b.model(b.relu(y))
+
+
+@pytest.mark.parametrize(
+    "make, dims", [(keras_depthwise, {"N": 2}), (keras_dense, {"N": 3})], ids=["depthwise", "dense"]
+)
+def test_keras_affine_pairs_fold_without_a_bn(make, dims):
+    folded, report = check_fold(make(), dims=dims)
+    assert not report.folded and len(report.affine) == 1 and "Mul + Add" in report.affine[0]
+    assert [n.op_type for n in folded.graph.node][-1] == "Relu" and len(folded.graph.node) == 2
+    assert "affine ops folded without a BN (1)" in report.render_text()
+    unchanged, off = bnfold.fold(make(), affine=False)
+    assert not off.affine and len(unchanged.graph.node) == 4
+
+
+@pytest.mark.parametrize("variant", ["spatial_scale", "shared"])
+def test_keras_affine_pairs_that_would_change_meaning_stay(variant):
+    model = keras_depthwise(**{variant: True})
+    folded, report = check_fold(model, dims={"N": 2})
+    assert not report.affine
+    assert sum(n.op_type in ("Mul", "Add") for n in folded.graph.node) == 2

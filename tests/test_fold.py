@@ -143,10 +143,13 @@ def test_bn_mul_add_scale_layer():
     assert [n.op_type for n in folded.graph.node] == ["Conv"] and len(report.absorbed) == 4
 
 
-def test_affine_without_bn_is_untouched():
+def test_affine_without_bn_folds_unless_turned_off():
     b = Builder(seed=6)
     y = b.op("Add", [b.conv(b.input("x", [1, 3, 6, 6]), 3, 4), b.const(b.randn(4, 1, 1), "c")])
-    folded, _report = check_fold(b.model(b.relu(y)))
+    model = b.model(b.relu(y))
+    folded, report = check_fold(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"] and report.affine == ["Add -> Conv conv0"]
+    folded, _ = check_fold(model, affine=False)
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Add", "Relu"]
 
 

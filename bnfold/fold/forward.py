@@ -300,8 +300,9 @@ def _operand_map(node: onnx.NodeProto, x: str, const: np.ndarray) -> Callable[[C
     return lambda chain: _affine_of(node, x, const, chain.target.rank, chain.target.channels)
 
 
-def plan(scope: Scope) -> Plan:
-    """Walk the graph once, in order: each BN joins the chain ending at its input, or gets a reason."""
+def plan(scope: Scope, fold_affine: bool = True) -> Plan:
+    """Walk the graph once, in order: each BN joins the chain ending at its input, or gets a reason.
+    With ``fold_affine``, chains of per-channel Mul/Add/Sub/Div by constants fold without a BN too."""
     index = scope.index
     chains: Dict[str, Chain] = {}  # keyed by the chain's current end
     left: Dict[int, Reason] = {}
@@ -323,7 +324,12 @@ def plan(scope: Scope) -> Plan:
             if operand:
                 x, const = operand
                 _extend(scope, chains, i, x, _operand_map(node, x, const))
-    kept = [c for c in chains.values() if c.bns]
+    # A chain without a BN folds when it holds a per-channel Mul/Add/Sub/Div (Keras 3 writes BNs so).
+    kept = [
+        c
+        for c in chains.values()
+        if c.bns or (fold_affine and any(index.node(i).op_type in AFFINE_OPS for i in c.steps))
+    ]
     return Plan(tuple(sorted(kept, key=lambda c: c.producer)), left)
 
 

@@ -48,6 +48,7 @@ class FoldPlan:
     left: Tuple[LeftBN, ...]
     absorbed: Tuple[str, ...]
     warnings: Tuple[Hazard, ...] = ()
+    affine: Tuple[str, ...] = ()
 
     @property
     def changes(self) -> bool:
@@ -82,6 +83,7 @@ class Env:
     taken: ModelNames
     lower_standalone: bool
     strict: bool = False
+    affine: bool = True
 
 
 def make_scope(
@@ -112,6 +114,7 @@ class _Notes:
         self.folded: List[FoldedBN] = []
         self.left: List[LeftBN] = []
         self.absorbed: List[str] = []
+        self.affine: List[str] = []  # chains without a BN: affine ops folded on their own
         self.warnings: List[Hazard] = []
 
 
@@ -175,7 +178,7 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
             bodies.append(
                 _plan_graph(inner, env, types, f"{where} > {node.op_type} '{node_label(node)}' body {k}", notes)
             )
-    fwd = forward.plan(scope)
+    fwd = forward.plan(scope, env.affine)
     chains, refused = [], dict(fwd.left)
     for chain in fwd.chains:
         reason = _vet_forward(scope, chain, env.strict, notes)
@@ -192,6 +195,10 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
                 notes.folded.append(FoldedBN(node_label(node), node.output[0], node_label(producer), chain.target.op))
             else:
                 notes.absorbed.append(f"{node.op_type} '{node_label(node)}'")
+        if not chain.bns:
+            notes.affine.append(
+                f"{' + '.join(index.node(i).op_type for i in chain.steps)} -> {chain.target.op} {node_label(producer)}"
+            )
     backs, left = backward.plan(scope, fwd.left)
     kept = []
     for b in backs:
@@ -233,15 +240,23 @@ def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup,
     return graph, TypeLookup(onnx.helper.make_model(graph, opset_imports=imports)), opset
 
 
-def model_env(model: onnx.ModelProto, store: TensorStore, lower_standalone: bool, strict: bool = False) -> Env:
-    return Env(store, opset_of(model), ModelNames(model), lower_standalone, strict)
+def model_env(
+    model: onnx.ModelProto, store: TensorStore, lower_standalone: bool, strict: bool = False, affine: bool = True
+) -> Env:
+    return Env(store, opset_of(model), ModelNames(model), lower_standalone, strict, affine)
 
 
 def plan_model(
-    model: onnx.ModelProto, store: TensorStore, *, lower_standalone: bool = False, strict: bool = False
+    model: onnx.ModelProto,
+    store: TensorStore,
+    *,
+    lower_standalone: bool = False,
+    strict: bool = False,
+    affine: bool = True,
 ) -> FoldPlan:
-    """Every decision for ``model``, which is not modified. ``strict`` refuses folds with hazards."""
-    env = model_env(model, store, lower_standalone, strict)
+    """Every decision for ``model``, which is not modified. ``strict`` refuses folds with hazards;
+    ``affine`` folds per-channel Mul/Add/Sub/Div chains that hold no BN."""
+    env = model_env(model, store, lower_standalone, strict, affine)
     notes = _Notes()
     types = TypeLookup(model)
     main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4)
@@ -252,5 +267,11 @@ def plan_model(
         scope = make_scope(graph, env, fn_types, None, lists_initializers=False, opset=opset or env.opset)
         functions.append(_plan_graph(scope, env, fn_types, f"function '{fn.name}'", notes))
     return FoldPlan(
-        main, tuple(functions), tuple(notes.folded), tuple(notes.left), tuple(notes.absorbed), tuple(notes.warnings)
+        main,
+        tuple(functions),
+        tuple(notes.folded),
+        tuple(notes.left),
+        tuple(notes.absorbed),
+        tuple(notes.warnings),
+        tuple(notes.affine),
     )
