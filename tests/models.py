@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnfold.proto import from_array, tensor_type  # bfloat16 whatever the onnx version
+
 FLOAT, FLOAT16, DOUBLE = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
 
 
@@ -44,11 +46,11 @@ class Builder:
         return name
 
     def _elem(self) -> int:
-        return helper.np_dtype_to_tensor_dtype(self.dtype)
+        return tensor_type(self.dtype)
 
     def const(self, value, base: str = "c", dtype=None) -> str:
         name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.dtype), name))
+        self.inits.append(from_array(np.asarray(value, dtype=dtype or self.dtype), name))
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], base: Optional[str] = None, outputs: int = 1, **attrs) -> str:

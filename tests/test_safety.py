@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 import bnfold
 from bnfold.cli import cli
+from bnfold.proto import tensor_type, to_array
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
@@ -27,7 +28,7 @@ C = 3
 
 def conv_bn(dtype, gamma, beta, mean, var, epsilon=1e-5, weight=None) -> onnx.ModelProto:
     """x -> Conv(3 -> 3, 1x1) -> BN -> y, everything of ``dtype``."""
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    elem = tensor_type(np.dtype(dtype))
     rng = np.random.default_rng(0)
     w = rng.uniform(0.5, 1.5, (C, C, 1, 1)) if weight is None else weight
     with np.errstate(all="ignore"):  # extreme values overflow in 16-bit types on purpose
@@ -97,7 +98,7 @@ def test_extreme_parameters_fold_exactly_or_stay_with_the_right_reason(
         stored = {k: np.asarray(params[k]).astype(dtype).astype(np.float64) for k in params}  # as the model holds them
     if report.folded:
         assert not report.left
-        weights = [numpy_helper.to_array(t).astype(np.float64) for t in folded.graph.initializer]
+        weights = [to_array(t).astype(np.float64) for t in folded.graph.initializer]
         assert all(np.isfinite(w).all() for w in weights)  # the original's weights were finite
         same_including_specials(outputs(model, dtype_name), outputs(folded, dtype_name), TOL[dtype_name])
         return
