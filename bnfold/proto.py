@@ -6,7 +6,7 @@ Nothing here imports another bnfold module.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Iterator, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, Optional, Set
 
 import numpy as np
 import onnx
@@ -85,14 +85,18 @@ def all_names(graph: onnx.GraphProto, into: Set[str]) -> Set[str]:
     for seq in (graph.input, graph.output, graph.value_info):
         into.update(v.name for v in seq)
     into.update(t.name for t in graph.initializer)
-    for node in graph.node:
+    _node_names(graph.node, into)
+    into.discard("")
+    return into
+
+
+def _node_names(nodes: Iterable[onnx.NodeProto], into: Set[str]) -> None:
+    for node in nodes:
         into.update(node.input)
         into.update(node.output)
         into.add(node.name)
         for g in subgraphs(node):
             all_names(g, into)
-    into.discard("")
-    return into
 
 
 def model_names(model: onnx.ModelProto) -> Set[str]:
@@ -101,11 +105,7 @@ def model_names(model: onnx.ModelProto) -> Set[str]:
     for fn in model.functions:
         taken.update(fn.input)
         taken.update(fn.output)
-        for node in fn.node:
-            taken.update(node.output)
-            taken.add(node.name)
-            for g in subgraphs(node):
-                all_names(g, taken)
+        _node_names(fn.node, taken)
     taken.discard("")
     return taken
 

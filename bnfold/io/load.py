@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 from pathlib import Path
 from typing import Dict, Set, Tuple, Union
 
@@ -22,27 +21,12 @@ from ..proto import (
     initializers,
     set_location,
 )
-from .tensors import PENDING, Source, data_files
+from .tensors import PENDING, Source, data_files, regular_file
 from .wire import WireError, strip_raw_data
 
 PathLike = Union[str, "os.PathLike[str]"]
 SCAN_BYTES = 64 << 20  # larger files are scanned, not parsed whole
 LAZY_THRESHOLD = 4096  # inline tensors at least this large are read from the file only when needed
-
-
-def regular_file(path: Path, what: str = "") -> os.stat_result:
-    """The file's status, when it is a regular file (a FIFO would block, a folder is no model)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise BnfoldError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise BnfoldError(f"{path}: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BnfoldError(f"{path}: is a folder, not {what or 'an ONNX file'}")
-    if not stat.S_ISREG(st.st_mode):
-        raise BnfoldError(f"{path}: not a regular file")
-    return st
 
 
 def file_size(path: Path, model: onnx.ModelProto) -> int:

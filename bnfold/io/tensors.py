@@ -61,6 +61,21 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
+def regular_file(path: Path, what: str = "") -> os.stat_result:
+    """The file's status, when it is a regular file (a FIFO would block, a folder is no model)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BnfoldError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BnfoldError(f"{path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BnfoldError(f"{path}: is a folder, not {what or 'an ONNX file'}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BnfoldError(f"{path}: not a regular file" + (f" ({what})" if what else ""))
+    return st
+
+
 def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Path] = None) -> Location:
     """Validate where a file-backed tensor's bytes are, the way onnx's loader does, and stricter:
     a relative path without '..', that stays inside ``base_dir`` once links are resolved, naming a
@@ -87,14 +102,7 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Pat
         raise BnfoldError(f"external data file {path} for tensor '{name}' is missing") from None
     if not _inside(real, folder):
         raise BnfoldError(f"tensor '{name}': external data '{location}' leads out of the model's folder (a link)")
-    try:
-        st = os.stat(real)
-    except OSError as exc:
-        raise BnfoldError(f"external data file {path} for tensor '{name}': {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BnfoldError(f"tensor '{name}': external data location '{location}' is a folder")
-    if not stat.S_ISREG(st.st_mode):
-        raise BnfoldError(f"tensor '{name}': external data location '{location}' is not a regular file")
+    st = regular_file(real, f"external data (of tensor '{name}', location '{location}')")
     if st.st_nlink > 1 and (model_file is None or real != model_file.resolve()):
         raise BnfoldError(
             f"tensor '{name}': external data file '{location}' has other hard links, which may lie "

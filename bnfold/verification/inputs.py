@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import BnfoldError
-from ..io.load import regular_file
+from ..io.tensors import regular_file
 from ..proto import np_dtype
 
 DEFAULT_DIM = 1
