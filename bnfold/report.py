@@ -57,6 +57,7 @@ class Code(str, Enum):
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     PADDED_CONSUMER = "padded_consumer"
     INVALID_NODE = "invalid_node"
+    CONCAT_BRANCH = "concat_branch"
     NONFINITE_PARAMETER = "nonfinite_parameter"
     NONPOSITIVE_VARIANCE = "nonpositive_variance"
     UNSAFE_FOLD = "unsafe_fold"
@@ -89,6 +90,7 @@ _DESCRIPTIONS: Dict[Code, str] = {
     Code.PADDED_CONSUMER: "nothing before it can absorb it, and the Conv after it pads its input: "
     "folding into that Conv would change the border",
     Code.INVALID_NODE: "it, or the node it would fold into, has inputs, shapes or attributes that make no sense",
+    Code.CONCAT_BRANCH: "it follows a Concat, and one of the Concat's branches cannot take its channels",
     Code.NONFINITE_PARAMETER: "a scale/bias/mean/var value is NaN or Inf",
     Code.NONPOSITIVE_VARIANCE: "var + epsilon <= 0 for some channel: the normalization is undefined there",
     Code.UNSAFE_FOLD: "a folded value would overflow, turn NaN or be flushed below the dtype's normal range",

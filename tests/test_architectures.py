@@ -6,7 +6,7 @@ from conftest import check_fold
 from models import ARCHITECTURES
 
 # BNs that must stay, and why (DenseNet's pre-activation BNs follow a Concat or share their input).
-EXPECTED_LEFT = {"densenet_preact": ["shared_producer_output"] + ["unsupported_producer"] * 3}
+EXPECTED_LEFT = {"densenet_preact": ["shared_producer_output"] * 3 + ["concat_branch"]}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

@@ -115,3 +115,45 @@ def test_keras_affine_pairs_that_would_change_meaning_stay(variant):
     folded, report = check_fold(model, dims={"N": 2})
     assert not report.affine
     assert sum(n.op_type in ("Mul", "Add") for n in folded.graph.node) == 2
+
+
+def mixnet_block(shared_branch: bool = False, relu_branch: bool = False) -> onnx.ModelProto:
+    """timm's MixNet: Split -> depthwise Convs of several kernel sizes -> Concat -> BN."""
+    b = Builder(seed=11)
+    x = b.input("x", ["N", 12, 8, 8])
+    parts = b.op("Split", [x, b.const([4, 4, 4], "split", dtype="int64")], outputs=3, axis=1)
+    names = [parts, f"{parts}_out1", f"{parts}_out2"]
+    branches = [b.conv(name, 4, 4, k, group=4, bias=False) for name, k in zip(names, (3, 5, 7))]
+    if relu_branch:
+        branches[1] = b.relu(branches[1])
+    cat = b.op("Concat", branches, axis=1)
+    y = b.relu(b.bn(cat, 12))
+    outputs = [y, b.op("Sigmoid", [branches[2]])] if shared_branch else [y]
+    return calibrate(b.model(*outputs), {"N": 2})
+
+
+def test_mixnet_concat_bn_splits_into_every_branch():
+    folded, report = check_fold(mixnet_block(), dims={"N": 2})
+    (f,) = report.folded
+    assert f.direction == "split" and f.into_op == "Concat" and "conv0" in f.into and "conv2" in f.into
+    assert [n.op_type for n in folded.graph.node].count("BatchNormalization") == 0
+
+
+@pytest.mark.parametrize("variant", ["shared_branch", "relu_branch"])
+def test_a_branch_that_cannot_take_its_part_keeps_the_bn(variant):
+    _, report = check_fold(mixnet_block(**{variant: True}), left=1, dims={"N": 2})
+    (left,) = report.left
+    assert left.reason == "concat_branch" and "branch" in left.message
+
+
+def test_densenet_concat_of_a_shared_tensor_stays():
+    from models import densenet_preact
+
+    _, report = check_fold(calibrate(densenet_preact(), {}), left=4)
+    assert {x.reason for x in report.left} <= {
+        "concat_branch",
+        "no_producer",
+        "unsupported_producer",
+        "shared_producer_output",
+    }
+    assert "concat_branch" in {x.reason for x in report.left}

@@ -32,7 +32,7 @@ def test_inspect_text_and_json_match_fold_decisions(tmp_path):
     left = {b["name"]: b["reason"] for b in bns if not b["foldable"]}
     folded = json.loads(invoke("fold", DEMO, "--dry-run", "--json").output)
     assert left == {item["name"]: item["reason"] for item in folded["left"]}
-    concat_bn = next(b for b in bns if b["reason"] == "unsupported_producer")
+    concat_bn = next(b for b in bns if b["reason"] == "concat_branch")
     assert concat_bn["producer"] == "Concat" and concat_bn["consumers"] == ["Relu"]
     assert not any(tmp_path.iterdir())
 

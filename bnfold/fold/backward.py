@@ -29,6 +29,7 @@ PRODUCER_REASONS = {
     Code.UNKNOWN_RANK,
     Code.UNSUPPORTED_DTYPE,
     Code.CHANNEL_MISMATCH,
+    Code.CONCAT_BRANCH,
 }
 Rewrite = Callable[[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
 

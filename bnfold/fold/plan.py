@@ -20,7 +20,7 @@ from ..graph import GraphIndex, TensorStore
 from ..proto import ONNX_DOMAINS, model_names, node_label, opset_of, subgraphs
 from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
-from . import backward, forward, lower
+from . import backward, concat, forward, lower
 from .common import Scope
 from .safety import Hazard, check_bias, check_weight, scale_hazards, weight_hazards
 
@@ -34,6 +34,7 @@ class GraphPlan:
     forward: Tuple[forward.Chain, ...]
     backward: Tuple[backward.Backward, ...]
     lowered: Tuple[lower.Lowering, ...]
+    concat: Tuple[concat.ConcatFold, ...]
     left: Tuple[Tuple[int, Reason], ...]
     bodies: Tuple[GraphPlan, ...]  # in the order proto.subgraphs yields them over graph.node
 
@@ -199,7 +200,18 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
             notes.affine.append(
                 f"{' + '.join(index.node(i).op_type for i in chain.steps)} -> {chain.target.op} {node_label(producer)}"
             )
-    backs, left = backward.plan(scope, fwd.left)
+    splits, after_split = concat.plan(scope, fwd.left)
+    kept_splits = []
+    for c in splits:
+        reason = next((r for ch in c.branches if (r := _vet_forward(scope, ch, env.strict, notes)) is not None), None)
+        if reason is not None:
+            after_split[c.bn] = reason
+            continue
+        kept_splits.append(c)
+        bn, node = index.node(c.bn), index.node(c.concat)
+        into = f"{node_label(node)} ({', '.join(node_label(index.node(ch.producer)) for ch in c.branches)})"
+        notes.folded.append(FoldedBN(node_label(bn), bn.output[0], into, "Concat", "split"))
+    backs, left = backward.plan(scope, after_split)
     kept = []
     for b in backs:
         reason = _vet_backward(scope, b, env.strict, notes)
@@ -222,7 +234,14 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         output = node.output[0] if node.output else ""
         notes.left.append(LeftBN(node_label(node), output, reason.code.value, reason.message))
     return GraphPlan(
-        where, len(index.nodes), fwd.chains, tuple(backs), tuple(lowered), tuple(sorted(left.items())), tuple(bodies)
+        where,
+        len(index.nodes),
+        fwd.chains,
+        tuple(backs),
+        tuple(lowered),
+        tuple(kept_splits),
+        tuple(sorted(left.items())),
+        tuple(bodies),
     )
 
 

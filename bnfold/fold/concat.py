@@ -1,0 +1,123 @@
+"""A BN after a Concat along the channel axis, split by channel ranges into every branch's layer.
+
+MixNet writes ``Split -> depthwise Convs -> Concat -> BN``, Inception-style blocks ``Convs -> Concat
+-> BN``. When each branch's output feeds only the Concat, ``BN(concat(y_1, ..., y_k))`` is
+``concat(s_1 * y_1 + t_1, ...)``: each branch's layer absorbs its channel range of ``s`` and ``t``,
+and the Concat writes the BN's output. Where any branch cannot take its part, the whole BN stays,
+with a reason naming that branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import numpy as np
+import onnx
+
+from ..proto import ONNX_DOMAINS, attr, node_label
+from ..report import Code, Reason
+from . import forward
+from .common import Scope, check_batchnorm
+
+# Left-alone reasons about the producer side that a Concat producer explains.
+PRODUCER_REASONS = {Code.UNSUPPORTED_PRODUCER}
+
+
+@dataclass(frozen=True)
+class ConcatFold:
+    bn: int
+    concat: int
+    branches: Tuple[forward.Chain, ...]  # one chain per Concat input: producer, target, its part of s, t
+
+
+def _axis_is_channels(scope: Scope, node: onnx.NodeProto) -> bool:
+    axis = attr(node, "axis", 1)
+    if axis == 1:
+        return True
+    rank = scope.rank(node.output[0]) if node.output else None
+    return axis < 0 and rank is not None and axis + rank == 1
+
+
+def _branches(
+    scope: Scope, concat: onnx.NodeProto, s_t: Tuple[np.ndarray, np.ndarray]
+) -> Tuple[List[forward.Chain], str]:
+    """One chain per input, or the reason a branch cannot take its part."""
+    index = scope.index
+    s, t = s_t
+    chains, start = [], 0
+    for k, name in enumerate(concat.input):
+        where = f"branch {k} ('{name}')"
+        p = index.producer.get(name)
+        producer = index.nodes[p] if p is not None else None
+        if (
+            p is None
+            or producer is None
+            or producer.domain not in ONNX_DOMAINS
+            or producer.op_type not in forward.TARGETS
+        ):
+            return [], f"{where} does not come from a Conv, ConvTranspose, Gemm or MatMul"
+        if list(concat.input).count(name) != 1 or len(index.readers(name)) != 1 or name in index.graph_outputs:
+            return [], f"{where} is also read elsewhere"
+        target = forward.TARGETS[producer.op_type](scope, producer)
+        if isinstance(target, Reason):
+            return [], f"{where}: {target.message}"
+        stop = start + target.channels
+        if stop > s.shape[0]:
+            return [], f"{where} has more channels than the BN"
+        chains.append(forward.Chain(p, target, name, (), (), s[start:stop], t[start:stop]))
+        start = stop
+    if start != s.shape[0]:
+        return [], f"its {s.shape[0]} channels differ from the Concat's {start}"
+    return chains, ""
+
+
+def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[ConcatFold], Dict[int, Reason]]:
+    """Splits for BNs the forward pass left because a Concat produces their input."""
+    index = scope.index
+    out, still = [], dict(left)
+    for i, reason in sorted(left.items()):
+        if reason.code not in PRODUCER_REASONS:
+            continue
+        bn = index.node(i)
+        x = bn.input[0]
+        p = index.producer.get(x)
+        concat = index.nodes[p] if p is not None else None
+        if concat is None or concat.op_type != "Concat" or concat.domain not in ONNX_DOMAINS:
+            continue
+        if not _axis_is_channels(scope, concat):
+            continue
+        if len(index.readers(x)) != 1 or x in index.graph_outputs:
+            what = (
+                "a graph output"
+                if x in index.graph_outputs
+                else f"also read by {len(index.readers(x)) - 1} other node(s)"
+            )
+            still[i] = Reason(
+                Code.SHARED_PRODUCER_OUTPUT, f"the output '{x}' of Concat '{node_label(concat)}' is {what}"
+            )
+            continue
+        affine = check_batchnorm(scope, bn)
+        if isinstance(affine, Reason):
+            continue
+        chains, problem = _branches(scope, concat, (affine.s, affine.t))
+        if problem:
+            still[i] = Reason(Code.CONCAT_BRANCH, f"Concat '{node_label(concat)}': {problem}")
+            continue
+        out.append(ConcatFold(i, p, tuple(chains)))  # type: ignore[arg-type]
+        del still[i]
+    return out, still
+
+
+def apply(scope: Scope, fold: ConcatFold) -> List[str]:
+    index = scope.index
+    bn, concat = index.node(fold.bn), index.node(fold.concat)
+    freed = list(bn.input[1:])
+    for chain in fold.branches:
+        freed += forward.apply(scope, chain)
+    node = onnx.NodeProto()
+    node.CopyFrom(concat)
+    node.output[0] = bn.output[0]  # the Concat writes the BN's output
+    index.remove_node(fold.bn)
+    index.replace_node(fold.concat, node)
+    return freed
