@@ -148,3 +148,14 @@ def test_progress_bar_names_the_model(monkeypatch):
         bar.update(1, "resnet.onnx")
         bar.update(1, "mobilenet.onnx")
     assert "resnet.onnx" in term.getvalue() or "mobilenet.onnx" in term.getvalue()
+
+
+def test_api_takes_providers_as_a_string_or_a_list(tmp_path):
+    import bnfold
+
+    folded = tmp_path / "f.onnx"
+    bnfold.fold_file(DEMO, folded)
+    assert bnfold.verify(DEMO, folded, providers="cpu").providers == ["CPUExecutionProvider"]
+    assert bnfold.verify(DEMO, folded, providers=["cpu"], samples=1).samples == 1
+    with pytest.raises(bnfold.BnfoldError, match="unknown provider 'gpu'"):
+        bnfold.verify(DEMO, folded, providers="cpu,gpu")

@@ -137,7 +137,7 @@ def verify(
     """
     o = VerifyOptions.of(
         options,
-        providers=None if providers is None else tuple(providers),
+        providers=providers if providers is None or isinstance(providers, str) else tuple(providers),
         rtol=rtol,
         atol=atol,
         samples=samples,
