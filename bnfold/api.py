@@ -257,6 +257,14 @@ def _dead(model: str, output: str) -> BatchEntry:
     )
 
 
+def _spawn() -> Any:
+    """Workers start afresh: a forked worker can deadlock on a lock that a thread of the parent
+    (onnxruntime's thread pools, after a verification) held at the moment of the fork."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
 def _run_pool(
     tasks: List[Tuple[str, str]], jobs: int, args: Tuple[Any, ...], done: Callable[[BatchEntry], None]
 ) -> None:
@@ -266,7 +274,7 @@ def _run_pool(
     from concurrent.futures.process import BrokenProcessPool
 
     unfinished = list(tasks)
-    with ProcessPoolExecutor(max_workers=jobs, initializer=handle_termination) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=handle_termination, mp_context=_spawn()) as pool:
         futures = {pool.submit(_fold_one, i, o, *args): (i, o) for i, o in tasks}
         for future in as_completed(futures):
             try:
@@ -276,7 +284,7 @@ def _run_pool(
             unfinished.remove(futures[future])
             done(entry)
     for i, o in unfinished:
-        with ProcessPoolExecutor(max_workers=1, initializer=handle_termination) as single:
+        with ProcessPoolExecutor(max_workers=1, initializer=handle_termination, mp_context=_spawn()) as single:
             try:
                 done(single.submit(_fold_one, i, o, *args).result())
             except BrokenProcessPool:

@@ -4,7 +4,6 @@ written, the input unchanged), or folded into a model that means the same. Never
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import random
 import signal
@@ -585,22 +584,29 @@ def test_o_naming_a_file_in_batch_mode_is_a_usage_error(tmp_path):
     assert taken.read_text() == "x"
 
 
-import bnfold.api  # noqa: E402
+DYING_WORKER = """
+import os
+import bnfold.api as api
 
-_REAL_FOLD_ONE = bnfold.api._fold_one
+real = api._fold_one
 
 
-def _fold_or_die(model, *args):
+def fold_or_die(model, *args):
     if "victim" in model:
         os._exit(9)  # as the OOM killer would
-    return _REAL_FOLD_ONE(model, *args)
+    return real(model, *args)
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="workers inherit the patch only when forked")
+api._fold_one = fold_or_die
+"""
+
+
 def test_a_dead_worker_is_that_models_failure(tmp_path, monkeypatch):
-    import bnfold.api as api
-
-    monkeypatch.setattr(api, "_fold_one", _fold_or_die)
+    """Workers are spawned: a sitecustomize on their path makes the one folding 'victim' die."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DYING_WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     models = []
     for name in ("a", "victim", "b"):
         p = tmp_path / f"{name}.onnx"
