@@ -105,7 +105,7 @@ def test_extreme_parameters_fold_exactly_or_stay_with_the_right_reason(
     (left,) = report.left
     if not all(np.isfinite(v).all() for v in stored.values()):
         assert left.reason == "nonfinite_parameter", left
-    elif (stored["v"] + epsilon <= 0).any():
+    elif (stored["v"] + float(np.float32(epsilon)) <= 0).any():  # the attribute is stored as float32
         assert left.reason == "nonpositive_variance", left
     else:
         assert left.reason == "unsafe_fold", left
