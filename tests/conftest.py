@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -10,12 +11,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bnfold
 from bnfold.fold import stats
 from bnfold.verification import input_specs, random_input, resolve_shape
+
+# CI runs the property tests on a fixed sequence of examples (a verdict that can be reproduced);
+# elsewhere hypothesis explores new ones each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
