@@ -15,7 +15,7 @@ import onnx
 
 from ..proto import ONNX_DOMAINS, attr, node_label, str_attr
 from ..report import Code, Reason
-from .common import Affine, Scope, check_batchnorm, rewrite_layer
+from .common import Affine, Scope, check_batchnorm, left_for, rewrite_layer
 from .forward import constant_weight, constant_weights
 
 # Left-alone reasons about the producer side: only those BNs may still fold backward.
@@ -123,10 +123,7 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Backward], Dict[in
     padded consumer is a better explanation than the producer's)."""
     index = scope.index
     out, still = [], dict(left)
-    for i, reason in sorted(left.items()):
-        if reason.code not in PRODUCER_REASONS:
-            continue
-        bn = index.node(i)
+    for i, reason, bn in left_for(scope, left, PRODUCER_REASONS):
         y = bn.output[0]
         readers = index.readers(y)
         if y in index.graph_outputs or len(readers) != 1:

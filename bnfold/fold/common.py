@@ -4,7 +4,7 @@ inference-mode per-channel affine map, and the one rewrite of a layer's weight a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Collection, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -40,6 +40,15 @@ class Affine:
 
     s: np.ndarray
     t: np.ndarray
+
+
+def left_for(
+    scope: Scope, left: Dict[int, Reason], codes: Collection[Code]
+) -> Iterator[Tuple[int, Reason, onnx.NodeProto]]:
+    """The BNs an earlier pass left for one of ``codes``, in graph order, for a later pass to try."""
+    for i, reason in sorted(left.items()):
+        if reason.code in codes:
+            yield i, reason, scope.index.node(i)
 
 
 def bn_version(opset: int) -> int:

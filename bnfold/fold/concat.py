@@ -18,7 +18,7 @@ import onnx
 from ..proto import ONNX_DOMAINS, attr, node_label
 from ..report import Code, Reason
 from . import forward
-from .common import Scope, check_batchnorm
+from .common import Scope, check_batchnorm, left_for
 
 # Left-alone reasons about the producer side that a Concat producer explains.
 PRODUCER_REASONS = {Code.UNSUPPORTED_PRODUCER}
@@ -76,10 +76,7 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[ConcatFold], Dict[
     """Splits for BNs the forward pass left because a Concat produces their input."""
     index = scope.index
     out, still = [], dict(left)
-    for i, reason in sorted(left.items()):
-        if reason.code not in PRODUCER_REASONS:
-            continue
-        bn = index.node(i)
+    for i, _, bn in left_for(scope, left, PRODUCER_REASONS):
         x = bn.input[0]
         p = index.producer.get(x)
         concat = index.nodes[p] if p is not None else None
