@@ -51,10 +51,6 @@ class FoldPlan:
     warnings: Tuple[Hazard, ...] = ()
     affine: Tuple[str, ...] = ()
 
-    @property
-    def changes(self) -> bool:
-        return bool(self.folded or self.absorbed)
-
 
 class ModelNames:
     """Every name of a model, collected when a new name is first needed (planning needs none)."""

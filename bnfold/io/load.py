@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Dict, Set, Tuple, Union
+from typing import Set, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -39,14 +39,12 @@ def file_size(path: Path, model: onnx.ModelProto) -> int:
 
 def check_external(model: onnx.ModelProto, source: Source) -> None:
     """Every external location is validated before anything is read (see :func:`.tensors.locate`)."""
-    seen: Dict[str, None] = {}
     for t in initializers(model):
         info = external_location(t)
         if info is None:
             continue
         if info.get("location") == PENDING and t.name not in source.deferred:
             raise BnfoldError(f"tensor '{t.name}': external data location '{PENDING}' is reserved")
-        seen.setdefault(t.name)
         source.location(t)
 
 
