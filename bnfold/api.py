@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import onnx
 
-from .errors import BnfoldError, handle_termination, model_text, quiet_numpy
+from .errors import BnfoldError, Terminated, handle_termination, model_text, quiet_numpy
 from .fold import apply, plan_model, stats
 from .io.load import check_model, file_size, open_model
 from .io.save import save
@@ -257,38 +258,107 @@ def _dead(model: str, output: str) -> BatchEntry:
     )
 
 
-def _spawn() -> Any:
-    """Workers start afresh: a forked worker can deadlock on a lock that a thread of the parent
-    (onnxruntime's thread pools, after a verification) held at the moment of the fork."""
-    import multiprocessing
+def _worker(conn: Any, args: Tuple[Any, ...]) -> None:
+    """A batch worker: folds the models it is sent, one at a time, until it is sent None."""
+    handle_termination()
+    try:
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(_fold_one(task[0], task[1], *args))
+    except (EOFError, OSError, KeyboardInterrupt, Terminated):  # parent gone, or stopped: quietly
+        return
 
-    return multiprocessing.get_context("spawn")
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    import signal
+
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to do
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _run_pool(
     tasks: List[Tuple[str, str]], jobs: int, args: Tuple[Any, ...], done: Callable[[BatchEntry], None]
 ) -> None:
-    """Fold in worker processes. When one dies, the pool breaks: the unfinished models are then
-    folded one at a time, each in a fresh process, so that only the one that dies is reported."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    """Fold in ``jobs`` worker processes, each sent one model at a time. A worker that dies (killed
+    by the OS, out of memory) fails the model it held, in one line, and a fresh one takes its place.
 
-    unfinished = list(tasks)
-    with ProcessPoolExecutor(max_workers=jobs, initializer=handle_termination, mp_context=_spawn()) as pool:
-        futures = {pool.submit(_fold_one, i, o, *args): (i, o) for i, o in tasks}
-        for future in as_completed(futures):
+    Workers are spawned, not forked: a forked worker can deadlock on a lock that a thread of the
+    parent (onnxruntime's thread pools, after a verification) held at the moment of the fork.
+    concurrent.futures is not used: after a worker died, its broken pool could hang (Python 3.13)."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")
+    pending = list(reversed(tasks))
+    busy: Dict[Any, Tuple[Any, Any, Tuple[str, str]]] = {}  # sentinel -> (process, conn, task)
+    idle: List[Tuple[Any, Any]] = []
+    workers: List[Tuple[Any, Any]] = []  # every one started
+
+    def start() -> Tuple[Any, Any]:
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_worker, args=(theirs, args), daemon=True)
+        workers.append((process, ours))
+        with _sigint_ignored():  # inherited: Ctrl-C reaches the parent, which stops the workers
+            process.start()
+        theirs.close()
+        return process, ours
+
+    try:
+        while pending or busy:
+            while pending and (idle or len(busy) < jobs):
+                process, conn = idle.pop() if idle else start()
+                task = pending.pop()
+                try:
+                    conn.send(task)
+                except OSError:  # it died while idle: its task goes to another
+                    pending.append(task)
+                    process.join()
+                    continue
+                busy[process.sentinel] = (process, conn, task)
+            by_conn = {conn: key for key, (_, conn, _) in busy.items()}
+            for ready in wait(list(busy) + list(by_conn)):
+                key = by_conn.get(ready, ready)
+                if key not in busy:
+                    continue
+                process, conn, task = busy[key]
+                try:
+                    entry = conn.recv() if conn.poll() else None
+                except (EOFError, OSError):
+                    entry = None
+                del busy[key]
+                if entry is not None:
+                    done(entry)
+                    idle.append((process, conn))
+                else:
+                    process.join()
+                    done(_dead(*task))
+    finally:
+        # Normally every worker is idle here and is told to stop; after an error or a signal, the
+        # workers are stopped whatever they were doing.
+        workers = [(p, c) for p, c in workers if p.pid is not None]  # a signal can come before start
+        for process, conn in workers:
             try:
-                entry = future.result()
-            except BrokenProcessPool:
-                continue
-            unfinished.remove(futures[future])
-            done(entry)
-    for i, o in unfinished:
-        with ProcessPoolExecutor(max_workers=1, initializer=handle_termination, mp_context=_spawn()) as single:
-            try:
-                done(single.submit(_fold_one, i, o, *args).result())
-            except BrokenProcessPool:
-                done(_dead(i, o))
+                conn.send(None)
+            except OSError:
+                pass
+            if busy:
+                process.terminate()
+        for process, conn in workers:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
 
 
 def fold_many(

@@ -601,10 +601,6 @@ api._fold_one = fold_or_die
 """
 
 
-@pytest.mark.skipif(
-    sys.version_info >= (3, 13),
-    reason="open bug: on Python 3.13.0 the batch can hang after a worker dies (seen in 3 of 4 runs); not yet fixed",
-)
 def test_a_dead_worker_is_that_models_failure(tmp_path, monkeypatch):
     """Workers are spawned: a sitecustomize on their path makes the one folding 'victim' die."""
     site = tmp_path / "site"
@@ -612,16 +608,68 @@ def test_a_dead_worker_is_that_models_failure(tmp_path, monkeypatch):
     (site / "sitecustomize.py").write_text(DYING_WORKER)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     models = []
-    for name in ("a", "victim", "b"):
+    for name in ("a", "victim", "b", "c", "d"):
         p = tmp_path / f"{name}.onnx"
         onnx.save(resnet_bottleneck(), str(p))
         models.append(p)
     result = invoke("fold", *models, "-o", tmp_path / "out", "--jobs", "2")
     assert result.exit_code == 2, result.output
-    assert files(tmp_path / "out") == ["a.onnx", "b.onnx"]
+    assert files(tmp_path / "out") == ["a.onnx", "b.onnx", "c.onnx", "d.onnx"]
     errors = [line for line in result.stderr.splitlines() if line]
     assert len(errors) == 1 and "victim" in errors[0] and "died" in errors[0]
     assert "BrokenProcessPool" not in result.output
+
+
+SLOW_SAVE = """
+import time
+import bnfold.io.save as s
+
+s.os.fsync = lambda fd: time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_batch_stops_its_workers_and_leaves_no_temporary_file(tmp_path, how):
+    """Workers stuck in a save (fsync never returns): Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it) or SIGTERM to bnfold stops them all, removes their temporary files, one line."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    models = []
+    for name in ("a", "b", "c"):
+        p = tmp_path / f"{name}.onnx"
+        onnx.save(resnet_bottleneck(), str(p))
+        models.append(str(p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnfold", "fold", *models, "-o", str(out), "--jobs", "2"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while sum(f.endswith(".tmp") for f in (files(out) if out.exists() else [])) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.05)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (130 if how == "ctrl-c" else 143), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert files(out) == []
+    deadline = time.monotonic() + 10
+    while True:  # every worker is gone with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a worker outlived the batch"
+        time.sleep(0.05)
 
 
 def test_api_errors_are_bnfold_errors(tmp_path):
