@@ -58,6 +58,8 @@ class Code(str, Enum):
     PADDED_CONSUMER = "padded_consumer"
     INVALID_NODE = "invalid_node"
     CONCAT_BRANCH = "concat_branch"
+    NONPOSITIVE_SCALE_AFTER_POOL = "nonpositive_scale_after_pool"
+    PADDED_POOL = "padded_pool"
     NONFINITE_PARAMETER = "nonfinite_parameter"
     NONPOSITIVE_VARIANCE = "nonpositive_variance"
     UNSAFE_FOLD = "unsafe_fold"
@@ -91,6 +93,9 @@ _DESCRIPTIONS: Dict[Code, str] = {
     "folding into that Conv would change the border",
     Code.INVALID_NODE: "it, or the node it would fold into, has inputs, shapes or attributes that make no sense",
     Code.CONCAT_BRANCH: "it follows a Concat, and one of the Concat's branches cannot take its channels",
+    Code.NONPOSITIVE_SCALE_AFTER_POOL: "it would fold through a MaxPool, and one of its scale factors is <= 0: "
+    "max does not commute with it",
+    Code.PADDED_POOL: "it would fold through an AveragePool whose padding or rounding would change the average",
     Code.NONFINITE_PARAMETER: "a scale/bias/mean/var value is NaN or Inf",
     Code.NONPOSITIVE_VARIANCE: "var + epsilon <= 0 for some channel: the normalization is undefined there",
     Code.UNSAFE_FOLD: "a folded value would overflow, turn NaN or be flushed below the dtype's normal range",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from conftest import check_fold
@@ -157,3 +158,156 @@ def test_densenet_concat_of_a_shared_tensor_stays():
         "shared_producer_output",
     }
     assert "concat_branch" in {x.reason for x in report.left}
+
+
+def resnetv2_stem(gamma_sign: float = 1.0, shared_pool: bool = False, pad_node: bool = False) -> onnx.ModelProto:
+    """timm's ResNetV2 (pre-activation): Conv -> MaxPool(3, stride 2, pads 1) -> BN -> Relu."""
+    b = Builder(seed=12)
+    x = b.input("x", ["N", 3, 16, 16])
+    c = b.conv(x, 3, 8, 7, stride=2, pad=3, bias=False)
+    if pad_node:  # a Pad of zeros before the pool: the map would change the padded value
+        c = b.op("Pad", [c, b.const([0, 0, 1, 1, 0, 0, 1, 1], "pads", dtype="int64")], mode="constant")
+    pooled = b.op("MaxPool", [c], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 0, 0] if pad_node else [1] * 4)
+    gamma = b.rng.uniform(0.5, 1.5, 8)
+    gamma[3] *= gamma_sign
+    params = [
+        b.const(gamma, "gamma"),
+        b.const(b.randn(8), "beta"),
+        b.const(np.zeros(8), "mean"),
+        b.const(np.ones(8), "var"),
+    ]
+    y = b.relu(b.bn(pooled, 8, params=params))
+    outputs = [y, b.op("Sigmoid", [pooled])] if shared_pool else [y]
+    return calibrate(b.model(*outputs), {"N": 2})
+
+
+def test_resnetv2_maxpool_bn_folds_into_the_conv_through_the_pool():
+    folded, report = check_fold(resnetv2_stem(), dims={"N": 2})
+    (f,) = report.folded
+    assert f.into_op == "Conv" and "through MaxPool" in f.into and not report.absorbed
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "MaxPool", "Relu"]
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [
+        ({"gamma_sign": -1.0}, "nonpositive_scale_after_pool"),
+        ({"gamma_sign": 0.0}, "nonpositive_scale_after_pool"),
+        ({"shared_pool": True}, "shared_producer_output"),
+        ({"pad_node": True}, "unsupported_producer"),
+    ],
+    ids=["negative_scale", "zero_scale", "shared_pool", "zero_pad_node"],
+)
+def test_a_maxpool_the_map_does_not_commute_with_keeps_the_bn(variant, reason):
+    _, report = check_fold(resnetv2_stem(**variant), left=1, dims={"N": 2})
+    (left,) = report.left
+    assert left.reason == reason, left.message
+    if reason == "nonpositive_scale_after_pool":
+        assert "channel 3" in left.message and "MaxPool" in left.message
+    if reason == "shared_producer_output":
+        assert "MaxPool" in left.message
+    if reason == "unsupported_producer":
+        assert "Pad" in left.message and "through MaxPool" in left.message
+
+
+def test_a_wrong_fold_through_a_maxpool_would_be_caught():
+    """The exact condition matters: with a negative scale, the fold computed anyway differs."""
+    from conftest import assert_same
+
+    from bnfold.fold import forward
+
+    model = resnetv2_stem(gamma_sign=-1.0)
+    real = forward._extend
+
+    def permissive(scope, chains, i, x, step, kept=False):
+        found = real(scope, chains, i, x, step, kept)
+        if getattr(found, "code", None) is not None and found.code.value == "nonpositive_scale_after_pool":
+            chain = chains[x]
+            composed = chain.compose(i, step(chain), scope.index.node(i).output[0])
+            chains.pop(x)
+            chains[composed.end] = composed
+            return composed
+        return found
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(forward, "_extend", permissive):
+        wrong, report = bnfold.fold(model)
+    assert not report.left
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_same(model, wrong, dims={"N": 2})
+
+
+def timm_head(flatten: str = "Flatten") -> onnx.ModelProto:
+    """A classifier head: Conv -> GlobalAveragePool -> Flatten (or Reshape [N, C]) -> BN1d -> Gemm."""
+    b = Builder(seed=13)
+    x = b.input("x", ["N", 4, 8, 8])
+    gap = b.op("GlobalAveragePool", [b.conv(x, 4, 12, 3)])
+    if flatten == "Flatten":
+        flat = b.op("Flatten", [gap], axis=1)
+    else:
+        flat = b.op("Reshape", [gap, b.const([0, 12] if flatten == "Reshape" else [0, 3, 4], "shape", dtype="int64")])
+    y = b.bn(flat, 12) if flatten != "Reshape3" else b.op("Flatten", [b.bn(flat, 3)], axis=1)
+    return calibrate(b.model(b.gemm(b.relu(y), 12, 5)), {"N": 3})
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_a_bn1d_after_a_global_pool_and_flatten_folds_into_the_conv(flatten):
+    folded, report = check_fold(timm_head(flatten), dims={"N": 3})
+    (f,) = report.folded
+    assert f.into_op == "Conv" and "GlobalAveragePool" in f.into and flatten in f.into
+    assert [n.op_type for n in folded.graph.node][:3] == ["Conv", "GlobalAveragePool", flatten]
+
+
+def test_a_reshape_that_moves_channels_keeps_the_bn():
+    _, report = check_fold(timm_head("Reshape3"), left=1, dims={"N": 3})
+    assert report.left[0].reason == "axis_mismatch" and "Reshape" in report.left[0].message
+
+
+def levit_linear_norm(
+    reshape: str = "Reshape", bias: bool = False, moves_channels: bool = False, shared: bool = False
+) -> onnx.ModelProto:
+    """timm's LeViT LinearNorm: MatMul (rank 3) -> Reshape [B*N, C] (or Flatten) -> BN1d -> Reshape
+    back to [B, N, C]."""
+    b = Builder(seed=14)
+    x = b.input("x", ["B", 10, 16])
+    y = b.op("MatMul", [x, b.const(b.randn(16, 24), "w")])
+    if bias:
+        y = b.op("Add", [y, b.const(b.randn(24), "bias")])
+    if reshape == "Flatten":
+        flat = b.op("Flatten", [y], axis=2)
+    else:
+        flat = b.op("Reshape", [y, b.const([-1, 10 * 24] if moves_channels else [-1, 24], "flat", dtype="int64")])
+    channels = 240 if moves_channels else 24
+    z = b.op("Reshape", [b.bn(flat, channels), b.op("Shape", [y] if not shared else [flat])])
+    outputs = [b.relu(z)] + ([b.op("Sigmoid", [flat])] if shared else [])
+    return calibrate(b.model(*outputs), {"B": 2})
+
+
+@pytest.mark.parametrize("reshape, bias", [("Reshape", False), ("Flatten", False), ("Reshape", True)])
+def test_levit_matmul_reshape_bn1d_folds_into_the_matmul(reshape, bias):
+    folded, report = check_fold(levit_linear_norm(reshape, bias), dims={"B": 2})
+    (f,) = report.folded
+    assert f.into_op == "MatMul" and reshape in f.into
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("BatchNormalization") == 0 and ops[:3] == ["MatMul", "Add", reshape]
+    assert report.absorbed == (["Add 'add0'"] if bias else [])
+
+
+@pytest.mark.parametrize("variant", ["moves_channels", "shared"])
+def test_levit_forms_that_would_change_meaning_keep_the_bn(variant):
+    _, report = check_fold(levit_linear_norm(**{variant: True}), left=1, dims={"B": 2})
+    reason = report.left[0].reason
+    assert reason == ("axis_mismatch" if variant == "moves_channels" else "shared_producer_output"), report.left
+
+
+@pytest.mark.parametrize("pads, folds", [([0, 0, 0, 0], True), ([1, 1, 1, 1], False)], ids=["unpadded", "padded"])
+def test_an_average_pool_passes_the_map_only_without_padding(pads, folds):
+    """avg(s * y + t) = s * avg(y) + t, but zeros counted into a padded window are not mapped."""
+    b = Builder(seed=15)
+    x = b.input("x", ["N", 3, 8, 8])
+    pooled = b.op("AveragePool", [b.conv(x, 3, 6, 3)], kernel_shape=[2, 2], pads=pads, count_include_pad=1)
+    model = calibrate(b.model(b.relu(b.bn(pooled, 6))), {"N": 2})
+    _, report = check_fold(model, left=0 if folds else 1, dims={"N": 2})
+    if not folds:
+        assert report.left[0].reason == "padded_pool"

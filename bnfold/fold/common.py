@@ -124,13 +124,13 @@ def scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return (w.astype(np.float64) * factor).astype(w.dtype)  # bfloat16: numpy has no such loop
 
 
-def channel_vector(value: np.ndarray, rank: Optional[int], channels: int) -> Optional[np.ndarray]:
+def channel_vector(value: np.ndarray, rank: Optional[int], channels: int, axis: int = 1) -> Optional[np.ndarray]:
     """``value`` as a float64 (C,) vector if, broadcast against a rank-``rank`` tensor with C channels
-    on axis 1, it varies along axis 1 only; else None."""
+    on ``axis``, it varies along that axis only; else None."""
     if rank is None or rank < 2 or value.ndim > rank or (not is_float(value) and value.dtype.kind not in "iu"):
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
-    if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, channels):
+    if any(d != 1 for k, d in enumerate(shape) if k != axis) or shape[axis] not in (1, channels):
         return None
     return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
 
@@ -162,10 +162,12 @@ def rewrite_layer(
     bias_slot: int = 2,
     x: Optional[str] = None,
     output: Optional[str] = None,
+    bias_node: bool = False,
 ) -> Tuple[onnx.NodeProto, str]:
     """Give layer ``i`` (Conv, ConvTranspose, Gemm or MatMul) a new weight (input 1) and bias, in
     both fold directions: a MatMul becomes ``Gemm(A, W, bias)``; a Gemm keeps ``alpha`` and gets
-    ``beta = 1``. ``x`` replaces the layer's input, ``output`` its output name. Returns the new
+    ``beta = 1``; with ``bias_node`` (a MatMul of rank >= 3), an Add of the bias follows it and
+    writes its output. ``x`` replaces the layer's input, ``output`` its output name. Returns the new
     node (already in the index) and the layer's label."""
     index = scope.index
     old = index.node(i)
@@ -177,6 +179,18 @@ def rewrite_layer(
     if output is not None:
         node.output[0] = output
     node.input[1] = write_constant(index, old, 1, weight, f"{label}_weight_folded")
+    if bias_node:
+        y = node.output[0]
+        node.output[0] = index.fresh(f"{y}_unbiased")
+        add = onnx.helper.make_node(
+            "Add",
+            [node.output[0], index.add_initializer(bias, f"{label}_bias")],
+            [y],
+            name=index.fresh(f"{label}_bias_add"),
+        )
+        index.replace_node(i, node)
+        index.insert_nodes(i, [add])
+        return node, node_label(old)
     if to_gemm:
         node.op_type = "Gemm"
         del node.input[2:]

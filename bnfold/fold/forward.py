@@ -8,7 +8,7 @@ chain's affine maps composed in float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
@@ -35,11 +35,17 @@ class Target:
     bias_scale: float = 1.0  # Gemm: the old bias enters as beta * C
     to_gemm: bool = False  # MatMul becomes Gemm(A, W', t)
     channel_axis: int = 0  # the weight's output-channel axis (for per-channel ranges)
+    channel_last: bool = False  # MatMul: its output channels are the last axis, whatever the rank
+    bias_node: bool = False  # MatMul of rank >= 3: the folded bias is an Add after it
 
 
 @dataclass(frozen=True)
 class Chain:
-    """A producer and the BNs and affine ops after it that fold into it, composed into one map."""
+    """A producer and the BNs and affine ops after it that fold into it, composed into one map.
+
+    ``kept`` are steps the map passes through unchanged and that stay in the graph: a MaxPool (max
+    commutes with ``s * y + t`` when every ``s > 0``), an average pool without padding, a
+    Flatten/Reshape that keeps the channel axis where the map needs it."""
 
     producer: int
     target: Target
@@ -48,13 +54,31 @@ class Chain:
     bns: Tuple[int, ...] = ()
     s: Optional[np.ndarray] = None
     t: Optional[np.ndarray] = None
+    kept: Tuple[int, ...] = ()
+    pool_s: Optional[np.ndarray] = None  # the scale composed after the first MaxPool: must stay > 0
+    rank: int = 0  # rank of the value at ``end`` (0: the producer's output rank)
+    squeezed: bool = False  # every axis after the channel axis has size 1 (after a global pool)
+
+    @property
+    def current_rank(self) -> int:
+        return self.rank or self.target.rank
+
+    @property
+    def axis(self) -> int:
+        """The channel axis of the value at ``end``."""
+        return self.current_rank - 1 if self.target.channel_last else 1
 
     def compose(self, step: int, affine: Affine, end: str) -> Chain:
         if self.s is None or self.t is None:
             s, t = affine.s, affine.t
         else:
             s, t = affine.s * self.s, affine.s * self.t + affine.t
-        return Chain(self.producer, self.target, end, (*self.steps, step), self.bns, s, t)
+        pool_s = None if self.pool_s is None else affine.s * self.pool_s
+        return replace(self, end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s)
+
+    def through(self, step: int, end: str, **changes: object) -> Chain:
+        """The chain passed through step ``step``, which stays in the graph."""
+        return replace(self, end=end, steps=(*self.steps, step), kept=(*self.kept, step), **changes)  # type: ignore[arg-type]
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -182,13 +206,24 @@ def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
         return Reason(
             Code.UNKNOWN_RANK, f"the rank of '{node.input[0]}' (input of MatMul '{node_label(node)}') is unknown"
         )
-    if w.ndim != 2 or rank != 2:
+    if w.ndim != 2 or rank is None or rank < 2:
         return Reason(
             Code.AXIS_MISMATCH,
             f"MatMul '{node_label(node)}' multiplies a rank-{rank} input by a rank-{w.ndim} weight: "
-            "its output columns are not on axis 1",
+            "its output columns are not a channel axis",
         )
-    return Target("MatMul", w.shape[1], 2, 1, -1, lambda W, s: s[None, :], to_gemm=True, channel_axis=1)
+    return Target(
+        "MatMul",
+        w.shape[1],
+        rank,
+        1,
+        -1,
+        lambda W, s: s[None, :],
+        to_gemm=rank == 2,
+        channel_axis=1,
+        channel_last=True,
+        bias_node=rank > 2,
+    )
 
 
 TARGETS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul}
@@ -204,8 +239,10 @@ class Plan:
     left: Dict[int, Reason]
 
 
-def _affine_of(node: onnx.NodeProto, x: str, const: np.ndarray, rank: int, channels: int) -> Optional[Affine]:
-    vec = channel_vector(const, rank, channels)
+def _affine_of(
+    node: onnx.NodeProto, x: str, const: np.ndarray, rank: int, channels: int, axis: int = 1
+) -> Optional[Affine]:
+    vec = channel_vector(const, rank, channels, axis)
     if vec is None:
         return None
     first = node.input[0] == x
@@ -265,12 +302,70 @@ def _identity(chain: Chain) -> Optional[Affine]:
     return Affine(np.ones(c), np.zeros(c))
 
 
+STEP_CODES = (Code.AXIS_MISMATCH, Code.PADDED_POOL)  # what a pass-through step refuses with itself
+POOLS = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool")
+RESHAPES = ("Flatten", "Reshape")
+SHAPE_READERS = ("Shape", "Size")
+
+
+def _unused_extra_outputs(scope: Scope, node: onnx.NodeProto) -> bool:
+    return not any(o and scope.index.uses(o) for o in node.output[1:])
+
+
+def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callable[[Chain], Union[Chain, Reason]]]:
+    """For a node a per-channel affine map passes through unchanged (a pool, a Flatten/Reshape that
+    keeps the channel axis), how a chain ending at its input goes on past it. Else None."""
+    if node.domain not in ONNX_DOMAINS or node.op_type not in POOLS + RESHAPES or not node.input:
+        return None
+    if not node.input[0] or not node.output or not node.output[0] or not _unused_extra_outputs(scope, node):
+        return None
+    op, out = node.op_type, node.output[0]
+    label = f"{op} '{node_label(node)}'"
+
+    def step(chain: Chain) -> Union[Chain, Reason]:
+        rank, channels = chain.current_rank, chain.target.channels
+        if op in POOLS:
+            if chain.target.channel_last:
+                return Reason(Code.AXIS_MISMATCH, f"{label} pools the channel axis of a MatMul output")
+            if op == "AveragePool" and (
+                any(attr(node, "pads", []) or [])
+                or attr(node, "ceil_mode", 0)
+                or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID")
+            ):
+                return Reason(Code.PADDED_POOL, f"{label} pads or rounds its windows up: its average would change")
+            pool_s = chain.pool_s
+            if op.endswith("MaxPool") and pool_s is None:
+                pool_s = np.ones(channels)
+            return chain.through(i, out, pool_s=pool_s, squeezed=chain.squeezed or op.startswith("Global"))
+        if op == "Flatten":
+            axis = attr(node, "axis", 1)
+            axis = axis + rank if isinstance(axis, int) and axis < 0 else axis
+            keeps = axis == rank - 1 if chain.target.channel_last else axis == 1 and (rank == 2 or chain.squeezed)
+            if not keeps:
+                return Reason(Code.AXIS_MISMATCH, f"{label} (axis={axis}) moves the channel axis")
+            return chain.through(i, out, rank=2, squeezed=True)
+        shape = scope.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        dims = [int(d) for d in shape.reshape(-1)] if shape is not None and shape.dtype.kind in "iu" else None
+        if dims is None or len(dims) < 2:
+            return Reason(Code.AXIS_MISMATCH, f"{label}: its target shape is not a constant of rank >= 2")
+        if chain.target.channel_last:  # row-major: a last axis of C in and out keeps every column
+            keeps = dims[-1] == channels
+        else:  # [N, C, 1, ...] keeps the channels of [N, C, 1, ...] on axis 1
+            keeps = (rank == 2 or chain.squeezed) and dims[1] == channels and all(d == 1 for d in dims[2:])
+        if not keeps:
+            return Reason(Code.AXIS_MISMATCH, f"{label} to {dims} moves the channel axis")
+        return chain.through(i, out, rank=len(dims), squeezed=not chain.target.channel_last)
+
+    return step
+
+
 def _obstacle(scope: Scope, x: str) -> Reason:
-    """Why the node before a BN cannot take it, looking through no-ops to what really stops it."""
+    """Why the node before a BN cannot take it, looking through no-ops, pools and reshapes to what
+    really stops it."""
     index, name = scope.index, x
     via: List[str] = []
     node = index.node_of(name)
-    while node is not None and noop_input(scope, node) is not None:
+    while node is not None and (noop_input(scope, node) is not None or _pass_through(scope, node, -1) is not None):
         if index.uses(name) > 1 or name in index.graph_outputs:
             what = "a graph output" if name in index.graph_outputs else f"read by {index.uses(name)} nodes"
             return Reason(
@@ -291,13 +386,25 @@ def _obstacle(scope: Scope, x: str) -> Reason:
     return Reason(Code.UNSUPPORTED_PRODUCER, f"its input comes from {node.op_type} '{node_label(node)}'{through}")
 
 
-def _fixed(affine: Affine) -> Callable[[Chain], Optional[Affine]]:
-    return lambda chain: affine
+Step = Callable[[Chain], Union[Affine, Chain, Reason, None]]
 
 
-def _operand_map(node: onnx.NodeProto, x: str, const: np.ndarray) -> Callable[[Chain], Optional[Affine]]:
+def _batchnorm_step(affine: Affine) -> Step:
+    def step(chain: Chain) -> Union[Affine, Reason]:
+        if chain.axis != 1:
+            return Reason(
+                Code.AXIS_MISMATCH,
+                f"it normalizes axis 1 of a rank-{chain.current_rank} value whose channels "
+                f"(the {chain.target.op}'s output columns) are on axis {chain.axis}",
+            )
+        return affine
+
+    return step
+
+
+def _operand_map(node: onnx.NodeProto, x: str, const: np.ndarray) -> Step:
     """The affine map of an Add/Sub/Mul/Div by a constant, once the chain says its rank and channels."""
-    return lambda chain: _affine_of(node, x, const, chain.target.rank, chain.target.channels)
+    return lambda chain: _affine_of(node, x, const, chain.current_rank, chain.target.channels, chain.axis)
 
 
 def plan(scope: Scope, fold_affine: bool = True) -> Plan:
@@ -306,19 +413,32 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     index = scope.index
     chains: Dict[str, Chain] = {}  # keyed by the chain's current end
     left: Dict[int, Reason] = {}
+    blocked: Dict[str, Reason] = {}  # values after a pass-through step that refused a chain, and why
     for i in list(index.live_nodes()):
         node = index.node(i)
         if is_batchnorm(node):
             affine = check_batchnorm(scope, node)
-            found = affine if isinstance(affine, Reason) else _extend(scope, chains, i, node.input[0], _fixed(affine))
+            x = node.input[0] if node.input else ""
+            if isinstance(affine, Reason):
+                found: Union[Chain, Reason] = affine
+            elif x in blocked and x not in chains:
+                found = blocked[x]
+            else:
+                found = _extend(scope, chains, i, x, _batchnorm_step(affine))
             if isinstance(found, Reason):
                 left[i] = found
             else:
-                chains[found.end] = Chain(
-                    found.producer, found.target, found.end, found.steps, (*found.bns, i), found.s, found.t
-                )
+                chains[found.end] = replace(found, bns=(*found.bns, i))
         elif (x_in := noop_input(scope, node)) is not None:
             _extend(scope, chains, i, x_in, _identity)  # a no-op joins the chain as the identity map
+            if x_in in blocked:
+                blocked[node.output[0]] = blocked[x_in]
+        elif (passing := _pass_through(scope, node, i)) is not None:
+            found = _extend(scope, chains, i, node.input[0], passing, kept=True)
+            if node.input[0] in blocked:
+                blocked[node.output[0]] = blocked[node.input[0]]
+            elif isinstance(found, Reason) and found.code in STEP_CODES:
+                blocked[node.output[0]] = found
         else:
             operand = _affine_operand(scope, node)
             if operand:
@@ -328,13 +448,13 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     kept = [
         c
         for c in chains.values()
-        if c.bns or (fold_affine and any(index.node(i).op_type in AFFINE_OPS for i in c.steps))
+        if c.bns or (fold_affine and any(index.node(i).op_type in AFFINE_OPS for i in c.steps if i not in c.kept))
     ]
     return Plan(tuple(sorted(kept, key=lambda c: c.producer)), left)
 
 
 def _extend(
-    scope: Scope, chains: Dict[str, Chain], i: int, x: str, affine_for: Callable[[Chain], Optional[Affine]]
+    scope: Scope, chains: Dict[str, Chain], i: int, x: str, step: Step, kept: bool = False
 ) -> Union[Chain, Reason]:
     """Add node ``i`` (reading ``x``) to the chain that ends at ``x``, starting one if needed."""
     index = scope.index
@@ -351,23 +471,44 @@ def _extend(
         if isinstance(target, Reason):
             return target
         chain = Chain(p, target, x)
-    if x in index.graph_outputs:
-        return Reason(Code.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"'{x}' is also a graph output")
-    if len(index.readers(x)) > 1:
-        return Reason(Code.SHARED_PRODUCER_OUTPUT, f"'{x}' also feeds {len(index.readers(x)) - 1} other node(s)")
-    affine = affine_for(chain)
-    if affine is None:
+    others = [r for r in index.readers(x) if r != i]
+    if kept:  # x survives a step that stays: readers of its shape alone (LeViT's reshape_as) see no change
+        others = [
+            r for r in others if index.node(r).op_type not in SHAPE_READERS or index.node(r).domain not in ONNX_DOMAINS
+        ]
+    if x in index.graph_outputs or others:
+        by = index.node_of(x)
+        what = f"'{x}' (output of {by.op_type} '{node_label(by)}')" if by is not None else f"'{x}'"
+        if x in index.graph_outputs:
+            return Reason(Code.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"{what} is also a graph output")
+        return Reason(Code.SHARED_PRODUCER_OUTPUT, f"{what} also feeds {len(others)} other node(s)")
+    found = step(chain)
+    if isinstance(found, (Reason, Chain)):
+        if isinstance(found, Chain):
+            chains.pop(x, None)
+            chains[found.end] = found
+        return found
+    if found is None:
         return Reason(Code.CHANNEL_MISMATCH, "not a per-channel map")  # only affine steps get here
-    if affine.s.shape != (chain.target.channels,):
+    if found.s.shape != (chain.target.channels,):
         return Reason(
             Code.CHANNEL_MISMATCH,
-            f"it has {affine.s.shape[0]} channels but {chain.target.op} '{node_label(index.node(chain.producer))}' "
+            f"it has {found.s.shape[0]} channels but {chain.target.op} '{node_label(index.node(chain.producer))}' "
             f"produces {chain.target.channels}",
         )
+    composed = chain.compose(i, found, index.node(i).output[0])
+    if composed.pool_s is not None and not np.all(composed.pool_s > 0):
+        c = int(np.flatnonzero(~(composed.pool_s > 0))[0])
+        pool = next(index.node(k) for k in chain.kept if index.node(k).op_type.endswith("MaxPool"))
+        return Reason(
+            Code.NONPOSITIVE_SCALE_AFTER_POOL,
+            f"its scale at channel {c} is {composed.pool_s[c]:.4g}, and max does not commute with a scale "
+            f"<= 0 (it would pass through {pool.op_type} '{node_label(pool)}' into "
+            f"{chain.target.op} '{node_label(index.node(chain.producer))}')",
+        )
     chains.pop(x, None)
-    chain = chain.compose(i, affine, index.node(i).output[0])
-    chains[chain.end] = chain
-    return chain
+    chains[composed.end] = composed
+    return composed
 
 
 # -- rewriting ----------------------------------------------------------------------------------
@@ -405,8 +546,17 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
     new_b = new_bias(scope, old, chain).astype(w.dtype)
     del w
     freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)
+    # The producer writes what the first kept step reads; each kept step writes what the next reads,
+    # the last one the chain's end (the BN's output name).
+    names = [index.node(k).input[0] for k in chain.kept] + [chain.end]
+    for k, name in zip(chain.kept, names[1:]):
+        node = onnx.NodeProto()
+        node.CopyFrom(index.node(k))
+        node.output[0] = name
+        index.replace_node(k, node)
     for i in chain.steps:
-        index.remove_node(i)
+        if i not in chain.kept:
+            index.remove_node(i)
     rewrite_layer(
         scope,
         chain.producer,
@@ -414,6 +564,7 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
         new_b,
         to_gemm=target.to_gemm,
         bias_slot=max(target.bias_slot, 2),
-        output=chain.end,
+        output=names[0],
+        bias_node=target.bias_node,
     )
     return freed

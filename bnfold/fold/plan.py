@@ -189,13 +189,16 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         for i in chain.steps:
             node = index.node(i)
             if i in chain.bns:
-                notes.folded.append(FoldedBN(node_label(node), node.output[0], node_label(producer), chain.target.op))
-            else:
+                passed = [index.node(k) for k in chain.kept if k < i]
+                through = f" (through {', '.join(f'{n.op_type} {node_label(n)}' for n in passed)})" if passed else ""
+                notes.folded.append(
+                    FoldedBN(node_label(node), node.output[0], node_label(producer) + through, chain.target.op)
+                )
+            elif i not in chain.kept:
                 notes.absorbed.append(f"{node.op_type} '{node_label(node)}'")
         if not chain.bns:
-            notes.affine.append(
-                f"{' + '.join(index.node(i).op_type for i in chain.steps)} -> {chain.target.op} {node_label(producer)}"
-            )
+            ops = " + ".join(index.node(i).op_type for i in chain.steps if i not in chain.kept)
+            notes.affine.append(f"{ops} -> {chain.target.op} {node_label(producer)}")
     splits, after_split = concat.plan(scope, fwd.left)
     kept_splits = []
     for c in splits:
