@@ -59,6 +59,7 @@ def _fold(
     in_memory: bool = False,
     strict: bool = False,
     affine: bool = True,
+    reparameterize: bool = True,
 ) -> Tuple[onnx.ModelProto, FoldReport, Source]:
     """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
     that what is returned is what was written even when the output replaces the input."""
@@ -67,7 +68,14 @@ def _fold(
         _check_output(Path(output), path, proto, in_place)
     before = stats(proto, file_size(path, proto) if path is not None else None)
     with quiet_numpy():
-        plan = plan_model(proto, source, lower_standalone=lower_standalone, strict=strict, affine=affine)
+        plan = plan_model(
+            proto,
+            source,
+            lower_standalone=lower_standalone,
+            strict=strict,
+            affine=affine,
+            reparameterize=reparameterize,
+        )
         if not dry_run:
             apply(proto, plan, source)
             if in_memory:
@@ -99,6 +107,7 @@ def fold(
     in_place: bool = False,
     strict: bool = False,
     affine: bool = True,
+    reparameterize: bool = True,
 ) -> Tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
@@ -106,13 +115,24 @@ def fold(
     ``output``, the folded model is also written there atomically; ``external_data`` forces (True)
     or forbids (False) an external data file beside it (default: as the input had, or when over
     2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add; ``strict`` leaves a BN
-    whose fold has a hazard (see :mod:`bnfold.fold.safety`) with that hazard as its reason. Returns the folded model,
+    whose fold has a hazard (see :mod:`bnfold.fold.safety`) with that hazard as its reason;
+    ``affine=False`` leaves per-channel Mul/Add chains without a BN alone; ``reparameterize=False``
+    leaves the identity-branch BNs of RepVGG-style blocks. Returns the folded model,
     with its weights in memory (or in the external data file it was written with), and a
     :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
     proto, report, _source = _fold(
-        model, output, dry_run, lower_standalone, external_data, in_place, in_memory=True, strict=strict, affine=affine
+        model,
+        output,
+        dry_run,
+        lower_standalone,
+        external_data,
+        in_place,
+        in_memory=True,
+        strict=strict,
+        affine=affine,
+        reparameterize=reparameterize,
     )
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
@@ -131,6 +151,7 @@ def fold_file(
     in_place: bool = False,
     strict: bool = False,
     affine: bool = True,
+    reparameterize: bool = True,
 ) -> FoldReport:
     """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it),
     streaming: weights are read from their files only where they change, and written one at a time.
@@ -147,6 +168,7 @@ def fold_file(
         in_place,
         strict=strict,
         affine=affine,
+        reparameterize=reparameterize,
     )[1]
 
 
@@ -164,7 +186,12 @@ def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[st
 
 @model_text()
 def inspect(
-    model: ModelLike, *, strict: bool = False, lower_standalone: bool = False, affine: bool = True
+    model: ModelLike,
+    *,
+    strict: bool = False,
+    lower_standalone: bool = False,
+    affine: bool = True,
+    reparameterize: bool = True,
 ) -> InspectReport:
     """Facts about ``model`` and every BatchNormalization in it: its neighbours, and whether it
     folds (and how) or why not, and the hazards of the folds: the decisions ``fold`` would take with
@@ -172,7 +199,14 @@ def inspect(
     proto, path, source = _open(model)
     producers, readers = _op_types(proto)
     with quiet_numpy():
-        plan = plan_model(proto, source, strict=strict, lower_standalone=lower_standalone, affine=affine)
+        plan = plan_model(
+            proto,
+            source,
+            strict=strict,
+            lower_standalone=lower_standalone,
+            affine=affine,
+            reparameterize=reparameterize,
+        )
     infos = []
     for f in plan.folded:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
@@ -373,6 +407,7 @@ def fold_many(
     keep_failed: bool = True,
     strict: bool = False,
     affine: bool = True,
+    reparameterize: bool = True,
     progress: Optional[Callable[[str], None]] = None,
 ) -> BatchReport:
     """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
@@ -392,7 +427,12 @@ def fold_many(
             raise BnfoldError(f"{out}: cannot create the folder ({exc.strerror})") from None
     tasks = [(str(m), str(out / Path(m).name)) for m in models]
     options = dict(
-        dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, strict=strict, affine=affine
+        dry_run=dry_run,
+        lower_standalone=lower_standalone,
+        external_data=external_data,
+        strict=strict,
+        affine=affine,
+        reparameterize=reparameterize,
     )
     results: Dict[str, BatchEntry] = {}
 

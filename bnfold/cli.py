@@ -163,6 +163,12 @@ AFFINE = click.option(
     show_default=True,
     help="Also fold per-channel Mul/Add/Sub/Div by constants that follow a layer, without a BN.",
 )
+REPARAMETERIZE = click.option(
+    "--reparameterize/--no-reparameterize",
+    default=True,
+    show_default=True,
+    help="Fold the identity-branch BN of RepVGG/MobileOne blocks into a sibling Conv, where exact.",
+)
 STRICT = click.option(
     "--strict", is_flag=True, help="Refuse every fold with a hazard (the BN stays, the hazard its reason)."
 )
@@ -370,6 +376,7 @@ def _batch(
 @click.option("--in-place", is_flag=True, help="Allow the output to replace MODEL (still written atomically).")
 @STRICT
 @AFFINE
+@REPARAMETERIZE
 @click.option(
     "-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel (batch)."
 )
@@ -396,6 +403,7 @@ def fold(
     in_place: bool,
     strict: bool,
     affine: bool,
+    reparameterize: bool,
     jobs: int,
     as_json: bool,
     quiet: bool,
@@ -426,7 +434,12 @@ def fold(
             raise UserError("--verify needs the original: it cannot be combined with --in-place")
         _check_providers(verify)  # before anything is written
     options: Dict[str, Any] = dict(
-        dry_run=dry_run, lower_standalone=lower_standalone, external_data=external_data, strict=strict, affine=affine
+        dry_run=dry_run,
+        lower_standalone=lower_standalone,
+        external_data=external_data,
+        strict=strict,
+        affine=affine,
+        reparameterize=reparameterize,
     )
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
@@ -468,12 +481,17 @@ def _check_providers(options: VerifyOptions) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 @STRICT
 @AFFINE
+@REPARAMETERIZE
 @click.option("--lower-standalone", is_flag=True, help="Decide as fold --lower-standalone would.")
-def inspect(model: Path, as_json: bool, strict: bool, affine: bool, lower_standalone: bool) -> None:
+def inspect(
+    model: Path, as_json: bool, strict: bool, affine: bool, reparameterize: bool, lower_standalone: bool
+) -> None:
     """Show MODEL's facts and every BatchNormalization in it: its neighbours, and whether it folds
     (and how) or why not, and the hazards of the folds. The decisions are exactly those `bnfold fold`
     takes with the same options; nothing is written."""
-    report = inspect_model(model, strict=strict, lower_standalone=lower_standalone, affine=affine)
+    report = inspect_model(
+        model, strict=strict, lower_standalone=lower_standalone, affine=affine, reparameterize=reparameterize
+    )
     if as_json:
         click.echo(report.to_json())
     else:

@@ -60,6 +60,7 @@ class Code(str, Enum):
     CONCAT_BRANCH = "concat_branch"
     NONPOSITIVE_SCALE_AFTER_POOL = "nonpositive_scale_after_pool"
     PADDED_POOL = "padded_pool"
+    IDENTITY_BRANCH = "identity_branch"
     NONFINITE_PARAMETER = "nonfinite_parameter"
     NONPOSITIVE_VARIANCE = "nonpositive_variance"
     UNSAFE_FOLD = "unsafe_fold"
@@ -96,6 +97,8 @@ _DESCRIPTIONS: Dict[Code, str] = {
     Code.NONPOSITIVE_SCALE_AFTER_POOL: "it would fold through a MaxPool, and one of its scale factors is <= 0: "
     "max does not commute with it",
     Code.PADDED_POOL: "it would fold through an AveragePool whose padding or rounding would change the average",
+    Code.IDENTITY_BRANCH: "it is the identity branch of a block (RepVGG, MobileOne), and no sibling Conv can "
+    "take it (stride, padding, channels or groups)",
     Code.NONFINITE_PARAMETER: "a scale/bias/mean/var value is NaN or Inf",
     Code.NONPOSITIVE_VARIANCE: "var + epsilon <= 0 for some channel: the normalization is undefined there",
     Code.UNSAFE_FOLD: "a folded value would overflow, turn NaN or be flushed below the dtype's normal range",

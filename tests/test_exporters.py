@@ -311,3 +311,84 @@ def test_an_average_pool_passes_the_map_only_without_padding(pads, folds):
     _, report = check_fold(model, left=0 if folds else 1, dims={"N": 2})
     if not folds:
         assert report.left[0].reason == "padded_pool"
+
+
+def repvgg_block(
+    variant: str = "", c: int = 8, group: int = 1, mobileone: bool = False, size: int = 8
+) -> onnx.ModelProto:
+    """timm's RepVGG block in eval mode, exported: Relu -> (Conv3x3 -> BN) + (Conv1x1 -> BN) + BN -> Relu.
+    MobileOne sums its branches one Add at a time, identity (BN) first."""
+    b = Builder(seed=16)
+    if variant == "stride2":  # 2x2 in, 1x1 out: the strided branches broadcast against the identity
+        size = 2
+    x = b.relu(b.input("x", ["N", c, size, size]))
+    stride = 2 if variant == "stride2" else 1
+    kxk_in = x
+    if variant == "pad_node":  # TF-style: an explicit reflect Pad before a pads=0 Conv
+        kxk_in = b.op("Pad", [x, b.const([0, 0, 1, 1, 0, 0, 1, 1], "pads", dtype="int64")], mode="reflect")
+    kxk = b.bn(
+        b.conv(kxk_in, c, c, 3, group=group, bias=False, stride=stride, pad=0 if variant == "pad_node" else 1), c
+    )
+    one = b.bn(b.conv(x, c, c, 1, group=group, bias=False, stride=stride, pad=0), c)
+    identity = b.bn(x, c)
+    if mobileone:
+        y = b.op("Add", [b.op("Add", [identity, one]), kxk])
+    else:
+        y = b.op("Add", [b.op("Add", [one, kxk]), identity])
+    outputs = [b.relu(y)]
+    if variant == "shared":  # both branch outputs are read elsewhere too
+        outputs += [b.op("Sigmoid", [one]), b.op("Sigmoid", [kxk])]
+    return calibrate(b.model(*outputs), {"N": 2})
+
+
+@pytest.mark.parametrize("mobileone", [False, True], ids=["repvgg", "mobileone"])
+@pytest.mark.parametrize("group", [1, 4], ids=["dense", "grouped"])
+def test_repvgg_identity_branch_folds_into_a_sibling_conv(mobileone, group):
+    folded, report = check_fold(repvgg_block(group=group, mobileone=mobileone), dims={"N": 2})
+    directions = sorted(f.direction for f in report.folded)
+    assert directions == ["forward", "forward", "identity"]
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("Add") == 1 and "Identity" not in ops and ops.count("Conv") == 2
+    _, off = bnfold.fold(repvgg_block(group=group, mobileone=mobileone), reparameterize=False)
+    assert [x.reason for x in off.left] == ["unsupported_producer"]
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [("stride2", "identity_branch"), ("pad_node", None), ("shared", "unsupported_producer")],
+    ids=["stride2", "padded_by_a_pad_node", "shared_branches"],
+)
+def test_identity_branches_that_would_change_meaning_stay(variant, reason):
+    """stride 2: the Conv's output is not aligned with its input; a reflect Pad node: the sibling
+    reads another tensor (the 1x1 Conv takes the identity instead); shared: no Conv can change."""
+    _, report = check_fold(repvgg_block(variant), left=0 if reason is None else 1, dims={"N": 2})
+    if reason is None:
+        (ident,) = [f for f in report.folded if f.direction == "identity"]
+        assert ident.into == "conv1"
+    else:
+        (left,) = report.left
+        assert left.reason == reason, left.message
+        if reason == "identity_branch":
+            assert "stride" in left.message
+
+
+def test_a_wrong_identity_kernel_would_be_caught():
+    """An identity put at a corner tap instead of the centre makes verification fail."""
+    from conftest import assert_same
+
+    from bnfold.fold import reparam
+
+    model = repvgg_block()
+    real = reparam.identity_tap
+
+    def corner(node, w):
+        tap = real(node, w)
+        return tuple(0 for _ in tap) if isinstance(tap, tuple) else tap
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(reparam, "identity_tap", corner):
+        wrong, report = bnfold.fold(model)
+    assert any(f.direction == "identity" and f.into == "conv0" for f in report.folded)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_same(model, wrong, dims={"N": 2})

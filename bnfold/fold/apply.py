@@ -10,7 +10,7 @@ import onnx
 from ..graph import TensorStore
 from ..proto import from_array, subgraphs
 from ..shapes import TypeLookup
-from . import backward, concat, forward, lower
+from . import backward, concat, forward, lower, reparam
 from .common import Scope
 from .plan import Env, FoldPlan, GraphPlan, function_graph, make_scope, model_env
 
@@ -40,6 +40,8 @@ def _apply_graph(
         current = scope()  # the bodies' reads have changed
     for chain in plan.forward:
         freed += forward.apply(current, chain)
+    for r in plan.reparam:
+        freed += reparam.apply(current, r)
     for split in plan.concat:
         freed += concat.apply(current, split)
     for b in plan.backward:

@@ -42,6 +42,22 @@ class Affine:
     t: np.ndarray
 
 
+@dataclass(frozen=True)
+class Identity:
+    """``s`` added at ``tap`` on each output channel's diagonal input channel, ``t`` to the bias."""
+
+    s: np.ndarray
+    t: np.ndarray
+    tap: Tuple[int, ...]
+    per_group: int  # input channels per group: output channel o reads input o at o % per_group
+
+    def add_to(self, w64: np.ndarray) -> np.ndarray:
+        """``w64`` (float64, modified) with the identity kernel added."""
+        channels = np.arange(w64.shape[0])
+        w64[(channels, channels % self.per_group) + tuple(np.full_like(channels, k) for k in self.tap)] += self.s
+        return w64
+
+
 def left_for(
     scope: Scope, left: Dict[int, Reason], codes: Collection[Code]
 ) -> Iterator[Tuple[int, Reason, onnx.NodeProto]]:

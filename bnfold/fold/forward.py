@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 
 from ..graph import Deferred, Value
-from ..proto import ONNX_DOMAINS, attr, is_batchnorm, node_label
+from ..proto import ONNX_DOMAINS, attr, is_batchnorm, node_label, str_attr
 from ..report import Code, Reason
-from .common import Affine, Scope, channel_vector, check_batchnorm, is_float, rewrite_layer, scaled
+from .common import Affine, Identity, Scope, channel_vector, check_batchnorm, is_float, rewrite_layer, scaled
 
 DEFER_BYTES = 1 << 20  # folded weights larger than this are computed when written
 
@@ -58,6 +58,7 @@ class Chain:
     pool_s: Optional[np.ndarray] = None  # the scale composed after the first MaxPool: must stay > 0
     rank: int = 0  # rank of the value at ``end`` (0: the producer's output rank)
     squeezed: bool = False  # every axis after the channel axis has size 1 (after a global pool)
+    identity: Optional[Identity] = None  # a RepVGG identity branch added to the Conv (fold.reparam)
 
     @property
     def current_rank(self) -> int:
@@ -330,7 +331,7 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
             if op == "AveragePool" and (
                 any(attr(node, "pads", []) or [])
                 or attr(node, "ceil_mode", 0)
-                or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID")
+                or str_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
             ):
                 return Reason(Code.PADDED_POOL, f"{label} pads or rounds its windows up: its average would change")
             pool_s = chain.pool_s
@@ -521,8 +522,17 @@ def new_bias(scope: Scope, node: onnx.NodeProto, chain: Chain) -> np.ndarray:
     has_bias = target.bias_slot > 0 and len(node.input) > target.bias_slot and node.input[target.bias_slot]
     old_bias = scope.constant(node.input[target.bias_slot]) if has_bias else None
     bias = 0.0 if old_bias is None else old_bias.astype(np.float64)
+    extra = 0.0 if chain.identity is None else chain.identity.t
     with np.errstate(all="ignore"):
-        return np.asarray(target.bias_scale * bias * chain.s + chain.t, dtype=np.float64)
+        return np.asarray(target.bias_scale * bias * chain.s + chain.t + extra, dtype=np.float64)
+
+
+def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) -> np.ndarray:
+    """``w * factor`` (plus the identity kernel) in float64, cast once to ``w``'s dtype."""
+    if identity is None:
+        return scaled(w, factor)
+    with np.errstate(all="ignore"):
+        return identity.add_to(w.astype(np.float64) * factor).astype(w.dtype)
 
 
 def apply(scope: Scope, chain: Chain) -> List[str]:
@@ -538,10 +548,11 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
     # The weight is computed when written (one at a time), from the value it has now.
     current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
     # Large weights are computed when written (one at a time), small ones at once.
+    identity = chain.identity
     new_w: Value = (
-        Deferred(tuple(w.shape), w.dtype, lambda: scaled(current(), factor))
+        Deferred(tuple(w.shape), w.dtype, lambda: new_weight(current(), factor, identity))
         if w.nbytes > DEFER_BYTES
-        else scaled(w, factor)
+        else new_weight(w, factor, identity)
     )
     new_b = new_bias(scope, old, chain).astype(w.dtype)
     del w

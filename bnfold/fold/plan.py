@@ -20,7 +20,7 @@ from ..graph import GraphIndex, TensorStore
 from ..proto import ONNX_DOMAINS, model_names, node_label, opset_of, subgraphs
 from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
-from . import backward, concat, forward, lower
+from . import backward, concat, forward, lower, reparam
 from .common import Scope
 from .safety import Hazard, check_bias, check_weight, scale_hazards, weight_hazards
 
@@ -36,6 +36,7 @@ class GraphPlan:
     lowered: Tuple[lower.Lowering, ...]
     concat: Tuple[concat.ConcatFold, ...]
     left: Tuple[Tuple[int, Reason], ...]
+    reparam: Tuple[reparam.Reparam, ...]
     bodies: Tuple[GraphPlan, ...]  # in the order proto.subgraphs yields them over graph.node
 
 
@@ -81,6 +82,7 @@ class Env:
     lower_standalone: bool
     strict: bool = False
     affine: bool = True
+    reparameterize: bool = True
 
 
 def make_scope(
@@ -137,6 +139,10 @@ def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes
     if isinstance(found, Reason):
         return found
     problem = check_bias(f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype)
+    if problem is None and chain.identity is not None:
+        with np.errstate(all="ignore"):
+            final = chain.identity.add_to(w.astype(np.float64) * target.factor(w, chain.s))
+        problem = check_bias(f"weight '{w_name}' with the identity branch", final, w.dtype)
     if problem is not None:
         return problem
     bns = ", ".join(node_label(index.node(i)) for i in chain.bns)
@@ -222,6 +228,26 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
     for b in backs:
         bn, consumer = index.node(b.bn), index.node(b.consumer)
         notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(consumer), consumer.op_type, "backward"))
+    reparams: List[reparam.Reparam] = []
+    if env.reparameterize:
+        taken = {b.consumer for b in backs} | {ch.producer for c in kept_splits for ch in c.branches}
+        found, chains_with, left = reparam.plan(scope, left, list(fwd.chains), taken)
+        final = list(fwd.chains)
+        for rp in found:
+            k = next(k for k, c in enumerate(chains_with) if c.producer == rp.conv and c.identity is not None)
+            reason = _vet_forward(scope, chains_with[k], env.strict, _Notes())
+            if reason is not None:
+                left[rp.bn] = reason
+                continue
+            old = next((j for j, c in enumerate(final) if c.producer == rp.conv), None)
+            if old is None:
+                final.append(chains_with[k])
+            else:
+                final[old] = chains_with[k]
+            reparams.append(rp)
+            bn, conv = index.node(rp.bn), index.node(rp.conv)
+            notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(conv), "Conv", "identity"))
+        fwd = forward.Plan(tuple(sorted(final, key=lambda c: c.producer)), fwd.left)
     lowered: List[lower.Lowering] = []
     if env.lower_standalone:
         lowered, left = lower.plan(scope, left)
@@ -240,6 +266,7 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         tuple(lowered),
         tuple(kept_splits),
         tuple(sorted(left.items())),
+        tuple(reparams),
         tuple(bodies),
     )
 
@@ -259,9 +286,14 @@ def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup,
 
 
 def model_env(
-    model: onnx.ModelProto, store: TensorStore, lower_standalone: bool, strict: bool = False, affine: bool = True
+    model: onnx.ModelProto,
+    store: TensorStore,
+    lower_standalone: bool,
+    strict: bool = False,
+    affine: bool = True,
+    reparameterize: bool = True,
 ) -> Env:
-    return Env(store, opset_of(model), ModelNames(model), lower_standalone, strict, affine)
+    return Env(store, opset_of(model), ModelNames(model), lower_standalone, strict, affine, reparameterize)
 
 
 def plan_model(
@@ -271,10 +303,12 @@ def plan_model(
     lower_standalone: bool = False,
     strict: bool = False,
     affine: bool = True,
+    reparameterize: bool = True,
 ) -> FoldPlan:
     """Every decision for ``model``, which is not modified. ``strict`` refuses folds with hazards;
-    ``affine`` folds per-channel Mul/Add/Sub/Div chains that hold no BN."""
-    env = model_env(model, store, lower_standalone, strict, affine)
+    ``affine`` folds per-channel Mul/Add/Sub/Div chains that hold no BN; ``reparameterize`` folds
+    the identity-branch BN of RepVGG-style blocks into a sibling Conv."""
+    env = model_env(model, store, lower_standalone, strict, affine, reparameterize)
     notes = _Notes()
     types = TypeLookup(model)
     main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4)
