@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import onnx
 
 from .errors import BnfoldError, Terminated, handle_termination, model_text, quiet_numpy
 from .fold import apply, plan_model, stats
-from .io.load import check_model, file_size, open_model
+from .io.load import check_model, checker_problem, file_size, open_model
 from .io.save import save
 from .io.tensors import Source, data_files
 from .options import VerifyOptions
@@ -60,6 +60,7 @@ def _fold(
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
+    check: bool = False,
 ) -> Tuple[onnx.ModelProto, FoldReport, Source]:
     """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
     that what is returned is what was written even when the output replaces the input."""
@@ -91,9 +92,17 @@ def _fold(
         warnings=[h.to_dict() for h in plan.warnings],
         affine=list(plan.affine),
     )
+    checked: Dict[str, Optional[str]] = {}
+    if check:
+        checked["input"] = checker_problem(path if path is not None else cast(onnx.ModelProto, model))
+        report.checker = checked
     if output is not None and not dry_run:
         report.after.bytes = save(proto, output, source=source, external=external_data)
         report.output = str(output)
+        if check:
+            checked["output"] = checker_problem(Path(output))
+    elif check and not dry_run and in_memory:
+        checked["output"] = checker_problem(proto)
     return proto, report, source
 
 
@@ -108,6 +117,7 @@ def fold(
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
+    check: bool = False,
 ) -> Tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
@@ -117,7 +127,9 @@ def fold(
     2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add; ``strict`` leaves a BN
     whose fold has a hazard (see :mod:`bnfold.fold.safety`) with that hazard as its reason;
     ``affine=False`` leaves per-channel Mul/Add chains without a BN alone; ``reparameterize=False``
-    leaves the identity-branch BNs of RepVGG-style blocks. Returns the folded model,
+    leaves the identity-branch BNs of RepVGG-style blocks. ``check`` runs
+    ``onnx.checker.check_model(full_check=True)`` on the input and the result, and reports both in
+    ``report.checker``. Returns the folded model,
     with its weights in memory (or in the external data file it was written with), and a
     :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     For large models, :func:`fold_file` does the same without holding the weights in memory.
@@ -133,6 +145,7 @@ def fold(
         strict=strict,
         affine=affine,
         reparameterize=reparameterize,
+        check=check,
     )
     if output is None and not dry_run:
         report.after.bytes = proto.ByteSize() + sum(
@@ -152,6 +165,7 @@ def fold_file(
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
+    check: bool = False,
 ) -> FoldReport:
     """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it),
     streaming: weights are read from their files only where they change, and written one at a time.
@@ -169,6 +183,7 @@ def fold_file(
         strict=strict,
         affine=affine,
         reparameterize=reparameterize,
+        check=check,
     )[1]
 
 
@@ -244,6 +259,12 @@ def _fold_one(
     entry = BatchEntry(model, output)
     try:
         entry.fold = fold_file(model, output, **options)
+        if entry.fold.checker_regressed:
+            entry.error, entry.exit_code = (
+                "internal error: the folded model fails onnx.checker where the input passed",
+                3,
+            )
+            return entry
         if verify is not None and not options.get("dry_run"):
             from .verification import verify as run_verify
 
@@ -408,6 +429,7 @@ def fold_many(
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
+    check: bool = False,
     progress: Optional[Callable[[str], None]] = None,
 ) -> BatchReport:
     """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
@@ -433,6 +455,7 @@ def fold_many(
         strict=strict,
         affine=affine,
         reparameterize=reparameterize,
+        check=check,
     )
     results: Dict[str, BatchEntry] = {}
 

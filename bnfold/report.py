@@ -157,12 +157,33 @@ class FoldReport:
     dry_run: bool = False
     warnings: List[Dict[str, Any]] = field(default_factory=list)  # hazards of the folds made
     affine: List[str] = field(default_factory=list)  # per-channel affine chains folded without a BN
+    # With check=True: onnx.checker (full_check) on "input" and "output": None passes, else its message.
+    checker: Optional[Dict[str, Optional[str]]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @property
+    def checker_regressed(self) -> bool:
+        """The output fails onnx.checker where the input passed: a bug of the fold."""
+        c = self.checker or {}
+        return "output" in c and c.get("input") is None and c["output"] is not None
+
+    def _checker_lines(self) -> List[Line]:
+        if self.checker is None:
+            return []
+        lines: List[Line] = []
+        for which, problem in self.checker.items():
+            if problem is None:
+                lines.append([(f"onnx.checker (full_check): the {which} passes", OK)])
+            else:
+                lines.append([(f"onnx.checker (full_check): the {which} FAILS: {problem}", WARN)])
+        if self.checker.get("input") is not None:
+            lines.append([("  the input failed the checker before any fold: no claim is made for the output", PLAIN)])
+        return lines
 
     def render_lines(self) -> List[Line]:
         b, a = self.before, self.after
@@ -204,7 +225,7 @@ class FoldReport:
                 lines.append([(f"  {group} ({len(items)}): {Code(group).description}", PLAIN)])
                 for item in items:
                     lines.append([(f"    {item.name}: {item.message}", PLAIN)])
-        return lines
+        return lines + self._checker_lines()
 
     def render_text(self) -> str:
         return plain(self.render_lines())

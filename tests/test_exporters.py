@@ -392,3 +392,57 @@ def test_a_wrong_identity_kernel_would_be_caught():
     assert any(f.direction == "identity" and f.into == "conv0" for f in report.folded)
     with pytest.raises(AssertionError, match="relative error"):
         assert_same(model, wrong, dims={"N": 2})
+
+
+def jax2onnx_stale_value_info() -> onnx.ModelProto:
+    """jax2onnx declares some values in NHWC though the graph computes NCHW: the input itself fails
+    onnx.checker (full_check), while onnxruntime runs it (lenient merge)."""
+    b = Builder(seed=17)
+    x = b.input("x", [1, 3, 8, 8])
+    r = b.relu(b.bn(b.conv(x, 3, 4, 3), 4))
+    model = calibrate(b.model(b.op("Sigmoid", [r])), {})
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, [1, 8, 8, 4]))
+    return model
+
+
+def test_an_input_that_fails_the_checker_is_reported_and_no_claim_is_made():
+    from conftest import assert_same
+
+    model = jax2onnx_stale_value_info()
+    folded, report = bnfold.fold(model, check=True)
+    assert report.checker["input"] and "ShapeInferenceError" in report.checker["input"]
+    assert report.checker["output"] is not None and not report.checker_regressed
+    text = report.render_text()
+    assert "the input FAILS" in text and "no claim is made for the output" in text
+    assert report.to_dict()["checker"] == report.checker
+    assert_same(model, folded)
+
+
+def test_a_checked_fold_of_a_sound_model_says_both_pass(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from bnfold.cli import cli
+
+    src = tmp_path / "m.onnx"
+    onnx.save(resnetv2_stem(), str(src))
+    result = CliRunner().invoke(cli, ["fold", str(src), "-o", str(tmp_path / "o.onnx"), "--check", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["checker"] == {"input": None, "output": None}
+    _, report = bnfold.fold(resnetv2_stem())
+    assert report.checker is None  # not asked: nothing claimed
+
+
+def test_an_output_failing_the_checker_where_the_input_passed_is_a_bug(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import bnfold.api
+    from bnfold.cli import cli
+
+    src = tmp_path / "m.onnx"
+    onnx.save(resnetv2_stem(), str(src))
+    monkeypatch.setattr(bnfold.api, "checker_problem", lambda m: "broken" if str(m).endswith("o.onnx") else None)
+    result = CliRunner().invoke(cli, ["fold", str(src), "-o", str(tmp_path / "o.onnx"), "--check", "-q"])
+    assert result.exit_code == 3 and "fails onnx.checker where the input passed" in result.output
+    assert "Traceback" not in result.output

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Set, Tuple, Union
+from typing import Optional, Set, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -119,3 +119,15 @@ def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
 def load(path: PathLike) -> onnx.ModelProto:
     """Read a model's graph; large weights stay in their files (see :func:`open_model`)."""
     return open_model(path)[0]
+
+
+def checker_problem(model: Union[Path, onnx.ModelProto]) -> Optional[str]:
+    """What ``onnx.checker.check_model(full_check=True)`` says of a model file or proto: None when it
+    passes, else the first line of its message."""
+    try:
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError, and ValueError for protos over 2 GB
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[0] if lines else type(exc).__name__
+        return text if len(text) <= 300 else text[:297] + "..."
+    return None
