@@ -446,3 +446,19 @@ def test_an_output_failing_the_checker_where_the_input_passed_is_a_bug(tmp_path,
     result = CliRunner().invoke(cli, ["fold", str(src), "-o", str(tmp_path / "o.onnx"), "--check", "-q"])
     assert result.exit_code == 3 and "fails onnx.checker where the input passed" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("op", ["Add", "MaxPool"])
+def test_a_shared_output_behind_an_add_or_a_pool_is_named_as_the_obstacle(op):
+    """Conv (also read elsewhere) -> Add(bias) or MaxPool -> BN: the reason is the sharing."""
+    b = Builder(seed=18)
+    x = b.input("x", [1, 3, 8, 8])
+    c = b.conv(x, 3, 4, 3, bias=False)
+    if op == "Add":
+        mid = b.op("Add", [c, b.const(b.randn(1, 4, 1, 1), "bias")])
+    else:
+        mid = b.op("MaxPool", [c], kernel_shape=[2, 2])
+    model = calibrate(b.model(b.relu(b.bn(mid, 4)), b.op("Sigmoid", [c])), {})
+    _, report = check_fold(model, left=1)
+    (left,) = report.left
+    assert left.reason == "shared_producer_output" and "conv0" in left.message and op in left.message, left.message

@@ -360,29 +360,49 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
     return step
 
 
+def _looks_through(scope: Scope, node: onnx.NodeProto) -> Optional[str]:
+    """The input a chain could reach ``node`` through: of a no-op, a pass-through step, or an
+    Add/Sub/Mul/Div by a constant. Else None."""
+    x = noop_input(scope, node)
+    if x is None and _pass_through(scope, node, -1) is not None:
+        x = node.input[0]
+    if x is None and (operand := _affine_operand(scope, node)) is not None:
+        x = operand[0]
+    return x
+
+
 def _obstacle(scope: Scope, x: str) -> Reason:
     """Why the node before a BN cannot take it, looking through no-ops, pools and reshapes to what
     really stops it."""
     index, name = scope.index, x
     via: List[str] = []
     node = index.node_of(name)
-    while node is not None and (noop_input(scope, node) is not None or _pass_through(scope, node, -1) is not None):
+    while node is not None and (before := _looks_through(scope, node)) is not None:
         if index.uses(name) > 1 or name in index.graph_outputs:
             what = "a graph output" if name in index.graph_outputs else f"read by {index.uses(name)} nodes"
             return Reason(
                 Code.SHARED_PRODUCER_OUTPUT, f"'{name}' (after {' -> '.join(via) or 'the producer'}) is {what}"
             )
         via.insert(0, f"{node.op_type} '{node_label(node)}'")
-        name = node.input[0]
+        name = before
         node = index.node_of(name)
     if node is None:
         return Reason(
             Code.NO_PRODUCER,
             f"its input '{name}' is a graph input or initializer" + (f" (through {', '.join(via)})" if via else ""),
         )
+    if node.op_type in TARGETS and node.domain in ONNX_DOMAINS and via and index.uses(name) < 2:
+        return Reason(
+            Code.UNSUPPORTED_PRODUCER,
+            f"its input comes from {via[-1]}, which does not pass a per-channel map on to "
+            f"{node.op_type} '{node_label(node)}' (through {', '.join(via)})",
+        )
     if node.op_type in TARGETS and node.domain in ONNX_DOMAINS and via:
         what = "a graph output" if name in index.graph_outputs else f"read by {index.uses(name)} nodes"
-        return Reason(Code.SHARED_PRODUCER_OUTPUT, f"'{name}' of {node.op_type} '{node_label(node)}' is {what}")
+        return Reason(
+            Code.SHARED_PRODUCER_OUTPUT,
+            f"'{name}' of {node.op_type} '{node_label(node)}' is {what} (the BN reaches it through {', '.join(via)})",
+        )
     through = f" (through {', '.join(via)})" if via else ""
     return Reason(Code.UNSUPPORTED_PRODUCER, f"its input comes from {node.op_type} '{node_label(node)}'{through}")
 
