@@ -110,11 +110,15 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
         shapes = ", ".join(str(p.shape) for p in params)
         return Reason(Code.CHANNEL_MISMATCH, f"its parameters have inconsistent shapes {shapes}")
     epsilon = attr(node, "epsilon", DEFAULT_EPSILON)
-    problem = parameter_problem(dict(zip(("scale", "B", "mean", "var"), params)), epsilon)
-    if problem is not None:
-        return problem
+    stacked = np.stack([p.astype(np.float64) for p in params])
     with np.errstate(all="ignore"):
-        s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=epsilon)
+        sound = bool(np.isfinite(stacked).all() and (stacked[3] + np.float64(epsilon) > 0).all())
+    if not sound:  # which parameter, which channel
+        problem = parameter_problem(dict(zip(("scale", "B", "mean", "var"), params)), epsilon)
+        if problem is not None:
+            return problem
+    with np.errstate(all="ignore"):
+        s, t = scale_shift(stacked[0], stacked[1], stacked[2], stacked[3], epsilon=epsilon)
     if not (np.isfinite(s).all() and np.isfinite(t).all()):
         c = int(np.flatnonzero(~(np.isfinite(s) & np.isfinite(t)).reshape(-1))[0])
         return Reason(
