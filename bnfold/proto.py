@@ -214,6 +214,23 @@ def from_array(array: np.ndarray, name: str) -> onnx.TensorProto:
     return tensor
 
 
+_PLAIN_TYPES = {dtype: t for t, dtype in _PLAIN.items()}
+
+
+def fill(tensor: onnx.TensorProto, array: np.ndarray) -> None:
+    """Make ``tensor`` (name kept) hold ``array``: raw little-endian bytes set in place for plain
+    numeric dtypes (much cheaper than building a TensorProto and copying it), onnx's encoder else."""
+    elem = _PLAIN_TYPES.get(array.dtype)
+    if elem is None or sys.byteorder != "little":
+        tensor.CopyFrom(from_array(array, tensor.name))
+        return
+    name = tensor.name
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, elem
+    tensor.dims.extend(array.shape)
+    tensor.raw_data = np.ascontiguousarray(array).tobytes()
+
+
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """An inline tensor's value. Plain numeric raw data is viewed where it lies (read-only), which
     is many times faster than onnx's general decoder; bfloat16 is decoded here as ml_dtypes'

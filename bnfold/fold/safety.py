@@ -69,8 +69,10 @@ def parameter_problem(params: Dict[str, np.ndarray], epsilon: float) -> Optional
 
 
 def scale_hazards(bn: str, s: np.ndarray) -> List[Hazard]:
-    out = []
+    out: List[Hazard] = []
     a = np.abs(s)
+    if a.size and EXTREME_LOW <= a.min() and a.max() <= EXTREME_HIGH:  # no dead, no extreme channel
+        return out
     dead = np.flatnonzero(a == 0)
     if dead.size:
         out.append(

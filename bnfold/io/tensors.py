@@ -16,7 +16,7 @@ from ..errors import BnfoldError
 from ..graph import Deferred, Value
 from ..proto import (
     external_location,
-    from_array,
+    fill,
     initializers,
     np_dtype,
     set_location,
@@ -205,7 +205,7 @@ class Source:
         name = tensor.name
         self.inline_refs.discard(name)
         if isinstance(value, np.ndarray):
-            tensor.CopyFrom(from_array(value, name))
+            fill(tensor, value)
             self.deferred.pop(name, None)
             return
         tensor.data_type = tensor_type(value.dtype)
