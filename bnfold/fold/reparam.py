@@ -56,12 +56,14 @@ def identity_tap(node: onnx.NodeProto, w: np.ndarray) -> Union[Tuple[int, ...], 
     spatial = w.ndim - 2
     strides = attr(node, "strides", None) or [1] * spatial
     dilations = attr(node, "dilations", None) or [1] * spatial
+    pads = attr(node, "pads", None) or [0] * (2 * spatial)
+    if not all(isinstance(v, int) for v in [*strides, *dilations, *pads]):
+        return "strides, dilations or pads that are not integers"
     if len(strides) != spatial or any(s != 1 for s in strides):
         return f"stride {list(strides)}: its output does not line up with its input"
     if len(dilations) != spatial or any(d < 1 for d in dilations):
         return f"dilations {list(dilations)}"
     auto_pad = str_attr(node, "auto_pad", "NOTSET")
-    pads = attr(node, "pads", None) or [0] * (2 * spatial)
     if len(pads) != 2 * spatial:
         return f"pads {list(pads)}"
     tap = []
