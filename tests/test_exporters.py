@@ -349,6 +349,9 @@ def test_repvgg_identity_branch_folds_into_a_sibling_conv(mobileone, group):
     assert directions == ["forward", "forward", "identity"]
     ops = [n.op_type for n in folded.graph.node]
     assert ops.count("Add") == 1 and "Identity" not in ops and ops.count("Conv") == 2
+    # No name of the original carries another value: every BN output left is compared per layer.
+    result = bnfold.verify(repvgg_block(group=group, mobileone=mobileone), folded, per_layer=True, dims={"N": 2})
+    assert result.passed, result.render_text()
     _, off = bnfold.fold(repvgg_block(group=group, mobileone=mobileone), reparameterize=False)
     assert [x.reason for x in off.left] == ["unsupported_producer"]
 
@@ -542,3 +545,20 @@ def test_mutated_exporter_forms_never_crash_nor_change_meaning():
             if finite.any():
                 assert rel_error(r[finite], got[name][finite]) <= 1e-4, (k, name)
     assert compared > 50
+
+
+def test_names_before_a_kept_step_do_not_carry_another_value():
+    """Conv -> BN -> MaxPool -> BN, and LeViT: the values before the pool or the reshape carry the
+    folded map, so they are renamed; every BN output left is still the original's (per layer)."""
+    b = Builder(seed=19)
+    x = b.input("x", ["N", 3, 8, 8])
+    first = b.bn(b.conv(x, 3, 6, 3), 6)
+    pooled = b.op("MaxPool", [first], kernel_shape=[2, 2], strides=[2, 2])
+    gamma = b.rng.uniform(0.5, 1.5, 6)
+    params = [b.const(gamma, "g"), b.const(b.randn(6), "b"), b.const(np.zeros(6), "m"), b.const(np.ones(6), "v")]
+    model = calibrate(b.model(b.relu(b.bn(pooled, 6, params=params))), {"N": 2})
+    for m, dims in ((model, {"N": 2}), (levit_linear_norm(bias=True), {"B": 2})):
+        folded, report = check_fold(m, dims=dims)
+        assert not report.left
+        result = bnfold.verify(m, folded, per_layer=True, dims=dims)
+        assert result.passed, result.render_text()

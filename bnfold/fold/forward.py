@@ -578,13 +578,21 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
     del w
     freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)
     # The producer writes what the first kept step reads; each kept step writes what the next reads,
-    # the last one the chain's end (the BN's output name).
-    names = [index.node(k).input[0] for k in chain.kept] + [chain.end]
-    for k, name in zip(chain.kept, names[1:]):
-        node = onnx.NodeProto()
-        node.CopyFrom(index.node(k))
-        node.output[0] = name
-        index.replace_node(k, node)
+    # the last one the chain's end (the BN's output name). Values before the end carry the map now:
+    # they get fresh names, so that no name of the original holds another value (readers of the
+    # shape alone, LeViT's Shape, follow the rename).
+    names = [index.fresh(f"{index.node(k).input[0]}_folded") for k in chain.kept] + [chain.end]
+    for k, name, before in zip(chain.kept, names[1:], names):
+        old_input = index.node(k).input[0]
+        for r in [r for r in index.readers(old_input) if r != k] + [k]:
+            node = onnx.NodeProto()
+            node.CopyFrom(index.node(r))
+            for slot, n in enumerate(node.input):
+                if n == old_input:
+                    node.input[slot] = before
+            if r == k:
+                node.output[0] = name
+            index.replace_node(r, node)
     for i in chain.steps:
         if i not in chain.kept:
             index.remove_node(i)

@@ -183,8 +183,25 @@ def _sibling(
 
 
 def apply(scope: Scope, r: Reparam) -> List[str]:
-    """Remove the BN (its map is in the Conv now) and let its Add pass the other operand on."""
+    """Remove the BN (its map is in the Conv now) and let its Add pass the other operand on. Runs
+    after the forward folds: the Conv has its new weights and writes its chain's end."""
     index = scope.index
+    # The Conv's result now holds the identity branch too: it gets a name of its own, so that no
+    # name of the original (its BN's output, say) carries another value.
+    conv = index.node(r.conv)
+    v = conv.output[0]
+    (reader,) = index.readers(v)
+    renamed = index.fresh(f"{v}_reparameterized")
+    node = onnx.NodeProto()
+    node.CopyFrom(conv)
+    node.output[0] = renamed
+    index.replace_node(r.conv, node)
+    node = onnx.NodeProto()
+    node.CopyFrom(index.node(reader))
+    for k, name in enumerate(node.input):
+        if name == v:
+            node.input[k] = renamed
+    index.replace_node(reader, node)
     bn, add = index.node(r.bn), index.node(r.add)
     other = add.input[1] if add.input[0] == bn.output[0] else add.input[0]
     index.remove_node(r.bn)
