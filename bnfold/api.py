@@ -14,7 +14,7 @@ from .fold import apply, plan_model, stats
 from .io.load import check_model, checker_problem, file_size, open_model
 from .io.save import save
 from .io.tensors import Source, data_files
-from .options import VerifyOptions
+from .options import FOLD_OPTIONS, VerifyOptions
 from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
 
@@ -448,15 +448,8 @@ def fold_many(
         except OSError as exc:
             raise BnfoldError(f"{out}: cannot create the folder ({exc.strerror})") from None
     tasks = [(str(m), str(out / Path(m).name)) for m in models]
-    options = dict(
-        dry_run=dry_run,
-        lower_standalone=lower_standalone,
-        external_data=external_data,
-        strict=strict,
-        affine=affine,
-        reparameterize=reparameterize,
-        check=check,
-    )
+    given = dict(locals())
+    options = {name: given[name] for name in FOLD_OPTIONS}
     results: Dict[str, BatchEntry] = {}
 
     def done(entry: BatchEntry) -> None:

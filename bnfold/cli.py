@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .errors import BnfoldError, Terminated, handle_termination
-from .options import PROVIDERS, VerifyOptions
+from .options import FOLD_OPTIONS, PROVIDERS, VerifyOptions
 from .report import FAIL, OK, WARN, Line
 
 # The API (onnx, numpy) is imported when a command runs, not at start-up: shell completion stays fast.
@@ -433,6 +433,7 @@ def fold(
     Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
     3 internal error.
     """
+    params = dict(locals())  # the fold options among them go to the API as they are
     given = [
         k
         for k in [*verify_opts, "keep_failed"]
@@ -446,15 +447,7 @@ def fold(
         if in_place:
             raise UserError("--verify needs the original: it cannot be combined with --in-place")
         _check_providers(verify)  # before anything is written
-    options: Dict[str, Any] = dict(
-        dry_run=dry_run,
-        lower_standalone=lower_standalone,
-        external_data=external_data,
-        strict=strict,
-        affine=affine,
-        reparameterize=reparameterize,
-        check=check,
-    )
+    options: Dict[str, Any] = {name: value for name, value in params.items() if name in FOLD_OPTIONS}
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
         if output is None:

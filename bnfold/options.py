@@ -19,6 +19,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 InputsLike = Union[PathLike, Sequence[PathLike], Mapping[str, "np.ndarray"], None]
 
 
+# The options fold, fold_file and fold_many share (the CLI passes them on by these names).
+FOLD_OPTIONS = ("dry_run", "lower_standalone", "external_data", "strict", "affine", "reparameterize", "check")
+
+
 @dataclass(frozen=True)
 class VerifyOptions:
     """How two models are compared. Every field has the default the CLI shows."""
