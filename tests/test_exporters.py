@@ -562,3 +562,12 @@ def test_names_before_a_kept_step_do_not_carry_another_value():
         assert not report.left
         result = bnfold.verify(m, folded, per_layer=True, dims=dims)
         assert result.passed, result.render_text()
+
+
+def test_a_model_too_large_for_the_checker_in_memory_is_not_called_failing(monkeypatch):
+    import bnfold.io.load
+
+    monkeypatch.setattr(bnfold.io.load, "CHECKER_LIMIT", 0)  # as if the proto were over 2 GB
+    _, report = bnfold.fold(resnetv2_stem(), check=True)
+    assert all(v.startswith("not checked: ") for v in report.checker.values())
+    assert not report.checker_regressed and "was not checked" in report.render_text()

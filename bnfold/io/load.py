@@ -121,9 +121,15 @@ def load(path: PathLike) -> onnx.ModelProto:
     return open_model(path)[0]
 
 
+NOT_CHECKED = "not checked: "
+CHECKER_LIMIT = 1 << 31  # onnx's checker takes a proto up to 2 GB; a file of any size
+
+
 def checker_problem(model: Union[Path, onnx.ModelProto]) -> Optional[str]:
     """What ``onnx.checker.check_model(full_check=True)`` says of a model file or proto: None when it
     passes, else the first line of its message."""
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= CHECKER_LIMIT:
+        return NOT_CHECKED + "it is over 2 GB in memory (give an output path to check the file)"
     try:
         onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, and ValueError for protos over 2 GB
