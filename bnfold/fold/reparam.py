@@ -20,7 +20,7 @@ import onnx
 from ..proto import ONNX_DOMAINS, attr, node_label, str_attr
 from ..report import Code, Reason
 from .common import Affine, Identity, Scope, check_batchnorm, is_float
-from .forward import Chain, _conv
+from .forward import TARGETS, Chain
 from .lower import INTRINSIC
 
 
@@ -162,7 +162,7 @@ def _sibling(
     if chain is None:
         if index.uses(conv.output[0]) != 1:
             return None
-        target = _conv(scope, conv)
+        target = TARGETS["Conv"](scope, conv)
         if isinstance(target, Reason):
             why.append(f"{label}: {target.message}")
             return None
