@@ -571,3 +571,30 @@ def test_a_model_too_large_for_the_checker_in_memory_is_not_called_failing(monke
     _, report = bnfold.fold(resnetv2_stem(), check=True)
     assert all(v.startswith("not checked: ") for v in report.checker.values())
     assert not report.checker_regressed and "was not checked" in report.render_text()
+
+
+@pytest.mark.parametrize("cycle", ["identity", "add"])
+def test_cycles_in_a_malformed_graph_end_the_walks(cycle):
+    """A cycle of Identity nodes before a BN, or of Adds after an identity-branch BN: the reason walks
+    and the Add-tree walk stop; the BN stays with a reason."""
+    F = onnx.TensorProto.FLOAT
+    h = onnx.helper
+    if cycle == "identity":
+        nodes = [h.make_node("Identity", ["b"], ["a"]), h.make_node("Identity", ["a"], ["b"])]
+        x, out = "a", "y"
+    else:
+        nodes = [h.make_node("Add", ["a2", "y"], ["a1"]), h.make_node("Add", ["a1", "r"], ["a2"])]
+        x, out = "r", "r"
+    nodes = [
+        h.make_node("Relu", ["x"], ["r"]),
+        *nodes,
+        h.make_node("BatchNormalization", [x, "g", "b", "m", "v"], ["y"]),
+    ]
+    inits = [onnx.numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("g", "b", "m", "v")]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", F, [1, 2, 2, 2])], [h.make_tensor_value_info(out, F, None)], inits
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 10
+    _, report = bnfold.fold(model)
+    assert len(report.left) == 1 and report.left[0].reason

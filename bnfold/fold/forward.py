@@ -376,8 +376,10 @@ def _obstacle(scope: Scope, x: str) -> Reason:
     really stops it."""
     index, name = scope.index, x
     via: List[str] = []
+    seen = {name}
     node = index.node_of(name)
-    while node is not None and (before := _looks_through(scope, node)) is not None:
+    while node is not None and (before := _looks_through(scope, node)) is not None and before not in seen:
+        seen.add(before)
         if index.uses(name) > 1 or name in index.graph_outputs:
             what = "a graph output" if name in index.graph_outputs else f"read by {index.uses(name)} nodes"
             return Reason(

@@ -34,6 +34,7 @@ class Reparam:
 def _summands(scope: Scope, add: onnx.NodeProto, skip: str) -> List[str]:
     """The values an Add tree sums (Adds whose outputs each feed only the next), ``skip`` left out."""
     index, out, pending = scope.index, [], [n for n in add.input if n != skip]
+    seen = set(pending)
     while pending:
         name = pending.pop()
         node = index.node_of(name)
@@ -43,7 +44,9 @@ def _summands(scope: Scope, add: onnx.NodeProto, skip: str) -> List[str]:
             and node.domain in ONNX_DOMAINS
             and len(node.input) == 2
             and index.uses(name) == 1
+            and not seen & set(node.input)  # a cycle, in a malformed graph, ends the walk
         ):
+            seen.update(node.input)
             pending.extend(node.input)
         else:
             out.append(name)
