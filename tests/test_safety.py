@@ -195,3 +195,34 @@ def test_no_numpy_warning_reaches_the_user(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr and "unsafe_fold" in result.stdout
+
+
+def test_the_per_channel_shortcut_agrees_with_the_full_check(monkeypatch):
+    """Ranges taken without scaling the weight (a factor along the channel axis only) are exactly
+    those of the element-by-element check, and refuse the same folds: NaN, Inf, overflow, flush."""
+    from bnfold.fold import safety
+    from bnfold.report import Reason
+
+    rng = np.random.default_rng(7)
+    full = safety._per_channel
+    refused = 0
+    for _ in range(1000):
+        shape = tuple(int(x) for x in rng.integers(1, 6, rng.integers(1, 5)))
+        w = (rng.standard_normal(shape) * 10.0 ** rng.integers(-40, 38)).astype(rng.choice([np.float32, np.float64]))
+        axis = int(rng.integers(0, len(shape)))
+        f = (rng.standard_normal(shape[axis]) * 10.0 ** rng.integers(-45, 45)).reshape(
+            [shape[axis] if k == axis else 1 for k in range(len(shape))]
+        )
+        if rng.random() < 0.1:
+            w.reshape(-1)[0] = rng.choice([np.nan, np.inf, -np.inf, 0.0])
+        with np.errstate(all="ignore"):
+            quick = safety.check_weight("w", w, f, axis)
+            monkeypatch.setattr(safety, "_per_channel", lambda *a: None)
+            slow = safety.check_weight("w", w, f, axis)
+            monkeypatch.setattr(safety, "_per_channel", full)
+        if isinstance(quick, Reason) or isinstance(slow, Reason):
+            assert isinstance(quick, Reason) and isinstance(slow, Reason) and quick.code == slow.code
+            refused += 1
+        else:
+            assert np.array_equal(quick.before, slow.before) and np.array_equal(quick.after, slow.after)
+    assert refused > 50

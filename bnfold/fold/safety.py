@@ -121,12 +121,50 @@ def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
         yield w[start:stop], factor[start:stop] if full else factor
 
 
+def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Per-channel ranges before and after, without scaling the weight, when that is exact: the
+    factor varies along ``axis`` only (rounding is monotone, so the largest scaled value of a channel
+    is its largest value scaled), every value is finite and every scaled range fits the dtype. In
+    16-bit types the cast's own error is needed, element by element: None, as in every other case."""
+    if w.dtype.itemsize <= 2 or not w.ndim or not w.size or factor.ndim > w.ndim:
+        return None
+    shape = (1,) * (w.ndim - factor.ndim) + factor.shape
+    if any(d != 1 for k, d in enumerate(shape) if k != axis) or shape[axis] not in (1, w.shape[axis]):
+        return None
+    axes = tuple(k for k in range(w.ndim) if k != axis)
+    before = np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)  # NaN stays NaN
+    f = np.abs(np.broadcast_to(factor.reshape(-1), (w.shape[axis],)))
+    with np.errstate(all="ignore"):
+        after = before * f
+    if not (np.isfinite(before).all() and (after <= top).all()):
+        return None
+    return before, after
+
+
+def _flushed(tensor: str, dtype: np.dtype, tiny: float, before: np.ndarray, after: np.ndarray) -> Optional[Reason]:
+    """A channel whose largest value was a normal number and is scaled below the normal range loses
+    its precision as a whole (or vanishes): single small values becoming subnormal do not matter."""
+    flushed = (before >= tiny) & (after < tiny) & (after > 0)
+    if flushed.any():
+        c = int(np.flatnonzero(flushed)[0])
+        return Reason(
+            Code.UNSAFE_FOLD,
+            f"'{tensor}' channel {c}: its largest value {before[c]:.4g} becomes "
+            f"{after[c]:.4g}, below {dtype}'s smallest normal number {tiny:g}",
+        )
+    return None
+
+
 def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> Union[Reason, _Pass]:
     """Scale ``w`` by ``factor`` in float64 as the fold will, and either refuse (unsafe) or return
     per-channel ranges (along ``axis``) and the cast's largest error relative to its channel's range."""
     dtype = w.dtype
     top, tiny, _ = finfo(dtype)
     channels = w.shape[axis] if w.ndim else 1
+    quick = _per_channel(w, factor, axis, top)
+    if quick is not None:
+        before, after = quick
+        return _flushed(tensor, dtype, tiny, before, after) or _Pass(before, after, 0.0)
     before, after, cast_abs = np.zeros(channels), np.zeros(channels), np.zeros(channels)
     offset = 0
     with np.errstate(all="ignore"):
@@ -178,16 +216,9 @@ def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> U
             else:
                 before[0], after[0], cast_abs[0] = abs(float(w64)), abs(float(p)), float(err)
             offset += chunk.shape[0] if chunk.ndim else 1
-    # A channel whose largest value was a normal number and is scaled below the normal range loses
-    # its precision as a whole (or vanishes): single small values becoming subnormal do not matter.
-    flushed = (before >= tiny) & (after < tiny) & (after > 0)
-    if flushed.any():
-        c = int(np.flatnonzero(flushed)[0])
-        return Reason(
-            Code.UNSAFE_FOLD,
-            f"'{tensor}' channel {c}: its largest value {before[c]:.4g} becomes "
-            f"{after[c]:.4g}, below {dtype}'s smallest normal number {tiny:g}",
-        )
+    flushed = _flushed(tensor, dtype, tiny, before, after)
+    if flushed is not None:
+        return flushed
     with np.errstate(all="ignore"):
         rel = np.where(after > 0, cast_abs / np.where(after > 0, after, 1), 0)
     return _Pass(before, after, float(rel.max(initial=0)) if dtype.itemsize <= 2 else 0.0)
