@@ -231,23 +231,18 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
     reparams: List[reparam.Reparam] = []
     if env.reparameterize:
         taken = {b.consumer for b in backs} | {ch.producer for c in kept_splits for ch in c.branches}
-        found, chains_with, left = reparam.plan(scope, left, list(fwd.chains), taken)
-        final = list(fwd.chains)
+        found, left = reparam.plan(scope, left, list(fwd.chains), taken)
+        final = {c.producer: c for c in fwd.chains}
         for rp in found:
-            k = next(k for k, c in enumerate(chains_with) if c.producer == rp.conv and c.identity is not None)
-            reason = _vet_forward(scope, chains_with[k], env.strict, _Notes())
+            reason = _vet_forward(scope, rp.chain, env.strict, _Notes())
             if reason is not None:
                 left[rp.bn] = reason
                 continue
-            old = next((j for j, c in enumerate(final) if c.producer == rp.conv), None)
-            if old is None:
-                final.append(chains_with[k])
-            else:
-                final[old] = chains_with[k]
+            final[rp.conv] = rp.chain
             reparams.append(rp)
             bn, conv = index.node(rp.bn), index.node(rp.conv)
             notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(conv), "Conv", "identity"))
-        fwd = forward.Plan(tuple(sorted(final, key=lambda c: c.producer)), fwd.left)
+        fwd = forward.Plan(tuple(sorted(final.values(), key=lambda c: c.producer)), fwd.left)
     lowered: List[lower.Lowering] = []
     if env.lower_standalone:
         lowered, left = lower.plan(scope, left)

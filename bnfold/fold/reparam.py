@@ -28,7 +28,11 @@ from .lower import INTRINSIC
 class Reparam:
     bn: int
     add: int  # the Add that reads the BN's output
-    conv: int
+    chain: Chain  # the sibling Conv's forward chain, carrying the identity
+
+    @property
+    def conv(self) -> int:
+        return self.chain.producer
 
 
 def _summands(scope: Scope, add: onnx.NodeProto, skip: str) -> List[str]:
@@ -91,14 +95,14 @@ def identity_tap(node: onnx.NodeProto, w: np.ndarray) -> Union[Tuple[int, ...], 
 
 def plan(
     scope: Scope, left: Dict[int, Reason], chains: List[Chain], taken: Set[int]
-) -> Tuple[List[Reparam], List[Chain], Dict[int, Reason]]:
+) -> Tuple[List[Reparam], Dict[int, Reason]]:
     """Identity-branch BNs among ``left`` that fold into a sibling Conv (one BN per Conv; Convs in
-    ``taken`` belong to other folds). Returns the reparameterizations, the forward chains (those of
-    the sibling Convs carrying the identity), and the reasons of the BNs that still stay."""
+    ``taken`` belong to other folds). Returns the reparameterizations, each with the sibling's
+    forward chain carrying the identity, and the reasons of the BNs that still stay."""
     index = scope.index
     by_end = {c.end: k for k, c in enumerate(chains)}
     chains, still, out = list(chains), dict(left), []
-    used = set(taken) | {c.producer for c in chains if c.identity is not None}
+    used = set(taken)
     for i, reason in sorted(left.items()):
         if reason.code in INTRINSIC:
             continue
@@ -127,13 +131,13 @@ def plan(
             else:
                 chains[k] = chain
             used.add(chain.producer)
-            out.append(Reparam(i, readers[0], chain.producer))
+            out.append(Reparam(i, readers[0], chain))
             del still[i]
             break
         else:
             if why:  # a sibling Conv was there, but could not take the identity
                 still[i] = Reason(Code.IDENTITY_BRANCH, "; ".join(why))
-    return out, chains, still
+    return out, still
 
 
 def _sibling(
