@@ -21,6 +21,7 @@ from ..proto import (
     initializers,
     set_location,
 )
+from ..report import NOT_CHECKED
 from .tensors import PENDING, Source, data_files, regular_file
 from .wire import WireError, strip_raw_data
 
@@ -121,7 +122,6 @@ def load(path: PathLike) -> onnx.ModelProto:
     return open_model(path)[0]
 
 
-NOT_CHECKED = "not checked: "
 CHECKER_LIMIT = 1 << 31  # onnx's checker takes a proto up to 2 GB; a file of any size
 
 
