@@ -13,7 +13,7 @@ from .errors import BnfoldError, Terminated, handle_termination, model_text, qui
 from .fold import apply, plan_model, stats
 from .io.load import check_model, checker_problem, file_size, open_model
 from .io.save import save
-from .io.tensors import Source, data_files
+from .io.tensors import Source
 from .options import FOLD_OPTIONS, VerifyOptions
 from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
@@ -36,11 +36,11 @@ def default_output(path: Path) -> Path:
     return path.with_name(f"{path.stem}_folded{path.suffix or '.onnx'}")
 
 
-def _check_output(output: Path, path: Optional[Path], proto: onnx.ModelProto, in_place: bool) -> None:
+def _check_output(output: Path, path: Optional[Path], source: Source, in_place: bool) -> None:
     if path is None or in_place:
         return
     out = Path(output).resolve()
-    protected = {path.resolve()} | data_files(proto, path.parent)
+    protected = {path.resolve()} | source.files()
     if {out, out.with_name(out.name + ".data"), out.with_name(out.name + ".1.data")} & protected:
         raise BnfoldError(
             f"{output}: writing there would overwrite the input model or its external data; "
@@ -66,8 +66,8 @@ def _fold(
     that what is returned is what was written even when the output replaces the input."""
     proto, path, source = _open(model)
     if output is not None:
-        _check_output(Path(output), path, proto, in_place)
-    before = stats(proto, file_size(path, proto) if path is not None else None)
+        _check_output(Path(output), path, source, in_place)
+    before = stats(proto, file_size(path, source) if path is not None else None)
     with quiet_numpy():
         plan = plan_model(
             proto,
@@ -235,14 +235,14 @@ def inspect(
         info.consumers = sorted(set(readers.get(info.output, [])))
     order = {name: k for k, name in enumerate(bn_inputs)}
     infos.sort(key=lambda b: order.get(b.output, len(order)))
-    counts = stats(proto, file_size(path, proto) if path is not None else None)
+    counts = stats(proto, file_size(path, source) if path is not None else None)
     return InspectReport(
         path=str(path) if path is not None else None,
         ir_version=proto.ir_version,
         opsets={o.domain: o.version for o in proto.opset_import},
         producer=" ".join(x for x in (proto.producer_name, proto.producer_version) if x),
         bytes=counts.bytes,
-        external_data=sorted(str(p.name) for p in data_files(proto, path.parent) if path is None or p != path.resolve())
+        external_data=sorted(str(p.name) for p in source.files() if path is None or p != path.resolve())
         if path is not None
         else [],
         nodes=counts.nodes,

@@ -82,6 +82,7 @@ class GraphIndex:
         self.overridable = set() if lists_initializers else set(self.input_names) & set(self.initializers)
         self.taken: Names = taken_names if taken_names is not None else all_names(graph, set())
         self._dropped: Set[str] = set()
+        self.finished = False  # set by commit: the index no longer describes the graph
         self.revision: Dict[str, int] = {}  # bumped when an initializer gets new values
         self.producer: Dict[str, int] = {}
         self.consumers: Dict[str, List[int]] = {}
@@ -238,6 +239,7 @@ class GraphIndex:
         self.nodes = []
         self.producer.clear()
         self.consumers.clear()
+        self.finished = True
 
 
 def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:

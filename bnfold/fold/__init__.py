@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import onnx
 
-from ..proto import all_nodes, external_location, initializers, is_batchnorm
+from ..proto import ONNX_DOMAINS, external_location, has_subgraphs, initializers, subgraphs
 from ..report import ModelStats
 from .apply import apply
 from .plan import FoldPlan, GraphPlan, plan_model
@@ -23,9 +23,26 @@ __all__ = ["FoldPlan", "GraphPlan", "apply", "plan_model", "stats"]
 
 def stats(model: onnx.ModelProto, nbytes: Optional[int] = None) -> ModelStats:
     """Counts of BNs, nodes and initializers (bodies and functions included), and the size in bytes:
-    ``nbytes`` when the caller knows it (file sizes), else the serialized size (slow on big models)."""
-    nodes = list(all_nodes(model))
-    inits = list(initializers(model))
-    external = sum(int(loc.get("length", 0) or 0) for t in inits if (loc := external_location(t)) is not None)
-    size = nbytes if nbytes is not None else model.ByteSize() + external
-    return ModelStats(sum(map(is_batchnorm, nodes)), len(nodes), len(inits), size)
+    ``nbytes`` when the caller knows it (file sizes), else the serialized size (slow on big models).
+    One walk over the nodes; initializers are counted, not visited, unless the size is needed."""
+    bns = nodes = inits = 0
+
+    def walk(graph_nodes: Iterable[onnx.NodeProto]) -> None:
+        nonlocal bns, nodes, inits
+        for node in graph_nodes:
+            nodes += 1
+            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+                bns += 1
+            elif has_subgraphs(node):
+                for g in subgraphs(node):
+                    inits += len(g.initializer)
+                    walk(g.node)
+
+    inits += len(model.graph.initializer)
+    walk(model.graph.node)
+    for fn in model.functions:
+        walk(fn.node)
+    if nbytes is None:
+        external = sum(int(loc.get("length", 0) or 0) for t in initializers(model) if (loc := external_location(t)))
+        nbytes = model.ByteSize() + external
+    return ModelStats(bns, nodes, inits, nbytes)

@@ -31,8 +31,12 @@ def _apply_graph(
     def scope() -> Scope:
         return make_scope(graph, env, types, outer, lists_initializers=lists_initializers, opset=opset)
 
-    current = scope()
-    bodies = [g for node in graph.node for g in subgraphs(node)]
+    planned = plan.scope
+    if planned is not None and planned.index.graph is graph and not planned.index.finished and not plan.bodies:
+        current = planned  # nothing was rewritten since it was planned: its index and constants hold
+    else:
+        current = scope()
+    bodies = [g for node in graph.node for g in subgraphs(node)] if plan.bodies else []
     freed: List[str] = []
     for body, body_plan in zip(bodies, plan.bodies):
         freed += _apply_graph(body, body_plan, env, types, current, False, opset)
@@ -70,7 +74,9 @@ def _apply_function(fn: onnx.FunctionProto, plan: GraphPlan, env: Env) -> None:
 
 def apply(model: onnx.ModelProto, plan: FoldPlan, store: TensorStore) -> None:
     """Rewrite ``model`` in place as ``plan`` (made by ``plan_model`` for this model) decided."""
-    env = model_env(model, store, False)
+    env = plan.env
+    if env is None or env.taken.model is not model or env.store is not store:
+        env = model_env(model, store, False)  # a plan made for a copy, or with another store
     _apply_graph(model.graph, plan.main, env, TypeLookup(model), None, model.ir_version < 4, env.opset)
     for fn, fn_plan in zip(model.functions, plan.functions):
         _apply_function(fn, fn_plan, env)

@@ -9,7 +9,7 @@ carries it out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Set, Tuple
 
 import numpy as np
@@ -38,6 +38,8 @@ class GraphPlan:
     left: Tuple[Tuple[int, Reason], ...]
     reparam: Tuple[reparam.Reparam, ...]
     bodies: Tuple[GraphPlan, ...]  # in the order proto.subgraphs yields them over graph.node
+    # The scope it was planned in: apply rewrites through the same index and constants (built once).
+    scope: Optional[Scope] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class FoldPlan:
     absorbed: Tuple[str, ...]
     warnings: Tuple[Hazard, ...] = ()
     affine: Tuple[str, ...] = ()
+    env: Optional[Env] = field(default=None, compare=False, repr=False)  # what it was planned with
 
 
 class ModelNames:
@@ -59,6 +62,10 @@ class ModelNames:
     def __init__(self, model: onnx.ModelProto) -> None:
         self._model = model
         self._names: Optional[Set[str]] = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self._model
 
     def _all(self) -> Set[str]:
         if self._names is None:
@@ -263,6 +270,7 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         tuple(sorted(left.items())),
         tuple(reparams),
         tuple(bodies),
+        scope,
     )
 
 
@@ -321,4 +329,5 @@ def plan_model(
         tuple(notes.absorbed),
         tuple(notes.warnings),
         tuple(notes.affine),
+        env,
     )

@@ -22,7 +22,7 @@ from ..proto import (
     set_location,
 )
 from ..report import NOT_CHECKED
-from .tensors import PENDING, Source, data_files, regular_file
+from .tensors import PENDING, Source, regular_file
 from .wire import WireError, strip_raw_data
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -30,41 +30,34 @@ SCAN_BYTES = 64 << 20  # larger files are scanned, not parsed whole
 LAZY_THRESHOLD = 4096  # inline tensors at least this large are read from the file only when needed
 
 
-def file_size(path: Path, model: onnx.ModelProto) -> int:
-    """Bytes of a model file and its external data files."""
+def file_size(path: Path, source: Source) -> int:
+    """Bytes of a model file and its external data files (as opened: ``source`` has validated them)."""
     own = path.resolve()
-    return path.stat().st_size + sum(
-        f.stat().st_size for f in data_files(model, path.parent) if f != own and f.is_file()
-    )
-
-
-def check_external(model: onnx.ModelProto, source: Source) -> None:
-    """Every external location is validated before anything is read (see :func:`.tensors.locate`)."""
-    for t in initializers(model):
-        info = external_location(t)
-        if info is None:
-            continue
-        if info.get("location") == PENDING and t.name not in source.deferred:
-            raise BnfoldError(f"tensor '{t.name}': external data location '{PENDING}' is reserved")
-        source.location(t)
+    return path.stat().st_size + sum(f.stat().st_size for f in source.files() if f != own and f.is_file())
 
 
 KNOWN_TYPES = frozenset(t for t in onnx.TensorProto.DataType.values() if t)
 
 
-def check_tensors(model: onnx.ModelProto) -> None:
-    """Every initializer has a known element type and no negative dimension. Whether its bytes
-    match is checked when it is read (:meth:`.tensors.Source.read`): most are never read."""
+def check_tensors(model: onnx.ModelProto, source: Optional[Source] = None) -> None:
+    """Every initializer has a known element type and no negative dimension, and with ``source``
+    every external location is validated (:func:`.tensors.locate`), in one pass, before anything is
+    read. Whether inline bytes match is checked when they are read (:meth:`.tensors.Source.read`):
+    most are never read."""
     for t in initializers(model):
         if t.data_type not in KNOWN_TYPES:
             raise BnfoldError(f"tensor '{t.name}': unknown element type {t.data_type}")
-        if any(d < 0 for d in t.dims):
+        if t.dims and min(t.dims) < 0:
             raise BnfoldError(f"tensor '{t.name}': negative dimension in {list(t.dims)}")
+        if source is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+            if (external_location(t) or {}).get("location") == PENDING and t.name not in source.deferred:
+                raise BnfoldError(f"tensor '{t.name}': external data location '{PENDING}' is reserved")
+            source.location(t)
 
 
-def check_model(model: onnx.ModelProto, where: str) -> None:
+def check_model(model: onnx.ModelProto, where: str, source: Optional[Source] = None) -> None:
     """What bnfold needs of any model before deciding anything: a graph, a known opset, possible
-    tensors. BnfoldError (a bad model) otherwise."""
+    tensors (and with ``source``, acceptable external locations). BnfoldError (a bad model) otherwise."""
     if not model.HasField("graph") or not model.opset_import:
         raise BnfoldError(f"{where}: not an ONNX model (no graph or no opset)")
     newest = onnx.defs.onnx_opset_version()
@@ -74,7 +67,7 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
                 f"{where}: uses opset {o.version}, newer than the installed onnx {onnx.__version__} understands "
                 f"({newest}); upgrade onnx (pip install -U onnx)"
             )
-    check_tensors(model)
+    check_tensors(model, source)
 
 
 def parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
@@ -111,9 +104,8 @@ def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
         model, inline = parse(path)
     except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as exc:
         raise BnfoldError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    check_model(model, str(path))
     source = Source(path.parent, inline, path)
-    check_external(model, source)
+    check_model(model, str(path), source)
     return model, source
 
 

@@ -126,15 +126,6 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Pat
     return Location(real, offset, needed)
 
 
-def data_files(model: onnx.ModelProto, base_dir: Path) -> Set[Path]:
-    """The resolved paths of the model's external data files (as named; not validated)."""
-    return {
-        (base_dir / loc["location"]).resolve()
-        for t in initializers(model)
-        if (loc := external_location(t)) is not None and loc.get("location") not in (None, PENDING)
-    }
-
-
 def _write_all(f: BinaryIO, data: Union[bytes, memoryview]) -> int:
     """Write everything to an unbuffered file (a raw write may take only part of it)."""
     view, done = memoryview(data), 0
@@ -178,6 +169,11 @@ class Source:
                 raise BnfoldError(f"tensor '{tensor.name}' has external data but the model has no folder")
             loc = self._locations[key] = locate(tensor, self.base_dir, model_file=self.model_file)
         return loc
+
+    def files(self) -> Set[Path]:
+        """The resolved paths of the data files of every location validated so far (all of them once
+        the model is opened: :func:`.load.check_tensors`)."""
+        return {loc.path for loc in self._locations.values()}
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
