@@ -10,7 +10,7 @@ import onnx
 from ..graph import TensorStore
 from ..proto import from_array, subgraphs
 from ..shapes import TypeLookup
-from . import backward, concat, forward, lower, reparam
+from . import backward, batch, concat, forward, lower, reparam
 from .common import Scope
 from .plan import Env, FoldPlan, GraphPlan, function_graph, make_scope, model_env
 
@@ -42,8 +42,9 @@ def _apply_graph(
         freed += _apply_graph(body, body_plan, env, types, current, False, opset)
     if bodies:
         current = scope()  # the bodies' reads have changed
+    prepared = batch.prepare(current, plan.forward)
     for chain in plan.forward:
-        freed += forward.apply(current, chain)
+        freed += forward.apply(current, chain, prepared.pop(chain.producer, None))
     for r in plan.reparam:
         freed += reparam.apply(current, r)
     for split in plan.concat:

@@ -557,8 +557,9 @@ def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) 
         return identity.add_to(w.astype(np.float64) * factor).astype(w.dtype)
 
 
-def apply(scope: Scope, chain: Chain) -> List[str]:
-    """Rewrite one chain; returns the names that may have become unused."""
+def apply(scope: Scope, chain: Chain, prepared: Optional[np.ndarray] = None) -> List[str]:
+    """Rewrite one chain; returns the names that may have become unused. ``prepared`` is its new
+    weight when computed already (:func:`.batch.prepare`)."""
     index = scope.index
     old = index.node(chain.producer)
     target = chain.target
@@ -567,15 +568,17 @@ def apply(scope: Scope, chain: Chain) -> List[str]:
     w = scope.constant(w_name)
     if w is None:
         raise ValueError(f"weight '{w_name}' is no longer constant")
-    # The weight is computed when written (one at a time), from the value it has now.
-    current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
-    # Large weights are computed when written (one at a time), small ones at once.
+    # Large weights are computed when written (one at a time) from the value they have now, small
+    # ones at once.
     identity = chain.identity
-    new_w: Value = (
-        Deferred(tuple(w.shape), w.dtype, lambda: new_weight(current(), factor, identity))
-        if w.nbytes > DEFER_BYTES
-        else new_weight(w, factor, identity)
-    )
+    new_w: Value
+    if prepared is not None:
+        new_w = prepared
+    elif w.nbytes > DEFER_BYTES:
+        current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
+        new_w = Deferred(tuple(w.shape), w.dtype, lambda: new_weight(current(), factor, identity))
+    else:
+        new_w = new_weight(w, target.factor(w, chain.s), identity)
     new_b = new_bias(scope, old, chain).astype(w.dtype)
     del w
     freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)

@@ -20,7 +20,7 @@ from ..graph import GraphIndex, TensorStore
 from ..proto import ONNX_DOMAINS, model_names, node_label, opset_of, subgraphs
 from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
-from . import backward, concat, forward, lower, reparam
+from . import backward, batch, concat, forward, lower, reparam
 from .common import Scope
 from .safety import Hazard, check_bias, check_weight, scale_hazards, weight_hazards
 
@@ -190,8 +190,9 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
             )
     fwd = forward.plan(scope, env.affine)
     chains, refused = [], dict(fwd.left)
-    for chain in fwd.chains:
-        reason = _vet_forward(scope, chain, env.strict, notes)
+    cleared = batch.clear(scope, fwd.chains)  # no reason, no hazard: the per-fold check is skipped
+    for k, chain in enumerate(fwd.chains):
+        reason = None if k in cleared else _vet_forward(scope, chain, env.strict, notes)
         if reason is None:
             chains.append(chain)
         else:

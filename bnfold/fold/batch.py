@@ -1,0 +1,111 @@
+"""Forward folds of many small layers, checked and computed together.
+
+A model of thousands of small Conv+BN pairs spends its time in the per-fold numpy calls of
+:func:`.plan._vet_forward` and :func:`.forward.apply`, not in arithmetic. Here chains whose weights
+have the same shape and dtype are stacked, and:
+
+* :func:`clear` finds, in one pass per stack, the chains that the per-fold check would pass with no
+  reason and no hazard (finite weights, ranges that fit the dtype, no channel flushed below the
+  normal range, a finite bias, no extreme scale, no range inflation). It is an exact shortcut, never
+  a second opinion: every condition is one of the per-fold check's own, on the same float64 values,
+  and a chain it does not clear simply takes the per-fold path, which decides and explains.
+* :func:`prepare` scales the stacked weights and computes the new biases in one pass per stack,
+  with the per-fold path's float64 operations cast once, so :func:`.forward.apply` writes the same
+  bytes it would have computed itself.
+
+Only 32- and 64-bit float weights up to :data:`SMALL_BYTES` whose output channels are axis 0 (Conv;
+Gemm with transB) and chains without an identity branch are stacked: 16-bit types need the cast's
+own error element by element, and large weights gain nothing from it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from .common import Scope
+from .forward import Chain, new_bias
+from .safety import EXTREME_HIGH, EXTREME_LOW, INFLATION, SPREAD_GROWTH, finfo
+
+SMALL_BYTES = 1 << 16  # weights up to this size are stacked
+STACK_BYTES = 8 << 20  # float64 bytes of one stack of weights at most
+
+
+def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The chain's weight and its scale factor (shaped (C, 1, ...)), when it can be stacked."""
+    if chain.identity is not None or chain.s is None or chain.t is None or chain.target.channel_axis != 0:
+        return None
+    node = scope.index.node(chain.producer)
+    w = scope.constant(node.input[chain.target.weight_slot])
+    if w is None or w.dtype not in (np.float32, np.float64) or not w.ndim or not w.size or w.nbytes > SMALL_BYTES:
+        return None
+    factor = chain.target.factor(w, chain.s)
+    if factor.shape != (w.shape[0],) + (1,) * (w.ndim - 1):
+        return None
+    return w, factor
+
+
+def _stacks(scope: Scope, chains: Sequence[Chain]) -> Iterator[Tuple[List[int], np.ndarray, np.ndarray]]:
+    """(positions in ``chains``, weights (N, ...), factors (N, C, 1, ...) in float64) per stack."""
+    groups: Dict[Tuple[Tuple[int, ...], str], List[Tuple[int, np.ndarray, np.ndarray]]] = {}
+    for k, chain in enumerate(chains):
+        found = _stackable(scope, chain)
+        if found is not None:
+            w, factor = found
+            groups.setdefault((w.shape, w.dtype.str), []).append((k, w, factor))
+    for members in groups.values():
+        per = max(1, STACK_BYTES // (members[0][1].size * 8))
+        for start in range(0, len(members), per):
+            part = members[start : start + per]
+            yield (
+                [k for k, _, _ in part],
+                np.stack([w for _, w, _ in part]),
+                np.stack([f for _, _, f in part]).astype(np.float64),
+            )
+
+
+def _median(rows: np.ndarray) -> np.ndarray:
+    """Each row's median as :func:`.safety._median` takes it (a sort, then the middle)."""
+    v = np.sort(rows, axis=1)
+    n = v.shape[1]
+    return v[:, n // 2] if n % 2 else (v[:, n // 2 - 1] + v[:, n // 2]) / 2
+
+
+def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
+    """Positions of the chains that pass :func:`.plan._vet_forward` with no reason and no hazard."""
+    cleared: Set[int] = set()
+    for positions, w, factor in _stacks(scope, chains):
+        top, tiny, _ = finfo(w.dtype)
+        axes = tuple(range(2, w.ndim))
+        before = np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)  # (N, C)
+        f = np.abs(factor.reshape(before.shape))
+        with np.errstate(all="ignore"):
+            after = before * f
+            ok = np.isfinite(before).all(axis=1) & (after <= top).all(axis=1)
+            ok &= ~((before >= tiny) & (after < tiny) & (after > 0)).any(axis=1)
+            ok &= (f.min(axis=1) >= EXTREME_LOW) & (f.max(axis=1) <= EXTREME_HIGH)
+            b_max, a_max = before.max(axis=1), after.max(axis=1)
+            ratio = a_max / b_max
+            spread_b = b_max / np.maximum(_median(before), 1e-300)
+            spread_a = a_max / np.maximum(_median(after), 1e-300)
+            inflated = (ratio > INFLATION) | (ratio < 1 / INFLATION) | (spread_a > SPREAD_GROWTH * spread_b)
+            ok &= ~((b_max > 0) & (a_max > 0) & inflated)
+        for k in np.flatnonzero(ok).tolist():
+            chain = chains[positions[k]]
+            bias = new_bias(scope, scope.index.node(chain.producer), chain)
+            with np.errstate(all="ignore"):
+                if np.isfinite(bias).all() and (np.abs(bias) <= top).all():
+                    cleared.add(positions[k])
+    return cleared
+
+
+def prepare(scope: Scope, chains: Sequence[Chain]) -> Dict[int, np.ndarray]:
+    """The new weight of each stackable chain, by its producer: ``w * factor`` in float64, cast once."""
+    out: Dict[int, np.ndarray] = {}
+    for positions, w, factor in _stacks(scope, chains):
+        with np.errstate(all="ignore"):
+            scaled = (w.astype(np.float64) * factor).astype(w.dtype)
+        for k, position in enumerate(positions):
+            out[chains[position].producer] = scaled[k]
+    return out

@@ -1,0 +1,183 @@
+"""The batched shortcuts (BN maps computed together, forward folds of small layers cleared and
+scaled together) must decide and write exactly what the per-fold path does: same folds, same
+reasons, same hazards, same bytes. Each model mixes ordinary layers with every condition the
+per-fold check refuses or warns about, so that a shortcut which skipped one of them would differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import feeds_for, rel_error, run_ort
+from onnx import helper, numpy_helper
+
+import bnfold
+from bnfold.fold import batch, common
+
+SCENARIOS = (
+    "plain",
+    "plain",
+    "plain",
+    "bias",
+    "extreme_scale",
+    "tiny_scale",
+    "dead_channel",
+    "overflow",
+    "flush",
+    "spread",
+    "inflation",
+    "nan_weight",
+    "negative_var",
+    "bias_overflow",
+    "shared_params",
+    "near_top",
+)
+
+
+def _layer(rng: np.random.Generator, scenario: str, c: int, dtype: np.dtype):
+    """(weight, conv bias or None, gamma, beta, mean, var) for one scenario."""
+    w = rng.normal(0, 0.5, (c, c, 1, 1))
+    bias = rng.normal(0, 0.2, c) if scenario == "bias" else None
+    gamma = rng.uniform(0.5, 1.5, c)
+    beta, mean, var = rng.normal(0, 0.3, c), rng.normal(0, 0.3, c), rng.uniform(0.5, 2.0, c)
+    top = float(np.finfo(dtype).max)
+    if scenario == "extreme_scale":
+        gamma[rng.integers(c)] = 5e3
+    elif scenario == "tiny_scale":
+        gamma[rng.integers(c)] = 1e-5
+    elif scenario == "dead_channel":
+        gamma[rng.integers(c)] = 0.0
+    elif scenario == "overflow":
+        w[0] = top / 4
+        gamma[0] = 8.0
+    elif scenario == "flush":
+        w[0] = float(np.finfo(dtype).tiny) * 4
+        gamma[0] = 1e-2
+    elif scenario == "spread":
+        gamma[0] = 200.0
+    elif scenario == "inflation":
+        gamma[:] = 60.0
+    elif scenario == "nan_weight":
+        w[0, 0] = np.nan
+    elif scenario == "negative_var":
+        var[0] = -1.0
+    elif scenario == "bias_overflow":
+        beta[0] = top
+        mean[0] = -top
+    elif scenario == "near_top":
+        w[0] = top / 2
+        gamma[0] = 1.0
+        var[0] = 1.0 - 1e-5
+    return w, bias, gamma, beta, mean, var
+
+
+def _model(seed: int, dtype=np.float32, layers: int = 48, channels: int = 4) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes, inits, outputs = [], [], []
+    for i in range(layers):
+        scenario = SCENARIOS[rng.integers(len(SCENARIOS))]
+        w, bias, *params = _layer(rng, scenario, channels, np.dtype(dtype))
+        inits.append(numpy_helper.from_array(w.astype(dtype), f"w{i}"))
+        conv_inputs = ["x", f"w{i}"]
+        if bias is not None:
+            inits.append(numpy_helper.from_array(bias.astype(dtype), f"cb{i}"))
+            conv_inputs.append(f"cb{i}")
+        names = [f"{p}{i}" for p in "gbmv"]
+        if scenario == "shared_params" and i:
+            names = [f"{p}0" for p in "gbmv"]  # the BN of layer 0's parameters, read again
+        else:
+            inits += [numpy_helper.from_array(p.astype(dtype), n) for p, n in zip(params, names)]
+        nodes.append(helper.make_node("Conv", conv_inputs, [f"c{i}"], name=f"conv{i}"))
+        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", *names], [f"y{i}"], name=f"bn{i}"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", elem, [1, channels, 3, 3]))
+    graph = helper.make_graph(
+        nodes, "batched", [helper.make_tensor_value_info("x", elem, [1, channels, 3, 3])], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+def _per_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "clear", lambda scope, chains: set())
+    monkeypatch.setattr(batch, "prepare", lambda scope, chains: {})
+    monkeypatch.setattr(common, "batch_affines", lambda index: {})
+
+
+def _outcome(model: onnx.ModelProto, **options):
+    folded, report = bnfold.fold(model, **options)
+    return folded.SerializeToString(), report.to_dict()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_batched_equals_per_fold(seed: int, dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(seed, dtype)
+    fast, fast_report = _outcome(model)
+    fast_strict = _outcome(model, strict=True)
+    with monkeypatch.context() as m:
+        _per_fold(m)
+        slow, slow_report = _outcome(model)
+        slow_strict = _outcome(model, strict=True)
+    assert fast_report == slow_report
+    assert fast == slow
+    assert fast_strict == slow_strict
+
+
+def test_batched_numerics_match_onnxruntime() -> None:
+    model = _model(7, np.float32)
+    folded, report = bnfold.fold(model)
+    assert report.folded and report.left and report.warnings  # every kind of outcome is present
+    feeds = feeds_for(model, 0)
+    ref, got = run_ort(model, feeds), run_ort(folded, feeds)
+    # The layers that folded, where the original is finite (a weight near the float32 limit
+    # overflows on random inputs, folded or not).
+    compared = [f.output for f in report.folded if np.isfinite(ref[f.output]).all()]
+    assert len(compared) >= 20
+    for name in compared:
+        assert rel_error(ref[name], got[name]) <= 1e-5, name
+    # A deliberately wrong scale on one folded weight is seen.
+    broken = onnx.ModelProto()
+    broken.CopyFrom(folded)
+    conv = next(n for n in broken.graph.node if n.output[0] == compared[0])
+    w = next(t for t in broken.graph.initializer if t.name == conv.input[1])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.001), w.name))
+    assert rel_error(ref[compared[0]], run_ort(broken, feeds)[compared[0]]) > 1e-5
+
+
+def test_the_shortcuts_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The equality above means something only if the batched path is the one that ran."""
+    calls = {"cleared": 0, "prepared": 0, "affines": 0}
+    clear, prepare, affines = batch.clear, batch.prepare, common.batch_affines
+
+    def counted_clear(scope, chains):
+        found = clear(scope, chains)
+        calls["cleared"] += len(found)
+        return found
+
+    def counted_prepare(scope, chains):
+        found = prepare(scope, chains)
+        calls["prepared"] += len(found)
+        return found
+
+    def counted_affines(index):
+        found = affines(index)
+        calls["affines"] += len(found)
+        return found
+
+    monkeypatch.setattr(batch, "clear", counted_clear)
+    monkeypatch.setattr(batch, "prepare", counted_prepare)
+    monkeypatch.setattr(common, "batch_affines", counted_affines)
+    model = _model(3, np.float32, layers=64)
+    _, report = bnfold.fold(model)
+    assert calls["affines"] >= 40 and calls["cleared"] >= 20 and calls["prepared"] >= len(report.folded) // 2
+    assert calls["cleared"] < len(report.folded)  # hazards and refusals took the per-fold path
+
+
+def test_a_careless_shortcut_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clearing every chain (skipping the per-fold check) changes the outcome on these models."""
+    model = _model(1, np.float32)
+    honest = _outcome(model)
+    monkeypatch.setattr(batch, "clear", lambda scope, chains: set(range(len(chains))))
+    assert _outcome(model) != honest
