@@ -83,6 +83,7 @@ class GraphIndex:
         self.taken: Names = taken_names if taken_names is not None else all_names(graph, set())
         self._dropped: Set[str] = set()
         self.finished = False  # set by commit: the index no longer describes the graph
+        self.holds_bodies = False  # a node of this graph has subgraphs (If/Loop/Scan)
         self.revision: Dict[str, int] = {}  # bumped when an initializer gets new values
         self.producer: Dict[str, int] = {}
         self.consumers: Dict[str, List[int]] = {}
@@ -100,7 +101,9 @@ class GraphIndex:
 
     def _link(self, i: int, node: onnx.NodeProto) -> None:
         consumers, producer = self.consumers, self.producer
-        for name in self._reads(node) if has_subgraphs(node) else node.input:
+        bodies = has_subgraphs(node)
+        self.holds_bodies |= bodies
+        for name in self._reads(node) if bodies else node.input:
             if not name:
                 continue
             users = consumers.get(name)
@@ -156,6 +159,18 @@ class GraphIndex:
         if tensor is None or name in self.overridable:
             return None
         return self.store.read(tensor)
+
+    def names(self) -> Set[str]:
+        """Every value and node name of the graph, as :func:`.proto.all_names` collects them, from
+        the index (valid while nothing was rewritten, and only for a graph without bodies)."""
+        if self.holds_bodies:
+            raise ValueError("a graph with bodies: use proto.all_names")
+        names = set(self.producer) | set(self.consumers) | set(self.initializers)
+        names.update(self.input_names, self.output_names)
+        names.update(v.name for v in self.graph.value_info)
+        names.update(n.name for n in self.graph.node)
+        names.discard("")
+        return names
 
     # -- rewriting -----------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -246,18 +261,16 @@ def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
     """Delete the entries of a repeated message field that ``keep`` rejects, in linear time.
 
     Deleting one entry moves every entry after it, so many deletions are quadratic (a 100k-node
-    graph with value_info took minutes): past a few, the field is rebuilt from copies instead."""
-    gone = [k for k, item in enumerate(field) if not keep(item)]
-    if len(gone) <= 64:
-        for k in reversed(gone):
+    graph with value_info took minutes): past a few, the field is rebuilt from the kept entries
+    (removed from a field, a message stays valid; ``extend`` copies it back in)."""
+    flags = [keep(item) for item in field]
+    if all(flags):
+        return
+    if flags.count(False) <= 64:
+        for k in reversed([k for k, kept in enumerate(flags) if not kept]):
             del field[k]
         return
-    kept = []
-    for item in field:
-        if keep(item):
-            copy = type(item)()
-            copy.CopyFrom(item)
-            kept.append(copy)
+    kept = [item for item, flag in zip(field, flags) if flag]
     del field[:]
     field.extend(kept)
 

@@ -20,12 +20,12 @@ own error element by element, and large weights gain nothing from it.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 import numpy as np
 
 from .common import Scope
-from .forward import Chain, new_bias
+from .forward import Chain
 from .safety import EXTREME_HIGH, EXTREME_LOW, INFLATION, SPREAD_GROWTH, finfo
 
 SMALL_BYTES = 1 << 16  # weights up to this size are stacked
@@ -43,11 +43,22 @@ def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndar
     factor = chain.target.factor(w, chain.s)
     if factor.shape != (w.shape[0],) + (1,) * (w.ndim - 1):
         return None
+    bias = _old_bias(scope, chain)
+    if bias is not None and bias.shape != chain.s.shape:  # a Gemm C that broadcasts: per fold
+        return None
     return w, factor
 
 
+def _old_bias(scope: Scope, chain: Chain) -> Optional[np.ndarray]:
+    """The producer's bias before the fold (None: it has none)."""
+    slot, node = chain.target.bias_slot, scope.index.node(chain.producer)
+    if slot > 0 and len(node.input) > slot and node.input[slot]:
+        return scope.constant(node.input[slot])
+    return None
+
+
 def _stacks(scope: Scope, chains: Sequence[Chain]) -> Iterator[Tuple[List[int], np.ndarray, np.ndarray]]:
-    """(positions in ``chains``, weights (N, ...), factors (N, C, 1, ...) in float64) per stack."""
+    """(positions in ``chains``, weights (N, C, ...), factors (N, C, 1, ...) in float64) per stack."""
     groups: Dict[Tuple[Tuple[int, ...], str], List[Tuple[int, np.ndarray, np.ndarray]]] = {}
     for k, chain in enumerate(chains):
         found = _stackable(scope, chain)
@@ -63,6 +74,21 @@ def _stacks(scope: Scope, chains: Sequence[Chain]) -> Iterator[Tuple[List[int], 
                 np.stack([w for _, w, _ in part]),
                 np.stack([f for _, _, f in part]).astype(np.float64),
             )
+
+
+def _new_biases(scope: Scope, chains: Sequence[Chain]) -> np.ndarray:
+    """Each chain's folded bias (N, C) in float64, as :func:`.forward.new_bias` computes it:
+    ``bias_scale * b * s + t + 0.0``, row by row the same operations."""
+    s = np.stack([cast(np.ndarray, chain.s) for chain in chains])  # stacked chains hold a BN: s, t are set
+    t = np.stack([cast(np.ndarray, chain.t) for chain in chains])
+    b = np.zeros_like(s)
+    scale = np.array([[chain.target.bias_scale] for chain in chains], dtype=np.float64)
+    for k, chain in enumerate(chains):
+        old = _old_bias(scope, chain)
+        if old is not None:
+            b[k] = old  # (C,): _stackable saw to it
+    with np.errstate(all="ignore"):
+        return scale * b * s + t + 0.0
 
 
 def _median(rows: np.ndarray) -> np.ndarray:
@@ -91,21 +117,24 @@ def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
             spread_a = a_max / np.maximum(_median(after), 1e-300)
             inflated = (ratio > INFLATION) | (ratio < 1 / INFLATION) | (spread_a > SPREAD_GROWTH * spread_b)
             ok &= ~((b_max > 0) & (a_max > 0) & inflated)
-        for k in np.flatnonzero(ok).tolist():
-            chain = chains[positions[k]]
-            bias = new_bias(scope, scope.index.node(chain.producer), chain)
-            with np.errstate(all="ignore"):
-                if np.isfinite(bias).all() and (np.abs(bias) <= top).all():
-                    cleared.add(positions[k])
+        rows = np.flatnonzero(ok).tolist()
+        if not rows:
+            continue
+        bias = _new_biases(scope, [chains[positions[k]] for k in rows])
+        with np.errstate(all="ignore"):
+            fits = np.isfinite(bias).all(axis=1) & (np.abs(bias) <= top).all(axis=1)
+        cleared.update(positions[k] for k, fit in zip(rows, fits.tolist()) if fit)
     return cleared
 
 
-def prepare(scope: Scope, chains: Sequence[Chain]) -> Dict[int, np.ndarray]:
-    """The new weight of each stackable chain, by its producer: ``w * factor`` in float64, cast once."""
-    out: Dict[int, np.ndarray] = {}
+def prepare(scope: Scope, chains: Sequence[Chain]) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
+    """The new weight and bias of each stackable chain, by its producer: ``w * factor`` in float64
+    cast once, and the bias cast once to the weight's dtype."""
+    out: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
     for positions, w, factor in _stacks(scope, chains):
         with np.errstate(all="ignore"):
             scaled = (w.astype(np.float64) * factor).astype(w.dtype)
+            bias = _new_biases(scope, [chains[k] for k in positions]).astype(w.dtype)
         for k, position in enumerate(positions):
-            out[chains[position].producer] = scaled[k]
+            out[chains[position].producer] = (scaled[k], bias[k])
     return out

@@ -113,37 +113,31 @@ def batch_affines(index: GraphIndex) -> Dict[ParamKey, Affine]:
     float64 elementwise operations, row by row."""
     groups: Dict[Tuple[int, int], List[Tuple[ParamKey, List[bytes]]]] = {}
     seen = set()
+    initializers, overridable = index.initializers, index.overridable
     for node in index.nodes:
-        if node is None or not is_batchnorm(node) or len(node.input) < 5:
+        if node is None or node.op_type != "BatchNormalization" or not is_batchnorm(node) or len(node.input) < 5:
             continue
         key = param_key(node)
         if key is None or key in seen:
             continue
         seen.add(key)
-        names = key[0]
-        tensors = [index.initializers.get(n) for n in names]
-        if any(tensor is None or n in index.overridable for tensor, n in zip(tensors, names)):
-            continue
-        first = tensors[0]
-        assert first is not None
-        elem = first.data_type
-        if elem not in _BATCH_DTYPES or len(first.dims) != 1 or first.dims[0] < 1:
-            continue
-        channels = first.dims[0]
-        size = channels * _BATCH_DTYPES[elem].itemsize
-        raws = []
-        for tensor in tensors:
-            assert tensor is not None
-            if tensor.data_type != elem or len(tensor.dims) != 1 or tensor.dims[0] != channels:
+        raws: List[bytes] = []
+        shape = None
+        for name in key[0]:
+            tensor = initializers.get(name)
+            if tensor is None or name in overridable or tensor.data_location == onnx.TensorProto.EXTERNAL:
                 break
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            dims = tensor.dims
+            if len(dims) != 1 or (shape is not None and (tensor.data_type, dims[0]) != shape):
                 break
+            shape = (tensor.data_type, dims[0])
             raw = tensor.raw_data
-            if len(raw) != size:
+            if shape[0] not in _BATCH_DTYPES or shape[1] < 1 or len(raw) != shape[1] * _BATCH_DTYPES[shape[0]].itemsize:
                 break
             raws.append(raw)
         else:
-            groups.setdefault((elem, channels), []).append((key, raws))
+            assert shape is not None
+            groups.setdefault(shape, []).append((key, raws))
     found: Dict[ParamKey, Affine] = {}
     for (elem, channels), members in groups.items():
         data = b"".join(raw for _, raws in members for raw in raws)

@@ -8,7 +8,7 @@ chain's affine maps composed in float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
@@ -69,17 +69,28 @@ class Chain:
         """The channel axis of the value at ``end``."""
         return self.current_rank - 1 if self.target.channel_last else 1
 
+    def but(self, **changes: object) -> Chain:
+        """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a chain
+        is copied at every step of a walk over the whole graph)."""
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"Chain has no field {', '.join(sorted(unknown))}")
+        copy = object.__new__(Chain)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        return copy
+
     def compose(self, step: int, affine: Affine, end: str) -> Chain:
         if self.s is None or self.t is None:
             s, t = affine.s, affine.t
         else:
             s, t = affine.s * self.s, affine.s * self.t + affine.t
         pool_s = None if self.pool_s is None else affine.s * self.pool_s
-        return replace(self, end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s)
+        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s)
 
     def through(self, step: int, end: str, **changes: object) -> Chain:
         """The chain passed through step ``step``, which stays in the graph."""
-        return replace(self, end=end, steps=(*self.steps, step), kept=(*self.kept, step), **changes)  # type: ignore[arg-type]
+        return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), **changes)
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -451,7 +462,7 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
             if isinstance(found, Reason):
                 left[i] = found
             else:
-                chains[found.end] = replace(found, bns=(*found.bns, i))
+                chains[found.end] = found.but(bns=(*found.bns, i))
         elif (x_in := noop_input(scope, node)) is not None:
             _extend(scope, chains, i, x_in, _identity)  # a no-op joins the chain as the identity map
             if x_in in blocked:
@@ -557,9 +568,9 @@ def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) 
         return identity.add_to(w.astype(np.float64) * factor).astype(w.dtype)
 
 
-def apply(scope: Scope, chain: Chain, prepared: Optional[np.ndarray] = None) -> List[str]:
+def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> List[str]:
     """Rewrite one chain; returns the names that may have become unused. ``prepared`` is its new
-    weight when computed already (:func:`.batch.prepare`)."""
+    weight and bias when computed already (:func:`.batch.prepare`)."""
     index = scope.index
     old = index.node(chain.producer)
     target = chain.target
@@ -573,13 +584,13 @@ def apply(scope: Scope, chain: Chain, prepared: Optional[np.ndarray] = None) -> 
     identity = chain.identity
     new_w: Value
     if prepared is not None:
-        new_w = prepared
+        new_w = prepared[0]
     elif w.nbytes > DEFER_BYTES:
         current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
         new_w = Deferred(tuple(w.shape), w.dtype, lambda: new_weight(current(), factor, identity))
     else:
         new_w = new_weight(w, target.factor(w, chain.s), identity)
-    new_b = new_bias(scope, old, chain).astype(w.dtype)
+    new_b = prepared[1] if prepared is not None else new_bias(scope, old, chain).astype(w.dtype)
     del w
     freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)
     # The producer writes what the first kept step reads; each kept step writes what the next reads,

@@ -72,6 +72,13 @@ class ModelNames:
             self._names = model_names(self._model)
         return self._names
 
+    def seed(self, index: GraphIndex) -> None:
+        """Collect the names from the main graph's fresh index when it holds the whole model (no
+        bodies, no functions): the same set as a walk over the model, from what the index read."""
+        if self._names is None and index.graph is self._model.graph and not index.holds_bodies:
+            if not self._model.functions:
+                self._names = index.names()
+
     def __contains__(self, name: object) -> bool:
         return name in self._all()
 
@@ -316,6 +323,7 @@ def plan_model(
     notes = _Notes()
     types = TypeLookup(model)
     main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4)
+    env.taken.seed(main_scope.index)
     main = _plan_graph(main_scope, env, types, "main graph", notes)
     functions = []
     for fn in model.functions:
