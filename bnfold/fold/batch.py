@@ -98,14 +98,24 @@ def _median(rows: np.ndarray) -> np.ndarray:
     return v[:, n // 2] if n % 2 else (v[:, n // 2 - 1] + v[:, n // 2]) / 2
 
 
+def _scaled(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Stacked new weights (``w * factor`` in float64, cast once) and biases (cast once)."""
+    with np.errstate(all="ignore"):
+        return (w.astype(np.float64) * factor).astype(w.dtype), bias.astype(w.dtype)
+
+
 def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
-    """Positions of the chains that pass :func:`.plan._vet_forward` with no reason and no hazard."""
+    """Positions of the chains that pass :func:`.plan._vet_forward` with no reason and no hazard.
+    The new weights and biases of every stacked chain are computed in the same pass and kept in
+    ``scope.prepared`` for :func:`prepare` (small weights only: :data:`SMALL_BYTES`)."""
     cleared: Set[int] = set()
     for positions, w, factor in _stacks(scope, chains):
         top, tiny, _ = finfo(w.dtype)
         axes = tuple(range(2, w.ndim))
         before = np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)  # (N, C)
         f = np.abs(factor.reshape(before.shape))
+        stacked = [chains[k] for k in positions]
+        bias = _new_biases(scope, stacked)
         with np.errstate(all="ignore"):
             after = before * f
             ok = np.isfinite(before).all(axis=1) & (after <= top).all(axis=1)
@@ -117,24 +127,29 @@ def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
             spread_a = a_max / np.maximum(_median(after), 1e-300)
             inflated = (ratio > INFLATION) | (ratio < 1 / INFLATION) | (spread_a > SPREAD_GROWTH * spread_b)
             ok &= ~((b_max > 0) & (a_max > 0) & inflated)
-        rows = np.flatnonzero(ok).tolist()
-        if not rows:
-            continue
-        bias = _new_biases(scope, [chains[positions[k]] for k in rows])
-        with np.errstate(all="ignore"):
-            fits = np.isfinite(bias).all(axis=1) & (np.abs(bias) <= top).all(axis=1)
-        cleared.update(positions[k] for k, fit in zip(rows, fits.tolist()) if fit)
+            ok &= np.isfinite(bias).all(axis=1) & (np.abs(bias) <= top).all(axis=1)
+        cleared.update(positions[k] for k in np.flatnonzero(ok).tolist())
+        new_w, new_b = _scaled(w, factor, bias)
+        for k, chain in enumerate(stacked):
+            scope.prepared[id(chain)] = (chain, new_w[k], new_b[k])
     return cleared
 
 
 def prepare(scope: Scope, chains: Sequence[Chain]) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
     """The new weight and bias of each stackable chain, by its producer: ``w * factor`` in float64
-    cast once, and the bias cast once to the weight's dtype."""
+    cast once, and the bias cast once to the weight's dtype. What :func:`clear` computed for the
+    same chain (the very object) in this scope is taken as it is."""
     out: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-    for positions, w, factor in _stacks(scope, chains):
-        with np.errstate(all="ignore"):
-            scaled = (w.astype(np.float64) * factor).astype(w.dtype)
-            bias = _new_biases(scope, [chains[k] for k in positions]).astype(w.dtype)
+    missing = []
+    for chain in chains:
+        hit = scope.prepared.get(id(chain))
+        if hit is not None and hit[0] is chain:
+            out[chain.producer] = (hit[1], hit[2])
+        else:
+            missing.append(chain)
+    scope.prepared.clear()
+    for positions, w, factor in _stacks(scope, missing):
+        new_w, new_b = _scaled(w, factor, _new_biases(scope, [missing[k] for k in positions]))
         for k, position in enumerate(positions):
-            out[chains[position].producer] = (scaled[k], bias[k])
+            out[missing[position].producer] = (new_w[k], new_b[k])
     return out

@@ -4,7 +4,7 @@ inference-mode per-channel affine map, and the one rewrite of a layer's weight a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -27,6 +27,8 @@ class Scope:
     types: Optional[TypeLookup]
     opset: int
     _affines: Optional[Dict[ParamKey, Affine]] = field(default=None, init=False, repr=False)
+    # New weights and biases computed while planning, by id of the chain (kept with it): .batch
+    prepared: Dict[int, Tuple[Any, np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
 
     def constant(self, name: str) -> Optional[np.ndarray]:
         return self.consts.value(name)
