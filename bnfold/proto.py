@@ -5,6 +5,7 @@ Nothing here imports another bnfold module.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Dict, Iterable, Iterator, Optional, Set
 
@@ -244,9 +245,9 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
         return bits.astype(np.uint16).view(_bfloat16()).reshape(shape)
     dtype = _PLAIN.get(tensor.data_type)
     if dtype is not None and tensor.HasField("raw_data") and sys.byteorder == "little":
-        raw = tensor.raw_data
-        if len(raw) == tensor_count(tensor) * dtype.itemsize:
-            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        raw, shape = tensor.raw_data, tuple(tensor.dims)
+        if min(shape, default=0) >= 0 and len(raw) == math.prod(shape) * dtype.itemsize:
+            return np.frombuffer(raw, dtype=dtype).reshape(shape)
     return numpy_helper.to_array(tensor)
 
 

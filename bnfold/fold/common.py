@@ -3,6 +3,7 @@ inference-mode per-channel affine map, and the one rewrite of a layer's weight a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -39,7 +40,8 @@ class Scope:
         if self._affines is None:
             self._affines = batch_affines(self.index)
         found = self._affines.get(key)
-        if found is not None and any(self.index.revision.get(name) for name in key[0]):
+        revision = self.index.revision
+        if found is not None and revision and any(revision.get(name) for name in key[0]):
             return None  # a parameter was rewritten since
         return found
 
@@ -83,6 +85,7 @@ def left_for(
             yield i, reason, scope.index.node(i)
 
 
+@functools.cache
 def bn_version(opset: int) -> int:
     return max((v for v in OPSET_VERSIONS if v <= max(opset, 1)), default=1)
 

@@ -72,12 +72,11 @@ class Chain:
     def but(self, **changes: object) -> Chain:
         """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a chain
         is copied at every step of a walk over the whole graph)."""
-        unknown = changes.keys() - self.__dict__.keys()
-        if unknown:
-            raise TypeError(f"Chain has no field {', '.join(sorted(unknown))}")
+        fields = self.__dict__
+        if not fields.keys() >= changes.keys():
+            raise TypeError(f"Chain has no field {', '.join(sorted(changes.keys() - fields.keys()))}")
         copy = object.__new__(Chain)
-        copy.__dict__.update(self.__dict__)
-        copy.__dict__.update(changes)
+        copy.__dict__.update(fields, **changes)
         return copy
 
     def compose(self, step: int, affine: Affine, end: str) -> Chain:
@@ -441,6 +440,11 @@ def _operand_map(node: onnx.NodeProto, x: str, const: np.ndarray) -> Step:
     return lambda chain: _affine_of(node, x, const, chain.current_rank, chain.target.channels, chain.axis)
 
 
+NOOPS = ("Identity", "Dropout", "Cast")
+# The op types the walk of :func:`plan` looks at (a BN, a no-op, a pass-through step, an affine op).
+_WALKED = frozenset(("BatchNormalization", *NOOPS, *POOLS, *RESHAPES, *AFFINE_OPS))
+
+
 def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     """Walk the graph once, in order: each BN joins the chain ending at its input, or gets a reason.
     With ``fold_affine``, chains of per-channel Mul/Add/Sub/Div by constants fold without a BN too."""
@@ -450,6 +454,8 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     blocked: Dict[str, Reason] = {}  # values after a pass-through step that refused a chain, and why
     for i in list(index.live_nodes()):
         node = index.node(i)
+        if node.op_type not in _WALKED:
+            continue  # none of the cases below: most nodes of a graph
         if is_batchnorm(node):
             affine = check_batchnorm(scope, node)
             x = node.input[0] if node.input else ""

@@ -188,7 +188,7 @@ def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Note
 def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str, notes: _Notes) -> GraphPlan:
     index = scope.index
     bodies = []
-    for i in index.live_nodes():
+    for i in index.live_nodes() if index.holds_bodies else ():
         node = index.node(i)
         for k, body in enumerate(subgraphs(node)):
             inner = make_scope(body, env, types, scope, lists_initializers=False, opset=scope.opset)
