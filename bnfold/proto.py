@@ -40,8 +40,9 @@ def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph``, then every body inside it (If/Loop/Scan, at any depth)."""
     yield graph
     for node in graph.node:
-        for g in subgraphs(node):
-            yield from graphs_of(g)
+        if has_subgraphs(node):
+            for g in subgraphs(node):
+                yield from graphs_of(g)
 
 
 def model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:

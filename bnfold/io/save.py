@@ -91,6 +91,9 @@ def _write_inline(model: onnx.ModelProto, source: Source, f: BinaryIO) -> None:
     """Serialize ``model`` with every main-graph tensor's bytes spliced in from its source, so that
     no weight is copied into protobuf (field order does not matter to a protobuf parser)."""
     graph = model.graph
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in initializers(model)):
+        _write_all(f, model.SerializeToString())  # nothing to splice
+        return
     bodies = itertools.islice(graphs_of(graph), 1, None)  # only main-graph tensors are spliced
     if any(t.data_location == onnx.TensorProto.EXTERNAL for g in bodies for t in g.initializer):
         source.materialize(model, everything=True)
