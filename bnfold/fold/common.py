@@ -27,23 +27,25 @@ class Scope:
     consts: Constants
     types: Optional[TypeLookup]
     opset: int
-    _affines: Optional[Dict[ParamKey, Affine]] = field(default=None, init=False, repr=False)
+    _affines: Optional[Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]]] = field(default=None, init=False, repr=False)
     # New weights and biases computed while planning, by id of the chain (kept with it): .batch
     prepared: Dict[int, Tuple[Any, np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
 
     def constant(self, name: str) -> Optional[np.ndarray]:
         return self.consts.value(name)
 
-    def known_affine(self, key: ParamKey) -> Optional[Affine]:
-        """The affine map of a BN with these parameters and epsilon, when :func:`batch_affines` found
-        it sound (None: ask :func:`check_batchnorm`'s own path)."""
+    def known_affine(self, node: onnx.NodeProto) -> Optional[Affine]:
+        """The affine map of this BN node when :func:`batch_affines` found it sound (None: ask
+        :func:`check_batchnorm`'s own path)."""
         if self._affines is None:
             self._affines = batch_affines(self.index)
-        found = self._affines.get(key)
+        hit = self._affines.get(id(node))
+        if hit is None or hit[0] is not node:
+            return None
         revision = self.index.revision
-        if found is not None and revision and any(revision.get(name) for name in key[0]):
+        if revision and any(revision.get(name) for name in hit[1][0]):
             return None  # a parameter was rewritten since
-        return found
+        return hit[2]
 
     def rank(self, name: str) -> Optional[int]:
         return self.types.rank(name) if self.types else None
@@ -109,23 +111,26 @@ def param_key(node: onnx.NodeProto) -> Optional[ParamKey]:
     return tuple(node.input[1:5]), epsilon
 
 
-def batch_affines(index: GraphIndex) -> Dict[ParamKey, Affine]:
+def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]]:
     """The affine maps of every BN of a graph whose parameters are four inline (C,) initializers of
     one float type, computed for all of them at once: one read and one numpy pass per type and C
     instead of a dozen small operations per BN. Only sound maps are returned (finite parameters,
     var + epsilon > 0, finite scale and shift); :func:`check_batchnorm` finds the others, and says
     why, on its own. Each map equals what :func:`check_batchnorm` computes for that BN: the same
-    float64 elementwise operations, row by row."""
+    float64 elementwise operations, row by row. Keyed by the node's id (the node is kept with it)."""
     groups: Dict[Tuple[int, int], List[Tuple[ParamKey, List[bytes]]]] = {}
-    seen = set()
+    seen: Dict[ParamKey, List[onnx.NodeProto]] = {}  # BNs that share parameters and epsilon
     initializers, overridable = index.initializers, index.overridable
     for node in index.nodes:
         if node is None or node.op_type != "BatchNormalization" or not is_batchnorm(node) or len(node.input) < 5:
             continue
         key = param_key(node)
-        if key is None or key in seen:
+        if key is None:
             continue
-        seen.add(key)
+        if key in seen:
+            seen[key].append(node)
+            continue
+        seen[key] = [node]
         raws: List[bytes] = []
         shape = None
         for name in key[0]:
@@ -143,7 +148,7 @@ def batch_affines(index: GraphIndex) -> Dict[ParamKey, Affine]:
         else:
             assert shape is not None
             groups.setdefault(shape, []).append((key, raws))
-    found: Dict[ParamKey, Affine] = {}
+    found: Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]] = {}
     for (elem, channels), members in groups.items():
         data = b"".join(raw for _, raws in members for raw in raws)
         p = np.frombuffer(data, dtype=_BATCH_DTYPES[elem]).astype("<f8").reshape(len(members), 4, channels)
@@ -155,7 +160,10 @@ def batch_affines(index: GraphIndex) -> Dict[ParamKey, Affine]:
             ok = np.isfinite(p).all(axis=(1, 2)) & (shifted > 0).all(axis=1)
             ok &= np.isfinite(s).all(axis=1) & np.isfinite(t).all(axis=1)
         for k in np.flatnonzero(ok).tolist():
-            found[members[k][0]] = Affine(s[k], t[k])
+            key = members[k][0]
+            affine = Affine(s[k], t[k])
+            for node in seen[key]:
+                found[id(node)] = (node, key, affine)
     return found
 
 
@@ -180,8 +188,7 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
         return Reason(
             Code.STATISTICS_OUTPUTS, f"outputs {', '.join(extra)} are requested, which only training mode computes"
         )
-    key = param_key(node)
-    known = None if key is None else scope.known_affine(key)
+    known = scope.known_affine(node)
     if known is not None:
         return known
     params = []
