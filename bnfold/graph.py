@@ -263,14 +263,16 @@ def _keep_only(field: Any, keep: Callable[[Any], bool]) -> None:
     Deleting one entry moves every entry after it, so many deletions are quadratic (a 100k-node
     graph with value_info took minutes): past a few, the field is rebuilt from the kept entries
     (removed from a field, a message stays valid; ``extend`` copies it back in)."""
-    flags = [keep(item) for item in field]
+    items = list(field)  # one Python object per entry, made once
+    flags = [keep(item) for item in items]
     if all(flags):
         return
     if flags.count(False) <= 64:
         for k in reversed([k for k, kept in enumerate(flags) if not kept]):
             del field[k]
         return
-    kept = [item for item, flag in zip(field, flags) if flag]
+    kept = [item for item, flag in zip(items, flags) if flag]
+    del items
     del field[:]
     field.extend(kept)
 
