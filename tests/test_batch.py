@@ -237,3 +237,37 @@ def test_a_careless_shortcut_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     honest = _outcome(model)
     monkeypatch.setattr(batch, "clear", lambda scope, chains: set(range(len(chains))))
     assert _outcome(model) != honest
+
+
+def test_the_cyclic_collector_is_resumed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold pauses Python's cyclic collector and leaves it as it found it, also on an error."""
+    import gc
+
+    from bnfold.fold import plan as plan_module
+
+    seen = []
+    planner = plan_module.plan_model
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return planner(*args, **kwargs)
+
+    monkeypatch.setattr(bnfold.api, "plan_model", spy)
+    assert gc.isenabled()
+    bnfold.fold(_model(0, layers=3))
+    assert seen == [False] and gc.isenabled()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bnfold.api, "plan_model", broken)
+    with pytest.raises(RuntimeError):
+        bnfold.fold(_model(0, layers=3))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        monkeypatch.setattr(bnfold.api, "plan_model", spy)
+        bnfold.fold(_model(0, layers=3))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
