@@ -47,7 +47,7 @@ def check_tensors(model: onnx.ModelProto, source: Optional[Source] = None) -> No
     for t in initializers(model):
         if t.data_type not in KNOWN_TYPES:
             raise BnfoldError(f"tensor '{t.name}': unknown element type {t.data_type}")
-        if t.dims and min(t.dims) < 0:
+        if min(t.dims, default=0) < 0:
             raise BnfoldError(f"tensor '{t.name}': negative dimension in {list(t.dims)}")
         if source is not None and t.data_location == onnx.TensorProto.EXTERNAL:
             if (external_location(t) or {}).get("location") == PENDING and t.name not in source.deferred:
