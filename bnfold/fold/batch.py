@@ -9,9 +9,10 @@ have the same shape and dtype are stacked, and:
   normal range, a finite bias, no extreme scale, no range inflation). It is an exact shortcut, never
   a second opinion: every condition is one of the per-fold check's own, on the same float64 values,
   and a chain it does not clear simply takes the per-fold path, which decides and explains.
-* :func:`prepare` scales the stacked weights and computes the new biases in one pass per stack,
-  with the per-fold path's float64 operations cast once, so :func:`.forward.apply` writes the same
-  bytes it would have computed itself.
+* The same pass scales the stacked weights and computes the new biases, with the per-fold path's
+  float64 operations cast once; :func:`prepare` hands them to :func:`.forward.apply` (computing them
+  itself for a scope that apply had to build anew), which writes the same bytes it would have
+  computed on its own.
 
 Only 32- and 64-bit float weights up to :data:`SMALL_BYTES` whose output channels are axis 0 (Conv;
 Gemm with transB) and chains without an identity branch are stacked: 16-bit types need the cast's
@@ -43,9 +44,11 @@ def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndar
     factor = chain.target.factor(w, chain.s)
     if factor.shape != (w.shape[0],) + (1,) * (w.ndim - 1):
         return None
-    bias = _old_bias(scope, chain)
-    if bias is not None and bias.shape != chain.s.shape:  # a Gemm C that broadcasts: per fold
-        return None
+    slot = chain.target.bias_slot
+    if slot > 0 and len(node.input) > slot and node.input[slot]:
+        bias = scope.constant(node.input[slot])
+        if bias is None or bias.shape != chain.s.shape:  # a Gemm C that broadcasts: per fold
+            return None
     return w, factor
 
 

@@ -159,6 +159,7 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
             t = p[:, 1] - p[:, 2] * s
             ok = np.isfinite(p).all(axis=(1, 2)) & (shifted > 0).all(axis=1)
             ok &= np.isfinite(s).all(axis=1) & np.isfinite(t).all(axis=1)
+        s.flags.writeable = t.flags.writeable = False  # each map is a view of these: never changed in place
         for k in np.flatnonzero(ok).tolist():
             key = members[k][0]
             affine = Affine(s[k], t[k])
