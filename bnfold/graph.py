@@ -87,6 +87,9 @@ class GraphIndex:
         self.revision: Dict[str, int] = {}  # bumped when an initializer gets new values
         self.producer: Dict[str, int] = {}
         self.consumers: Dict[str, List[int]] = {}
+        # Per node, as linked: its op type, and the names it reads and writes (read once from protobuf).
+        self.ops: List[str] = [""] * len(self.nodes)
+        self._links: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = [((), ())] * len(self.nodes)
         for i in range(len(self.nodes)):
             self._link(i, self.node(i))
 
@@ -103,26 +106,36 @@ class GraphIndex:
         consumers, producer = self.consumers, self.producer
         bodies = has_subgraphs(node)
         self.holds_bodies |= bodies
-        for name in self._reads(node) if bodies else node.input:
-            if not name:
-                continue
+        reads = tuple(self._reads(node)) if bodies else tuple(name for name in node.input if name)
+        outputs = tuple(node.output)
+        self.ops[i] = node.op_type
+        self._links[i] = (reads, outputs)
+        for name in reads:
             users = consumers.get(name)
             if users is None:
                 consumers[name] = [i]
             else:
                 users.append(i)
-        for name in node.output:
+        for name in outputs:
             if name:
                 producer[name] = i
 
-    def _unlink(self, i: int, node: onnx.NodeProto) -> None:
-        for name in self._reads(node) if has_subgraphs(node) else node.input:
-            users = self.consumers.get(name, [])
+    def _unlink(self, i: int) -> None:
+        reads, outputs = self._links[i]
+        consumers, producer = self.consumers, self.producer
+        for name in reads:
+            users = consumers.get(name, [])
             if i in users:
                 users.remove(i)
-        for name in node.output:
-            if self.producer.get(name) == i:
-                del self.producer[name]
+        for name in outputs:
+            if producer.get(name) == i:
+                del producer[name]
+        self._links[i] = ((), ())
+
+    def reads(self, i: int) -> Tuple[str, ...]:
+        """The names node ``i`` reads (inputs that are not empty; for a node with bodies, also the
+        outer names they use), as it was linked."""
+        return self._links[i][0]
 
     def node(self, i: int) -> onnx.NodeProto:
         node = self.nodes[i]
@@ -203,18 +216,23 @@ class GraphIndex:
         self.revision[name] = self.revision.get(name, 0) + 1
 
     def replace_node(self, i: int, node: onnx.NodeProto) -> None:
-        self._unlink(i, self.node(i))
+        self.node(i)
+        self._unlink(i)
         self.nodes[i] = node
         self._link(i, node)
 
     def remove_node(self, i: int) -> None:
-        self._unlink(i, self.node(i))
+        self.node(i)
+        self._unlink(i)
         self.nodes[i] = None
+        self.ops[i] = ""
 
     def insert_nodes(self, at: int, nodes: List[onnx.NodeProto]) -> None:
         """Add nodes that :meth:`commit` writes where node ``at`` stands, in the order given."""
         for k, node in enumerate(nodes, start=1):
             self.nodes.append(node)
+            self.ops.append("")
+            self._links.append(((), ()))
             self._order.append((self._order[at][0], k))
             self._link(len(self.nodes) - 1, node)
 
@@ -252,6 +270,8 @@ class GraphIndex:
         live = set(self.producer) | set(self.initializers) | set(self.input_names)
         _keep_only(graph.value_info, lambda v: v.name in live)
         self.nodes = []
+        self.ops = []
+        self._links = []
         self.producer.clear()
         self.consumers.clear()
         self.finished = True

@@ -121,8 +121,8 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
     groups: Dict[Tuple[int, int], List[Tuple[ParamKey, List[bytes]]]] = {}
     seen: Dict[ParamKey, List[onnx.NodeProto]] = {}  # BNs that share parameters and epsilon
     initializers, overridable = index.initializers, index.overridable
-    for node in index.nodes:
-        if node is None or node.op_type != "BatchNormalization" or not is_batchnorm(node) or len(node.input) < 5:
+    for node, op in zip(index.nodes, index.ops):
+        if op != "BatchNormalization" or node is None or not is_batchnorm(node) or len(node.input) < 5:
             continue
         key = param_key(node)
         if key is None:

@@ -452,10 +452,11 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     chains: Dict[str, Chain] = {}  # keyed by the chain's current end
     left: Dict[int, Reason] = {}
     blocked: Dict[str, Reason] = {}  # values after a pass-through step that refused a chain, and why
+    ops = index.ops
     for i in list(index.live_nodes()):
-        node = index.node(i)
-        if node.op_type not in _WALKED:
+        if ops[i] not in _WALKED:
             continue  # none of the cases below: most nodes of a graph
+        node = index.node(i)
         if is_batchnorm(node):
             affine = check_batchnorm(scope, node)
             x = node.input[0] if node.input else ""
@@ -598,7 +599,7 @@ def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.nd
         new_w = new_weight(w, target.factor(w, chain.s), identity)
     new_b = prepared[1] if prepared is not None else new_bias(scope, old, chain).astype(w.dtype)
     del w
-    freed = [n for i in chain.steps for n in index.node(i).input] + list(old.input)
+    freed = [n for i in (*chain.steps, chain.producer) for n in index.reads(i)]
     # The producer writes what the first kept step reads; each kept step writes what the next reads,
     # the last one the chain's end (the BN's output name). Values before the end carry the map now:
     # they get fresh names, so that no name of the original holds another value (readers of the
