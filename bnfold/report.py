@@ -179,6 +179,18 @@ class FoldReport:
         c = self.checker or {}
         return "input" in c and c["input"] is None and self._checker_failed("output")
 
+    def checker_summary(self) -> str:
+        """The checker's verdicts in a few words, for one row of a table ("" when it did not run)."""
+        if self.checker is None:
+            return ""
+        if self.checker_regressed:
+            return "checker: the output FAILS"
+        if self._checker_failed("input"):
+            return "checker: the input fails"
+        if any(p is not None for p in self.checker.values()):
+            return "checker: not checked"
+        return "checker passes"
+
     def _checker_lines(self) -> List[Line]:
         if self.checker is None:
             return []
@@ -623,6 +635,8 @@ class BatchReport:
             if e.fold is not None and e.error is None:
                 f = e.fold
                 status = e.status + (" (output removed)" if e.removed else "")
+                if f.checker is not None:
+                    status += f"; {f.checker_summary()}"
                 style = OK if e.exit_code == 0 else FAIL
                 lines.append(
                     [

@@ -437,6 +437,24 @@ def test_a_checked_fold_of_a_sound_model_says_both_pass(tmp_path):
     assert report.checker is None  # not asked: nothing claimed
 
 
+def test_a_checked_batch_says_each_models_checker_verdict(tmp_path):
+    from click.testing import CliRunner
+
+    from bnfold.cli import cli
+
+    onnx.save(resnetv2_stem(), str(tmp_path / "sound.onnx"))
+    onnx.save(jax2onnx_stale_value_info(), str(tmp_path / "stale.onnx"))
+    out = tmp_path / "out"
+    args = ["fold", str(tmp_path / "sound.onnx"), str(tmp_path / "stale.onnx"), "-o", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--check"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines() if line.endswith((".onnx", "passes", "fails"))}
+    assert rows["sound.onnx"].endswith("folded; checker passes"), result.output
+    assert rows["stale.onnx"].endswith("folded; checker: the input fails"), result.output
+    plain = CliRunner().invoke(cli, args)
+    assert plain.exit_code == 0 and "checker" not in plain.output
+
+
 def test_an_output_failing_the_checker_where_the_input_passed_is_a_bug(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
