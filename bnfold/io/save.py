@@ -87,12 +87,13 @@ def _copy_fields(src: Any, dst: Any, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def _write_inline(model: onnx.ModelProto, source: Source, f: BinaryIO) -> None:
+def _write_inline(model: onnx.ModelProto, source: Source, f: BinaryIO, splice: bool) -> None:
     """Serialize ``model`` with every main-graph tensor's bytes spliced in from its source, so that
-    no weight is copied into protobuf (field order does not matter to a protobuf parser)."""
+    no weight is copied into protobuf (field order does not matter to a protobuf parser).
+    ``splice`` False: no tensor of the model is file-backed or deferred, nothing to splice."""
     graph = model.graph
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in initializers(model)):
-        _write_all(f, model.SerializeToString())  # nothing to splice
+    if not splice:
+        _write_all(f, model.SerializeToString())
         return
     bodies = itertools.islice(graphs_of(graph), 1, None)  # only main-graph tensors are spliced
     if any(t.data_location == onnx.TensorProto.EXTERNAL for g in bodies for t in g.initializer):
@@ -177,10 +178,11 @@ def save(
     if not os.access(path.parent, os.W_OK):
         raise BnfoldError(f"{path}: cannot write in folder {path.parent} (permission denied)")
     source = source or Source(None)
-    has_external = any(source.is_file_backed(t) and t.name not in source.inline_refs for t in initializers(model))
+    located = [t for t in initializers(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    has_external = any(source.is_file_backed(t) and t.name not in source.inline_refs for t in located)
     if external is None:
         external = has_external or approx_bytes(model) > TWO_GB - (64 << 20)
-    if not external and approx_bytes(model) > TWO_GB - (64 << 20):
+    elif not external and approx_bytes(model) > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
     live = _live_locations(path) if external else set()
     data_path = _data_path(path, live) if external else None
@@ -197,7 +199,7 @@ def save(
             if data_path is not None:
                 _write_all(f, model.SerializeToString())
             else:
-                _write_inline(model, source, f)
+                _write_inline(model, source, f, splice=bool(located))
             os.fsync(f.fileno())
         if tmp_data is not None and data_path is not None:
             os.replace(tmp_data, data_path)
