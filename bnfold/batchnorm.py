@@ -24,9 +24,14 @@ ArrayLike = Union[np.ndarray, float, Sequence[float]]
 
 
 def scale_shift(
-    scale: ArrayLike, bias: ArrayLike, mean: ArrayLike, var: ArrayLike, epsilon: float = DEFAULT_EPSILON
+    scale: ArrayLike,
+    bias: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    epsilon: Union[float, np.ndarray] = DEFAULT_EPSILON,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Return ``(s, t)`` in float64 such that BN(x) == s * x + t along the channel axis."""
+    """Return ``(s, t)`` in float64 such that BN(x) == s * x + t along the channel axis (``epsilon``
+    may be an array broadcasting against the parameters: many BNs at once)."""
     g, b, m, v = (np.asarray(a, dtype=np.float64) for a in (scale, bias, mean, var))
     s = g / np.sqrt(v + np.float64(epsilon))
     return s, b - m * s

@@ -25,9 +25,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 import numpy as np
 
-from .common import Scope
+from .common import Scope, scaled
 from .forward import Chain
-from .safety import EXTREME_HIGH, EXTREME_LOW, INFLATION, SPREAD_GROWTH, finfo
+from .safety import finfo, flushed_channels, inflated, largest_magnitude, medians, ordinary_scales
 
 SMALL_BYTES = 1 << 16  # weights up to this size are stacked
 STACK_BYTES = 8 << 20  # float64 bytes of one stack of weights at most
@@ -94,17 +94,10 @@ def _new_biases(scope: Scope, chains: Sequence[Chain]) -> np.ndarray:
         return scale * b * s + t + 0.0
 
 
-def _median(rows: np.ndarray) -> np.ndarray:
-    """Each row's median as :func:`.safety._median` takes it (a sort, then the middle)."""
-    v = np.sort(rows, axis=1)
-    n = v.shape[1]
-    return v[:, n // 2] if n % 2 else (v[:, n // 2 - 1] + v[:, n // 2]) / 2
-
-
 def _scaled(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Stacked new weights (``w * factor`` in float64, cast once) and biases (cast once)."""
     with np.errstate(all="ignore"):
-        return (w.astype(np.float64) * factor).astype(w.dtype), bias.astype(w.dtype)
+        return scaled(w, factor), bias.astype(w.dtype)
 
 
 def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
@@ -114,22 +107,19 @@ def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
     cleared: Set[int] = set()
     for positions, w, factor in _stacks(scope, chains):
         top, tiny, _ = finfo(w.dtype)
-        axes = tuple(range(2, w.ndim))
-        before = np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)  # (N, C)
+        before = largest_magnitude(w, tuple(range(2, w.ndim)))  # (N, C)
         f = np.abs(factor.reshape(before.shape))
         stacked = [chains[k] for k in positions]
         bias = _new_biases(scope, stacked)
         with np.errstate(all="ignore"):
             after = before * f
             ok = np.isfinite(before).all(axis=1) & (after <= top).all(axis=1)
-            ok &= ~((before >= tiny) & (after < tiny) & (after > 0)).any(axis=1)
-            ok &= (f.min(axis=1) >= EXTREME_LOW) & (f.max(axis=1) <= EXTREME_HIGH)
+            ok &= ~flushed_channels(before, after, tiny).any(axis=1)
+            ok &= ordinary_scales(f.min(axis=1), f.max(axis=1))
             b_max, a_max = before.max(axis=1), after.max(axis=1)
-            ratio = a_max / b_max
-            spread_b = b_max / np.maximum(_median(before), 1e-300)
-            spread_a = a_max / np.maximum(_median(after), 1e-300)
-            inflated = (ratio > INFLATION) | (ratio < 1 / INFLATION) | (spread_a > SPREAD_GROWTH * spread_b)
-            ok &= ~((b_max > 0) & (a_max > 0) & inflated)
+            spread_b = b_max / np.maximum(medians(before), 1e-300)
+            spread_a = a_max / np.maximum(medians(after), 1e-300)
+            ok &= ~((b_max > 0) & (a_max > 0) & inflated(a_max / b_max, spread_b, spread_a))
             ok &= np.isfinite(bias).all(axis=1) & (np.abs(bias) <= top).all(axis=1)
         cleared.update(positions[k] for k in np.flatnonzero(ok).tolist())
         new_w, new_b = _scaled(w, factor, bias)

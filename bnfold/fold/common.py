@@ -154,10 +154,8 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
         p = np.frombuffer(data, dtype=_BATCH_DTYPES[elem]).astype("<f8").reshape(len(members), 4, channels)
         eps = np.array([key[1] for key, _ in members], dtype=np.float64).reshape(-1, 1)
         with np.errstate(all="ignore"):
-            shifted = p[:, 3] + eps
-            s = p[:, 0] / np.sqrt(shifted)
-            t = p[:, 1] - p[:, 2] * s
-            ok = np.isfinite(p).all(axis=(1, 2)) & (shifted > 0).all(axis=1)
+            s, t = scale_shift(p[:, 0], p[:, 1], p[:, 2], p[:, 3], epsilon=eps)
+            ok = np.isfinite(p).all(axis=(1, 2)) & (p[:, 3] + eps > 0).all(axis=1)
             ok &= np.isfinite(s).all(axis=1) & np.isfinite(t).all(axis=1)
         s.flags.writeable = t.flags.writeable = False  # each map is a view of these: never changed in place
         for k in np.flatnonzero(ok).tolist():

@@ -17,7 +17,7 @@ cast that loses more than the dtype's own rounding (subnormal results).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def parameter_problem(params: Dict[str, np.ndarray], epsilon: float) -> Optional
 def scale_hazards(bn: str, s: np.ndarray) -> List[Hazard]:
     out: List[Hazard] = []
     a = np.abs(s)
-    if a.size and EXTREME_LOW <= a.min() and a.max() <= EXTREME_HIGH:  # no dead, no extreme channel
+    if a.size and ordinary_scales(a.min(), a.max()):  # no dead, no extreme channel
         return out
     dead = np.flatnonzero(a == 0)
     if dead.size:
@@ -121,6 +121,35 @@ def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
         yield w[start:stop], factor[start:stop] if full else factor
 
 
+def largest_magnitude(w: np.ndarray, axes: Tuple[int, ...]) -> np.ndarray:
+    """max |w| over ``axes``, in float64, without an absolute copy of ``w`` (NaN stays NaN)."""
+    return np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)
+
+
+def ordinary_scales(smallest: Any, largest: Any) -> Any:
+    """Whether scales whose magnitudes span [smallest, largest] are neither dead nor extreme
+    (scalars or arrays, elementwise)."""
+    return (smallest >= EXTREME_LOW) & (largest <= EXTREME_HIGH)
+
+
+def flushed_channels(before: np.ndarray, after: np.ndarray, tiny: float) -> np.ndarray:
+    """Channels whose largest magnitude was a normal number and is scaled below the normal range."""
+    return (before >= tiny) & (after < tiny) & (after > 0)
+
+
+def inflated(ratio: Any, spread_before: Any, spread_after: Any) -> Any:
+    """Whether a fold's range change matters to per-tensor int8 quantization (scalars or arrays)."""
+    return (ratio > INFLATION) | (ratio < 1 / INFLATION) | (spread_after > SPREAD_GROWTH * spread_before)
+
+
+def medians(rows: np.ndarray) -> np.ndarray:
+    """Each row's median of a 2-D float array without NaN: a sort, then the middle (np.median costs
+    ten times as much on small rows)."""
+    v = np.sort(rows, axis=1)
+    n = v.shape[1]
+    return v[:, n // 2] if n % 2 else (v[:, n // 2 - 1] + v[:, n // 2]) / 2
+
+
 def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Per-channel ranges before and after, without scaling the weight, when that is exact: the
     factor varies along ``axis`` only (rounding is monotone, so the largest scaled value of a channel
@@ -131,8 +160,7 @@ def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> Op
     shape = (1,) * (w.ndim - factor.ndim) + factor.shape
     if any(d != 1 for k, d in enumerate(shape) if k != axis) or shape[axis] not in (1, w.shape[axis]):
         return None
-    axes = tuple(k for k in range(w.ndim) if k != axis)
-    before = np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)  # NaN stays NaN
+    before = largest_magnitude(w, tuple(k for k in range(w.ndim) if k != axis))
     f = np.abs(np.broadcast_to(factor.reshape(-1), (w.shape[axis],)))
     with np.errstate(all="ignore"):
         after = before * f
@@ -144,7 +172,7 @@ def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> Op
 def _flushed(tensor: str, dtype: np.dtype, tiny: float, before: np.ndarray, after: np.ndarray) -> Optional[Reason]:
     """A channel whose largest value was a normal number and is scaled below the normal range loses
     its precision as a whole (or vanishes): single small values becoming subnormal do not matter."""
-    flushed = (before >= tiny) & (after < tiny) & (after > 0)
+    flushed = flushed_channels(before, after, tiny)
     if flushed.any():
         c = int(np.flatnonzero(flushed)[0])
         return Reason(
@@ -241,10 +269,7 @@ def check_bias(what: str, bias: np.ndarray, dtype: np.dtype) -> Optional[Reason]
 
 
 def _median(values: np.ndarray) -> float:
-    """np.median of a 1-D float array without NaN (a tenth of its cost on small arrays)."""
-    v = np.sort(values)
-    n = v.size
-    return float(v[n // 2]) if n % 2 else float((v[n // 2 - 1] + v[n // 2]) / 2)
+    return float(medians(values.reshape(1, -1))[0])
 
 
 def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> List[Hazard]:
@@ -254,7 +279,7 @@ def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> List[
         ratio = a_max / b_max
         spread_b = b_max / max(_median(found.before), 1e-300)
         spread_a = a_max / max(_median(found.after), 1e-300)
-        if ratio > INFLATION or ratio < 1 / INFLATION or spread_a > SPREAD_GROWTH * spread_b:
+        if inflated(ratio, spread_b, spread_a):
             out.append(
                 Hazard(
                     "range_inflation",
