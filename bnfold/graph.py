@@ -216,13 +216,13 @@ class GraphIndex:
         self.revision[name] = self.revision.get(name, 0) + 1
 
     def replace_node(self, i: int, node: onnx.NodeProto) -> None:
-        self.node(i)
+        self.node(i)  # KeyError for a node already removed
         self._unlink(i)
         self.nodes[i] = node
         self._link(i, node)
 
     def remove_node(self, i: int) -> None:
-        self.node(i)
+        self.node(i)  # KeyError for a node already removed
         self._unlink(i)
         self.nodes[i] = None
         self.ops[i] = ""
