@@ -33,7 +33,7 @@ def scale_shift(
     """Return ``(s, t)`` in float64 such that BN(x) == s * x + t along the channel axis (``epsilon``
     may be an array broadcasting against the parameters: many BNs at once)."""
     g, b, m, v = (np.asarray(a, dtype=np.float64) for a in (scale, bias, mean, var))
-    s = g / np.sqrt(v + np.float64(epsilon))
+    s = g / np.sqrt(v + np.asarray(epsilon, dtype=np.float64))
     return s, b - m * s
 
 
