@@ -40,7 +40,8 @@ def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph``, then every body inside it (If/Loop/Scan, at any depth)."""
     yield graph
     for node in graph.node:
-        if has_subgraphs(node):
+        # has_subgraphs, inlined: this walk visits every node of the model
+        if node.op_type in CONTROL_FLOW or node.domain not in ONNX_DOMAINS:
             for g in subgraphs(node):
                 yield from graphs_of(g)
 
