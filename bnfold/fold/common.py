@@ -249,16 +249,16 @@ def channel_vector(value: np.ndarray, rank: Optional[int], channels: int, axis: 
     return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
 
 
-def write_constant(index: GraphIndex, node: onnx.NodeProto, slot: int, value: Value, base: str) -> str:
-    """Store ``value`` for ``node.input[slot]``: in place when only this node reads that initializer
-    and the shape and dtype stay, else as a new initializer (shared weights are never changed)."""
-    old = node.input[slot] if len(node.input) > slot else ""
-    tensor = index.initializers.get(old)
+def write_constant(index: GraphIndex, old: str, value: Value, base: str) -> str:
+    """Store ``value`` for the input ``old`` of one node: in place when only that node reads the
+    initializer and the shape and dtype stay, else as a new initializer (shared weights are never
+    changed)."""
+    tensor = index.initializers.get(old) if old else None
     if (
         tensor is not None
         and len(set(index.readers(old))) == 1
         and old not in index.graph_outputs
-        and tuple(tensor.dims) == tuple(value.shape)
+        and tensor.dims[:] == list(value.shape)
         and np_dtype(tensor.data_type) == np.dtype(value.dtype)
     ):
         index.replace_initializer(old, value)
@@ -284,15 +284,18 @@ def rewrite_layer(
     writes its output. ``x`` replaces the layer's input, ``output`` its output name. Returns the new
     node (already in the index) and the layer's label."""
     index = scope.index
-    old = index.node(i)
-    label = old.name or old.input[1]
-    node = onnx.NodeProto()
-    node.CopyFrom(old)
+    node = index.node(i)  # changed in place, then linked again: nothing else holds it
+    label, layer = node.name or node.input[1], node_label(node)
+    inputs = node.input[:]
+    new_w = write_constant(index, inputs[1], weight, f"{label}_weight_folded")
+    b_name = ""
+    if not bias_node and not to_gemm:
+        b_name = write_constant(index, inputs[bias_slot] if len(inputs) > bias_slot else "", bias, f"{label}_bias")
     if x is not None:
         node.input[0] = x
     if output is not None:
         node.output[0] = output
-    node.input[1] = write_constant(index, old, 1, weight, f"{label}_weight_folded")
+    node.input[1] = new_w
     if bias_node:
         y = node.output[0]
         node.output[0] = index.fresh(f"{y}_unbiased")
@@ -304,19 +307,19 @@ def rewrite_layer(
         )
         index.replace_node(i, node)
         index.insert_nodes(i, [add])
-        return node, node_label(old)
+        return node, layer
     if to_gemm:
         node.op_type = "Gemm"
         del node.input[2:]
         node.input.append(index.add_initializer(bias, f"{label}_bias"))
     else:
-        b_name = write_constant(index, old, bias_slot, bias, f"{label}_bias")
-        while len(node.input) <= bias_slot:
-            node.input.append("")
-        node.input[bias_slot] = b_name
+        if len(inputs) > bias_slot:
+            node.input[bias_slot] = b_name
+        else:
+            node.input.extend([""] * (bias_slot - len(inputs)) + [b_name])
         if node.op_type == "Gemm":
             set_attr(node, "beta", 1.0)
     if node.op_type == "Gemm" and scope.opset < 7:
         set_attr(node, "broadcast", 1)  # Gemm before opset 7 broadcasts C only when asked
     index.replace_node(i, node)
-    return node, node_label(old)
+    return node, layer

@@ -578,27 +578,32 @@ def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) 
 def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> List[str]:
     """Rewrite one chain; returns the names that may have become unused. ``prepared`` is its new
     weight and bias when computed already (:func:`.batch.prepare`)."""
-    index = scope.index
-    old = index.node(chain.producer)
+    if prepared is not None:
+        return _rewrite(scope, chain, *prepared)
+    old = scope.index.node(chain.producer)
     target = chain.target
     assert chain.s is not None and chain.t is not None  # a planned chain holds at least one BN
-    w_name = old.input[target.weight_slot]
-    w = scope.constant(w_name)
-    if w is None:
-        raise ValueError(f"weight '{w_name}' is no longer constant")
     # Large weights are computed when written (one at a time) from the value they have now, small
     # ones at once.
     identity = chain.identity
     new_w: Value
-    if prepared is not None:
-        new_w = prepared[0]
-    elif w.nbytes > DEFER_BYTES:
+    w_name = old.input[target.weight_slot]
+    w = scope.constant(w_name)
+    if w is None:
+        raise ValueError(f"weight '{w_name}' is no longer constant")
+    if w.nbytes > DEFER_BYTES:
         current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
         new_w = Deferred(tuple(w.shape), w.dtype, lambda: new_weight(current(), factor, identity))
     else:
         new_w = new_weight(w, target.factor(w, chain.s), identity)
-    new_b = prepared[1] if prepared is not None else new_bias(scope, old, chain).astype(w.dtype)
+    new_b = new_bias(scope, old, chain).astype(w.dtype)
     del w
+    return _rewrite(scope, chain, new_w, new_b)
+
+
+def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray) -> List[str]:
+    """Give the producer its new weight and bias and the chain's end as output; drop the steps."""
+    index, target = scope.index, chain.target
     freed = [n for i in (*chain.steps, chain.producer) for n in index.reads(i)]
     # The producer writes what the first kept step reads; each kept step writes what the next reads,
     # the last one the chain's end (the BN's output name). Values before the end carry the map now:
