@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import feeds_for, rel_error, run_ort
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import bnfold
@@ -271,3 +273,41 @@ def test_the_cyclic_collector_is_resumed(monkeypatch: pytest.MonkeyPatch) -> Non
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.booleans()), max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_a_field_keeps_its_other_entries_in_order(entries) -> None:
+    """The filter of a repeated field (commit's, for initializers and declarations) removes exactly
+    the flagged entries, duplicate names included, and keeps the others, unchanged, in order."""
+    from bnfold.graph import _keep_only, _names
+
+    graph = onnx.GraphProto()
+    for k, (name, _) in enumerate(entries):
+        graph.value_info.append(helper.make_tensor_value_info(name, 1, [k]))
+    names = _names(graph.value_info, None)
+    assert names == [name for name, _ in entries]
+    assert _names(graph.value_info, names[:-1]) == names  # a stale list is read again
+    _keep_only(graph.value_info, [gone for _, gone in entries])
+    kept = [(name, k) for k, (name, gone) in enumerate(entries) if not gone]
+    assert [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in graph.value_info] == kept
+
+
+def test_commit_removes_what_was_dropped_and_declared_dead() -> None:
+    """After a fold, the initializers of folded BNs and the declarations of renamed values are gone,
+    everything else is still there in its order, whether or not the names were read in planning."""
+    model = _model(2, np.float32)
+    for node in model.graph.node:
+        model.graph.value_info.append(helper.make_tensor_value_info(node.output[0], 1, None))
+    folded, report = bnfold.fold(model)
+    unused_before = {t.name for t in model.graph.initializer} - {n for node in model.graph.node for n in node.input}
+    used = {n for node in folded.graph.node for n in node.input} | unused_before  # those it leaves as they were
+    produced = {o for node in folded.graph.node for o in node.output}
+    inits = [t.name for t in folded.graph.initializer]
+    assert set(inits) <= used and len(set(inits)) == len(inits)
+    survivors = [t.name for t in model.graph.initializer if t.name in set(inits)]
+    assert inits[: len(survivors)] == survivors  # in their order, new ones after them
+    declared = [v.name for v in folded.graph.value_info]
+    assert declared and set(declared) <= produced
+    assert declared == [n for n in (v.name for v in model.graph.value_info) if n in produced]
+    assert report.folded
