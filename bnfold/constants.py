@@ -225,6 +225,9 @@ class Constants:
     def value(self, name: str) -> Optional[np.ndarray]:
         """The value of ``name`` when it cannot change between runs, else None."""
         index = self.index
+        hit = self._inline.get(name)
+        if hit is not None and hit[0] == index.revision.get(name, 0) and name in index.initializers:
+            return hit[1]  # read before, unchanged since, not dropped (and never overridable: see below)
         if not name or index.is_overridable(name):
             return None
         tensor = index.initializers.get(name)

@@ -137,12 +137,19 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
             tensor = initializers.get(name)
             if tensor is None or name in overridable or tensor.data_location == onnx.TensorProto.EXTERNAL:
                 break
-            dims = tensor.dims
-            if len(dims) != 1 or (shape is not None and (tensor.data_type, dims[0]) != shape):
+            dims = tensor.dims[:]
+            if len(dims) != 1:
                 break
-            shape = (tensor.data_type, dims[0])
+            kind = (tensor.data_type, dims[0])
+            if shape is None:
+                dtype = _BATCH_DTYPES.get(kind[0])
+                if dtype is None or kind[1] < 1:
+                    break
+                shape, nbytes = kind, kind[1] * dtype.itemsize
+            elif kind != shape:
+                break
             raw = tensor.raw_data
-            if shape[0] not in _BATCH_DTYPES or shape[1] < 1 or len(raw) != shape[1] * _BATCH_DTYPES[shape[0]].itemsize:
+            if len(raw) != nbytes:
                 break
             raws.append(raw)
         else:

@@ -96,9 +96,10 @@ class Chain:
 
 
 def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
-    if len(node.input) <= slot or not node.input[slot]:
+    inputs = node.input[:]
+    name = inputs[slot] if len(inputs) > slot else ""
+    if not name:
         return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' has no {role} input")
-    name = node.input[slot]
     if scope.index.is_overridable(name):
         return Reason(
             Code.OVERRIDABLE_INITIALIZER,
@@ -122,13 +123,14 @@ def constant_weights(
 ) -> Union[np.ndarray, Reason]:
     """The node's weight (input 1) when it, and its bias (input 2) if any, are foldable constants
     and the layer makes sense (ranks, group, bias shape), in both fold directions."""
-    if len(node.input) < 2 or not node.input[0] or not node.input[1] or not node.output or not node.output[0]:
+    inputs, outputs = node.input[:], node.output[:]
+    if len(inputs) < 2 or not inputs[0] or not inputs[1] or not outputs or not outputs[0]:
         return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' lacks its input, weight or output")
     w = constant_weight(scope, node, 1, roles[0])
     if isinstance(w, Reason):
         return w
     bias = None
-    if len(node.input) > 2 and node.input[2]:
+    if len(inputs) > 2 and inputs[2]:
         b = constant_weight(scope, node, 2, roles[1])
         if isinstance(b, Reason):
             return b
@@ -505,7 +507,7 @@ def _extend(
         if p is None:
             return Reason(Code.NO_PRODUCER, f"its input '{x}' is a graph input or initializer")
         producer = index.node(p)
-        make = TARGETS.get(producer.op_type) if producer.domain in ONNX_DOMAINS else None
+        make = TARGETS.get(index.ops[p]) if producer.domain in ONNX_DOMAINS else None
         if make is None:
             return _obstacle(scope, x)
         target = make(scope, producer)
