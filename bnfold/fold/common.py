@@ -175,10 +175,11 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
 
 def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]:
     """The BN's affine map, or why it is not a fixed per-channel affine map."""
-    if len(node.input) < 5 or not all(node.input[:5]) or not node.output or not node.output[0]:
+    inputs, outputs = node.input[:], node.output[:]
+    if len(inputs) < 5 or not all(inputs[:5]) or not outputs or not outputs[0]:
         return Reason(
             Code.INVALID_NODE,
-            f"it has {len(node.input)} input(s) and {len(node.output)} output(s); "
+            f"it has {len(inputs)} input(s) and {len(outputs)} output(s); "
             "BatchNormalization needs X, scale, B, mean and var, and an output Y",
         )
     version = bn_version(scope.opset)
@@ -189,7 +190,7 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
             Code.TRAINING_MODE,
             f"is_test=0: BatchNormalization-{version} then normalizes with the statistics of each batch",
         )
-    extra = [o for o in node.output[1:] if o]
+    extra = [o for o in outputs[1:] if o]
     if extra:
         return Reason(
             Code.STATISTICS_OUTPUTS, f"outputs {', '.join(extra)} are requested, which only training mode computes"
@@ -198,7 +199,7 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
     if known is not None:
         return known
     params = []
-    for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
+    for role, name in zip(("scale", "B", "mean", "var"), inputs[1:5]):
         if scope.index.is_overridable(name):
             return Reason(Code.OVERRIDABLE_INITIALIZER, f"{role} '{name}' is a graph input a caller may override")
         value = scope.constant(name)
