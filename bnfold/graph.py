@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Prot
 import numpy as np
 import onnx
 
-from .proto import CONTROL_FLOW, ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
+from .proto import ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class GraphIndex:
         """Record what node ``i`` reads and writes. Called for every node of a graph: its names are
         read from protobuf once, by slices (half the cost of iterating the fields)."""
         op = node.op_type
-        if (op in CONTROL_FLOW or node.domain not in ONNX_DOMAINS) and has_subgraphs(node):
+        if has_subgraphs(node):
             self.holds_bodies = True
             reads = tuple(self._reads(node))
         else:

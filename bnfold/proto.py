@@ -40,8 +40,7 @@ def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph``, then every body inside it (If/Loop/Scan, at any depth)."""
     yield graph
     for node in graph.node:
-        # has_subgraphs, inlined: this walk visits every node of the model
-        if node.op_type in CONTROL_FLOW or node.domain not in ONNX_DOMAINS:
+        if has_subgraphs(node):  # first: cheaper than starting the generator for every node
             for g in subgraphs(node):
                 yield from graphs_of(g)
 
