@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
 import numpy as np
 
 from .common import Scope, scaled
-from .forward import Chain
+from .forward import Chain, bias_input
 from .safety import finfo, flushed_channels, inflated, largest_magnitude, medians, ordinary_scales
 
 SMALL_BYTES = 1 << 16  # weights up to this size are stacked
@@ -44,9 +44,9 @@ def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndar
     factor = chain.target.factor(w, chain.s)
     if factor.shape != (w.shape[0],) + (1,) * (w.ndim - 1):
         return None
-    slot = chain.target.bias_slot
-    if slot > 0 and len(node.input) > slot and node.input[slot]:
-        bias = scope.constant(node.input[slot])
+    name = bias_input(node, chain.target)
+    if name:
+        bias = scope.constant(name)
         if bias is None or bias.shape != chain.s.shape:  # a Gemm C that broadcasts: per fold
             return None
     return w, factor
@@ -54,10 +54,8 @@ def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndar
 
 def _old_bias(scope: Scope, chain: Chain) -> Optional[np.ndarray]:
     """The producer's bias before the fold (None: it has none)."""
-    slot, node = chain.target.bias_slot, scope.index.node(chain.producer)
-    if slot > 0 and len(node.input) > slot and node.input[slot]:
-        return scope.constant(node.input[slot])
-    return None
+    name = bias_input(scope.index.node(chain.producer), chain.target)
+    return scope.constant(name) if name else None
 
 
 def _stacks(scope: Scope, chains: Sequence[Chain]) -> Iterator[Tuple[List[int], np.ndarray, np.ndarray]]:

@@ -293,8 +293,8 @@ def rewrite_layer(
     node (already in the index) and the layer's label."""
     index = scope.index
     node = index.node(i)  # changed in place, then linked again: nothing else holds it
-    label, layer = node.name or node.input[1], node_label(node)
     inputs = node.input[:]
+    label, layer = node.name or inputs[1], node_label(node)
     new_w = write_constant(index, inputs[1], weight, f"{label}_weight_folded")
     b_name = ""
     if not bias_node and not to_gemm:

@@ -96,8 +96,11 @@ class Chain:
 
 
 def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
-    inputs = node.input[:]
-    name = inputs[slot] if len(inputs) > slot else ""
+    """The value of the node's input ``slot`` when it is a float constant a caller cannot override."""
+    return _constant_input(scope, node, node.input[slot] if len(node.input) > slot else "", role)
+
+
+def _constant_input(scope: Scope, node: onnx.NodeProto, name: str, role: str) -> Union[np.ndarray, Reason]:
     if not name:
         return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' has no {role} input")
     if scope.index.is_overridable(name):
@@ -126,12 +129,12 @@ def constant_weights(
     inputs, outputs = node.input[:], node.output[:]
     if len(inputs) < 2 or not inputs[0] or not inputs[1] or not outputs or not outputs[0]:
         return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' lacks its input, weight or output")
-    w = constant_weight(scope, node, 1, roles[0])
+    w = _constant_input(scope, node, inputs[1], roles[0])
     if isinstance(w, Reason):
         return w
     bias = None
     if len(inputs) > 2 and inputs[2]:
-        b = constant_weight(scope, node, 2, roles[1])
+        b = _constant_input(scope, node, inputs[2], roles[1])
         if isinstance(b, Reason):
             return b
         bias = b
@@ -557,12 +560,18 @@ def _extend(
 # -- rewriting ----------------------------------------------------------------------------------
 
 
+def bias_input(node: onnx.NodeProto, target: Target) -> str:
+    """The name of the producer's bias input ("" when it has none)."""
+    slot = target.bias_slot
+    return node.input[slot] if slot > 0 and len(node.input) > slot else ""
+
+
 def new_bias(scope: Scope, node: onnx.NodeProto, chain: Chain) -> np.ndarray:
     """The chain's folded bias in float64: ``bias_scale * b * s + t``."""
     target = chain.target
     assert chain.s is not None and chain.t is not None
-    has_bias = target.bias_slot > 0 and len(node.input) > target.bias_slot and node.input[target.bias_slot]
-    old_bias = scope.constant(node.input[target.bias_slot]) if has_bias else None
+    name = bias_input(node, target)
+    old_bias = scope.constant(name) if name else None
     bias = 0.0 if old_bias is None else old_bias.astype(np.float64)
     extra = 0.0 if chain.identity is None else chain.identity.t
     with np.errstate(all="ignore"):
@@ -585,14 +594,14 @@ def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.nd
     old = scope.index.node(chain.producer)
     target = chain.target
     assert chain.s is not None and chain.t is not None  # a planned chain holds at least one BN
-    # Large weights are computed when written (one at a time) from the value they have now, small
-    # ones at once.
-    identity = chain.identity
-    new_w: Value
     w_name = old.input[target.weight_slot]
     w = scope.constant(w_name)
     if w is None:
         raise ValueError(f"weight '{w_name}' is no longer constant")
+    # Large weights are computed when written (one at a time) from the value they have now, small
+    # ones at once.
+    identity = chain.identity
+    new_w: Value
     if w.nbytes > DEFER_BYTES:
         current, factor = scope.consts.snapshot(w_name), target.factor(w, chain.s)
         new_w = Deferred(tuple(w.shape), w.dtype, lambda: new_weight(current(), factor, identity))
