@@ -293,10 +293,12 @@ def test_a_field_keeps_its_other_entries_in_order(entries) -> None:
     assert [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in graph.value_info] == kept
 
 
-def test_commit_removes_what_was_dropped_and_declared_dead() -> None:
+@pytest.mark.parametrize("body", [False, True])
+def test_commit_removes_what_was_dropped_and_declared_dead(body: bool) -> None:
     """After a fold, the initializers of folded BNs and the declarations of renamed values are gone,
-    everything else is still there in its order, whether or not the names were read in planning."""
-    model = _model(2, np.float32)
+    everything else is still there in its order, whether the names were read in planning (no body)
+    or are read by the commit (with an If, the main graph is indexed again before its rewrite)."""
+    model = _with_body(_model(2, np.float32)) if body else _model(2, np.float32)
     for node in model.graph.node:
         model.graph.value_info.append(helper.make_tensor_value_info(node.output[0], 1, None))
     folded, report = bnfold.fold(model)
