@@ -362,7 +362,7 @@ def _batch(
 
 
 @cli.command(short_help="Fold BatchNormalization into the layers next to it.")
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -486,7 +486,7 @@ def _check_providers(options: VerifyOptions) -> None:
 
 
 @cli.command(short_help="Show every BatchNormalization of a model: folds how, or stays why.")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 @STRICT
 @AFFINE
@@ -508,8 +508,8 @@ def inspect(
 
 
 @cli.command(short_help="Check through onnxruntime that two models compute the same thing.")
-@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
 @verify_options

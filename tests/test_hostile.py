@@ -349,6 +349,32 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, where):
         refused(invoke("verify", model, model, "--inputs", fifo), "not a regular file")
 
 
+@pytest.mark.parametrize("command", ["fold", "inspect", "verify original", "verify candidate"])
+def test_a_folder_given_as_the_model_is_one_line(tmp_path, command):
+    folder = tmp_path / "looks_like.onnx"
+    folder.mkdir()
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn(), str(model))
+    args = {
+        "fold": ["fold", folder],
+        "inspect": ["inspect", folder],
+        "verify original": ["verify", folder, model],
+        "verify candidate": ["verify", model, folder],
+    }[command]
+    refused(invoke(*args), "is a folder")
+    assert files(tmp_path) == ["looks_like.onnx", "m.onnx"] and not any(folder.iterdir())
+
+
+def test_a_folder_among_the_models_of_a_batch_is_that_models_error(tmp_path):
+    folder = tmp_path / "looks_like.onnx"
+    folder.mkdir()
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn(), str(model))
+    result = invoke("fold", folder, model, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is a folder" in result.output and files(tmp_path / "out") == ["m.onnx"]
+
+
 def test_invalid_utf8_in_a_name_the_fold_writes_is_a_bad_model(tmp_path):
     buf = conv_bn().SerializeToString().replace(b"bn0", b"\xffn0")  # the BN's output name
     path = tmp_path / "utf.onnx"
