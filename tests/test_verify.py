@@ -336,6 +336,33 @@ def test_zero_elements_compared_is_an_error(tmp_path):
     assert result.exit_code == 2 and "no elements" in result.output
 
 
+def test_outputs_that_are_nan_in_both_models_are_an_error_that_says_so(tmp_path):
+    """A network whose outputs are all NaN (1000 uncalibrated blocks do that) compares nothing:
+    exit 2, and the line says why, not to check the input shapes."""
+    b = Builder(seed=2)
+    x = b.input("x", [2, 4])
+    y = b.bn(b.gemm(x, 4, 4), 4)
+    graph = helper.make_graph(
+        [
+            *b.nodes,
+            helper.make_node("Abs", [y], ["magnitude"]),
+            helper.make_node("Sub", ["minus_one", "magnitude"], ["negative"]),
+            helper.make_node("Sqrt", ["negative"], ["nan"]),
+        ],
+        "nan",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("nan", onnx.TensorProto.FLOAT, [2, 4])],
+        [*b.inits, numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded, report = bnfold.fold(model)
+    assert report.folded
+    a, c = save(model, tmp_path / "a.onnx"), save(folded, tmp_path / "c.onnx")
+    result = CliRunner().invoke(cli, ["verify", str(a), str(c)])
+    assert result.exit_code == 2 and "every value is inf or NaN in both models" in result.output, result.output
+    assert "no elements" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
 def test_verification_options_need_verify(tmp_path):
     result = CliRunner().invoke(cli, ["fold", "models/demo.onnx", "-o", str(tmp_path / "o.onnx"), "--samples", "5"])
     assert result.exit_code == 2 and "--samples only applies with --verify" in result.output

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -190,6 +190,7 @@ def verify(
     layer_set = set(layer_names)
     saved_inputs: List[Dict[str, np.ndarray]] = []
     saved_outputs: Dict[str, List[np.ndarray]] = {}
+    held: Set[str] = set()  # outputs whose reference held values, finite or not
     with ExitStack() as stack:
         ref = make_session(session_source(ref_model, ref_path, o.per_layer, stack))
         base = (
@@ -210,6 +211,7 @@ def verify(
             raise BnfoldError("the two models have no output name in common: they are not two versions of one model")
         for k, feeds in enumerate(_feeds(ref_model, o)):
             ref_vals = dict(zip(ref_outputs, _run(ref, feeds, "the original")))
+            held.update(name for name, value in ref_vals.items() if value.size)
             if o.save_inputs:
                 saved_inputs.append(feeds)
             if o.save_outputs:
@@ -244,9 +246,13 @@ def verify(
         if not s.elements and not (s.missing or s.shape_mismatch) and not s.nonfinite_mismatches
     ]
     if empty:
-        raise BnfoldError(
-            f"nothing was compared for {', '.join(sorted(set(empty)))} (no elements): check the input shapes and --dim"
-        )
+        names = ", ".join(sorted(set(empty)))
+        if all(name in held for name in empty):  # values, all inf or NaN, at the same places in both
+            raise BnfoldError(
+                f"nothing was compared for {names}: every value is inf or NaN in both models "
+                "(an uncalibrated network, or inputs outside its range?)"
+            )
+        raise BnfoldError(f"nothing was compared for {names} (no elements): check the input shapes and --dim")
     judge_outputs(
         report.outputs, [compare.scaled_error(floors[s.name]) if s.name in floors else None for s in report.outputs]
     )
