@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import assert_same, feeds_for, run_ort
+from conftest import assert_same, check_fold, feeds_for, run_ort
 from onnx import helper, numpy_helper
 
 import bnfold
@@ -305,6 +305,51 @@ def test_malformed_graphs_are_refused_or_left_alone(tmp_path, name):
     assert "invalid_node" in {x.reason for x in report.left} or name == "bn-params-of-two-lengths"
     folded = onnx.load(str(out))
     assert [n.op_type for n in folded.graph.node] == [n.op_type for n in model.graph.node]  # untouched
+
+
+@pytest.mark.parametrize("where", ["main", "body"])
+def test_an_initializer_defined_twice_is_refused(tmp_path, where):
+    """Two initializers of one name: onnxruntime takes one of them (which one has differed between
+    its code paths), so no fold can know what it rewrites. A body may reuse an outer name."""
+    model = _conv_bn(np.ones((4, 4, 1, 1), np.float32))
+    twice = numpy_helper.from_array(np.full((4, 4, 1, 1), 2.0, np.float32), "w")
+    if where == "main":
+        model.graph.initializer.append(twice)
+    else:
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["w"], ["o"])], "body", [], [helper.make_tensor_value_info("o", 1, None)]
+        )
+        body.initializer.extend([twice, twice])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        model.graph.initializer.append(cond)
+        model.graph.node.append(helper.make_node("If", ["cond"], ["z"], then_branch=body, else_branch=body))
+        model.graph.output.append(helper.make_tensor_value_info("z", 1, None))
+    path = tmp_path / "twice.onnx"
+    path.write_bytes(model.SerializeToString())
+    for command in ("fold", "inspect"):
+        refused(
+            invoke(command, path, "-o", tmp_path / "o.onnx") if command == "fold" else invoke(command, path),
+            "'w'",
+            "twice",
+        )
+    assert files(tmp_path) == ["twice.onnx"]
+
+
+def test_a_layer_reading_its_weight_twice_keeps_the_other_read():
+    """Gemm(W, W): B is scaled by the fold, A must keep W's values (a new initializer, not W changed
+    in place)."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Gemm", ["W", "W"], ["c"], name="gemm", transB=1),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Add", ["n", "x2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W"), *_bn_params()]
+    model = _graph(nodes, inits, inputs=[helper.make_tensor_value_info("x2", 1, [4, 4])])
+    folded, report = check_fold(model, full_check=False)  # _graph declares outputs without a shape
+    assert [f.name for f in report.folded] == ["bn"]
+    gemm = next(n for n in folded.graph.node if n.op_type == "Gemm")
+    assert gemm.input[0] == "W" and gemm.input[1] != "W"
 
 
 def test_a_constant_subgraph_that_would_be_huge_is_not_evaluated(tmp_path):

@@ -264,7 +264,7 @@ def write_constant(index: GraphIndex, old: str, value: Value, base: str) -> str:
     tensor = index.initializers.get(old) if old else None
     if (
         tensor is not None
-        and len(set(index.readers(old))) == 1
+        and len(index.readers(old)) == 1  # one node, reading it in one slot
         and old not in index.graph_outputs
         and tensor.dims[:] == list(value.shape)
         and np_dtype(tensor.data_type) == np.dtype(value.dtype)
