@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import feeds_for, run_ort, run_reference
+from conftest import check_fold, feeds_for, run_ort, run_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 import bnfold
 from bnfold.cli import cli
 from bnfold.proto import tensor_type, to_array
+from models import Builder
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
@@ -143,6 +144,46 @@ def test_a_constant_subgraph_that_overflows_is_a_nonfinite_parameter():
     g.node[-1].input[1] = "g_pow"
     (left,) = bnfold.fold(model)[1].left
     assert left.reason == "nonfinite_parameter" and "inf" in left.message
+
+
+def conv_pool_bn(dtype, pool: str, beta1: float, spatial=5) -> onnx.ModelProto:
+    """x -> Conv -> BN -> AveragePool 2x2 or GlobalAveragePool -> BN(beta = [0, beta1, 0]) -> y."""
+    b = Builder(seed=2, dtype=dtype)
+    x = b.input("x", [1, C, spatial, spatial])
+    y = b.bn(b.conv(x, C, C, 3), C)
+    y = b.op(pool, [y], kernel_shape=[2, 2]) if pool == "AveragePool" else b.op(pool, [y])
+    params = b.bn_params(C)
+    b.inits[-3].CopyFrom(numpy_helper.from_array(np.array([0.0, beta1, 0.0], dtype=dtype), params[1]))
+    return b.model(b.bn(y, C, params=params))
+
+
+@pytest.mark.parametrize(
+    "pool, beta1, refused",
+    [
+        ("GlobalAveragePool", 1e38, True),  # 25 values of 1e38 summed: past float32's 3.4e38
+        ("GlobalAveragePool", 1e37, False),  # 2.5e38 fits
+        ("AveragePool", 1e38, True),  # 4 values of 1e38
+        ("AveragePool", 5e37, False),  # 2e38 fits
+    ],
+    ids=["global-over", "global-fits", "2x2-over", "2x2-fits"],
+)
+def test_a_bias_an_average_pool_would_sum_past_the_dtype_is_refused(pool, beta1, refused):
+    """Folded forward through an average pool, the BN's shift enters the pool's sum, which float32
+    runtimes add up in float32: the BN after the pool stays when that sum would overflow."""
+    model = conv_pool_bn(np.float32, pool, beta1)
+    _, report = check_fold(model, left=2 * refused, tol=1e-5, full_check=False)
+    if refused:  # both BNs are one chain (Conv -> BN -> pool -> BN): it stays whole
+        assert [(left.name, left.reason) for left in report.left] == [("bn0", "unsafe_fold"), ("bn1", "unsafe_fold")]
+        assert "average pool after it adds up" in report.left[1].message and "float32" in report.left[1].message
+    # Without the check the fold computes inf where the original computes 1e38.
+    assert np.isfinite(run_ort(model, feeds_for(model, 0))["bn1"]).all()
+
+
+def test_float16_average_pools_sum_in_a_wider_type():
+    """onnxruntime adds up float16 pools in float32: a shift near float16's top still folds."""
+    model = conv_pool_bn(np.float16, "GlobalAveragePool", 3e4)
+    folded, _ = check_fold(model, left=0, tol=1e-2, full_check=False)
+    assert np.isfinite(run_ort(folded, feeds_for(model, 0))["bn1"].astype(np.float64)).all()
 
 
 def _warnings(model, **kw):

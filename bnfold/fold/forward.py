@@ -18,6 +18,7 @@ from ..graph import Deferred, Value
 from ..proto import ONNX_DOMAINS, attr, is_batchnorm, node_label, str_attr
 from ..report import Code, Reason
 from .common import Affine, Identity, Scope, channel_vector, check_batchnorm, is_float, rewrite_layer, scaled
+from .safety import UNKNOWN_SUM
 
 DEFER_BYTES = 1 << 20  # folded weights larger than this are computed when written
 
@@ -59,6 +60,7 @@ class Chain:
     rank: int = 0  # rank of the value at ``end`` (0: the producer's output rank)
     squeezed: bool = False  # every axis after the channel axis has size 1 (after a global pool)
     identity: Optional[Identity] = None  # a RepVGG identity branch added to the Conv (fold.reparam)
+    summed: int = 1  # the most values an average pool in ``kept`` adds up (safety.UNKNOWN_SUM: unknown)
 
     @property
     def current_rank(self) -> int:
@@ -349,10 +351,13 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
                 or str_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
             ):
                 return Reason(Code.PADDED_POOL, f"{label} pads or rounds its windows up: its average would change")
-            pool_s = chain.pool_s
+            pool_s, summed = chain.pool_s, chain.summed
             if op.endswith("MaxPool") and pool_s is None:
                 pool_s = np.ones(channels)
-            return chain.through(i, out, pool_s=pool_s, squeezed=chain.squeezed or op.startswith("Global"))
+            if op.endswith("AveragePool"):
+                summed = max(summed, _pooled(scope, node))
+            squeezed = chain.squeezed or op.startswith("Global")
+            return chain.through(i, out, pool_s=pool_s, squeezed=squeezed, summed=summed)
         if op == "Flatten":
             axis = attr(node, "axis", 1)
             axis = axis + rank if isinstance(axis, int) and axis < 0 else axis
@@ -373,6 +378,19 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
         return chain.through(i, out, rank=len(dims), squeezed=not chain.target.channel_last)
 
     return step
+
+
+def _pooled(scope: Scope, node: onnx.NodeProto) -> int:
+    """How many values an average pool adds up for each of its outputs (its window's size)."""
+    if node.op_type == "AveragePool":
+        kernel = attr(node, "kernel_shape", None)
+        sizes = list(kernel) if isinstance(kernel, (list, tuple)) else []
+    else:
+        shape = scope.types.static_shape(node.input[0]) if scope.types is not None else None
+        sizes = list(shape[2:]) if shape is not None and len(shape) > 2 else []
+    if not sizes or not all(isinstance(k, int) and k > 0 for k in sizes):
+        return UNKNOWN_SUM
+    return min(int(np.prod(sizes, dtype=object)), UNKNOWN_SUM)
 
 
 def _looks_through(scope: Scope, node: onnx.NodeProto) -> Optional[str]:

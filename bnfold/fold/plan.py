@@ -152,7 +152,7 @@ def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes
     found = check_weight(w_name, w, target.factor(w, chain.s), target.channel_axis)
     if isinstance(found, Reason):
         return found
-    problem = check_bias(f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype)
+    problem = check_bias(f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype, chain.summed)
     if problem is None and chain.identity is not None:
         with np.errstate(all="ignore"):
             final = chain.identity.add_to(w.astype(np.float64) * target.factor(w, chain.s))

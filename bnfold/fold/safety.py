@@ -27,6 +27,7 @@ EXTREME_HIGH, EXTREME_LOW = 1e3, 1e-3
 INFLATION = 10.0  # max|W'| / max|W| above this (or below its inverse) is reported
 SPREAD_GROWTH = 4.0  # (largest / median channel range) growing by more than this is reported
 CHUNK_ELEMENTS = 1 << 22  # weights are checked this many elements at a time
+UNKNOWN_SUM = 1 << 31  # values an average pool adds up when its window's size is not known
 
 
 @dataclass(frozen=True)
@@ -252,8 +253,17 @@ def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> U
     return _Pass(before, after, float(rel.max(initial=0)) if dtype.itemsize <= 2 else 0.0)
 
 
-def check_bias(what: str, bias: np.ndarray, dtype: np.dtype) -> Optional[Reason]:
-    """A folded bias must be finite and fit the destination dtype."""
+def summed_limit(dtype: np.dtype, summed: int) -> float:
+    """The largest magnitude a folded bias may have when an average pool after the layer adds up
+    ``summed`` values of it: runtimes sum float32 and float64 in the dtype itself (the sum
+    overflows before the division), 16-bit types in a wider one."""
+    top, _, _ = finfo(dtype)
+    return top / summed if summed > 1 and np.dtype(dtype) in (np.float32, np.float64) else top
+
+
+def check_bias(what: str, bias: np.ndarray, dtype: np.dtype, summed: int = 1) -> Optional[Reason]:
+    """A folded bias must be finite and fit the destination dtype, and when an average pool after
+    the layer sums ``summed`` values of it, fit that sum too."""
     top, _, _ = finfo(dtype)
     with np.errstate(all="ignore"):
         bad = ~np.isfinite(bias) | (np.abs(bias) > top)
@@ -264,6 +274,17 @@ def check_bias(what: str, bias: np.ndarray, dtype: np.dtype) -> Optional[Reason]
         return Reason(
             Code.UNSAFE_FOLD,
             f"{what} at channel {c} would be {bias.reshape(-1)[c]:.4g}, which is not finite in {dtype}",
+        )
+    limit = summed_limit(dtype, summed)
+    with np.errstate(all="ignore"):
+        over = np.abs(bias) > limit
+    if over.any():
+        c = int(np.flatnonzero(over.reshape(-1))[0])
+        count = "an unknown number of" if summed >= UNKNOWN_SUM else f"{summed}"
+        return Reason(
+            Code.UNSAFE_FOLD,
+            f"{what} at channel {c} would be {bias.reshape(-1)[c]:.4g}; an average pool after it adds up "
+            f"{count} such values, past the range of {dtype}",
         )
     return None
 
