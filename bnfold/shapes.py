@@ -1,5 +1,11 @@
-"""Element types and static shapes of values, from the model's declarations, with onnx shape
-inference run at most once, only when a declaration is missing."""
+"""Element types and static shapes of values: what onnx shape inference finds from the graph inputs,
+initializers and nodes, and where it finds nothing, the model's own declarations.
+
+Inference comes first because declarations can be stale: a graph edited after export often keeps
+value_info entries of the values it had before, and onnxruntime computes with the shapes the nodes
+give, not with what value_info says. A fold decided on a stale rank (a MatMul's, a lowered BN's)
+would compute something else. Inference runs at most once per lookup table, at the first lookup:
+a model whose folds never ask for a type (Conv+BN alone) never pays for it."""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import onnx
 
-from .proto import subgraphs
+from .proto import graphs_of, subgraphs
 
 Dims = List[Optional[int]]
 TypeInfo = Tuple[int, Optional[Dims]]  # (elem_type, dims or None for unknown rank)
@@ -35,26 +41,55 @@ def _collect(graph: onnx.GraphProto, into: Dict[str, TypeInfo]) -> Dict[str, Typ
     return into
 
 
+def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
+    """The types onnx shape inference gives each value from the nodes alone: value_info and the
+    main graph's output declarations are left out of what it is given."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    for graph in graphs_of(bare.graph):
+        del graph.value_info[:]
+    for output in bare.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        return _collect(onnx.shape_inference.infer_shapes(bare, strict_mode=False).graph, {})
+    except Exception:  # inference is a convenience: without it, only the declarations are known
+        return {}
+
+
+def _merge(inferred: Dict[str, TypeInfo], declared: Dict[str, TypeInfo]) -> Dict[str, TypeInfo]:
+    """Inferred types completed by declared ones; where the two contradict each other (element type,
+    rank or a dimension), the value's type is unknown: no fold is decided on it."""
+    known = dict(declared)
+    for name, (elem, dims) in inferred.items():
+        old = known.get(name)
+        if old is None:
+            known[name] = (elem, dims)
+        elif _contradict(old, (elem, dims)):
+            known[name] = (0, None)
+        else:
+            known[name] = (elem or old[0], dims if dims is not None else old[1])
+    return known
+
+
+def _contradict(a: TypeInfo, b: TypeInfo) -> bool:
+    if a[0] and b[0] and a[0] != b[0]:
+        return True
+    if a[1] is None or b[1] is None:
+        return False
+    return len(a[1]) != len(b[1]) or any(x is not None and y is not None and x != y for x, y in zip(a[1], b[1]))
+
+
 class TypeLookup:
     """Static element type and shape of each value of one model (or one function's scope)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.known: Optional[Dict[str, TypeInfo]] = None
-        self.inferred = False
 
     def get(self, name: str) -> Optional[TypeInfo]:
         if self.known is None:
-            self.known = _collect(self.model.graph, {})
-        info = self.known.get(name)
-        if (info is None or info[1] is None or not info[0]) and not self.inferred:
-            self.inferred = True
-            try:
-                _collect(onnx.shape_inference.infer_shapes(self.model, strict_mode=False).graph, self.known)
-            except Exception:  # inference is a convenience: without it a fold is only declined
-                pass
-            info = self.known.get(name)
-        return info
+            self.known = _merge(_inferred(self.model), _collect(self.model.graph, {}))
+        return self.known.get(name)
 
     def rank(self, name: str) -> Optional[int]:
         info = self.get(name)
