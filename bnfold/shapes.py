@@ -9,7 +9,8 @@ a model whose folds never ask for a type (Conv+BN alone) never pays for it."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import heapq
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import onnx
 
@@ -43,17 +44,50 @@ def _collect(graph: onnx.GraphProto, into: Dict[str, TypeInfo]) -> Dict[str, Typ
 
 def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
     """The types onnx shape inference gives each value from the nodes alone: value_info and the
-    main graph's output declarations are left out of what it is given."""
+    main graph's output declarations are left out of what it is given. Inference reads nodes in
+    order and knows the default domain only as "": it is given the main graph's nodes in
+    topological order (onnxruntime runs unsorted graphs) and "ai.onnx" spelled "" (so does
+    onnxruntime)."""
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     for graph in graphs_of(bare.graph):
         del graph.value_info[:]
+        for node in graph.node:
+            if node.domain == "ai.onnx":
+                node.domain = ""
     for output in bare.graph.output:
         output.type.tensor_type.ClearField("shape")
+    order = _topological(bare.graph.node)
+    if order != sorted(order):
+        nodes = [bare.graph.node[k] for k in order]
+        del bare.graph.node[:]
+        bare.graph.node.extend(nodes)
     try:
         return _collect(onnx.shape_inference.infer_shapes(bare, strict_mode=False).graph, {})
     except Exception:  # inference is a convenience: without it, only the declarations are known
         return {}
+
+
+def _topological(nodes: Sequence[onnx.NodeProto]) -> List[int]:
+    """Positions of ``nodes`` with every node after the producers of its inputs, otherwise in their
+    order; nodes on a cycle (a malformed graph) come last, in their order."""
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    waiting = [0] * len(nodes)
+    users: Dict[int, List[int]] = {}
+    for k, node in enumerate(nodes):
+        for p in {producer[name] for name in node.input if name in producer} - {k}:
+            waiting[k] += 1
+            users.setdefault(p, []).append(k)
+    ready = [k for k, count in enumerate(waiting) if not count]
+    order: List[int] = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users.get(k, ()):
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    return order + [k for k, count in enumerate(waiting) if count]
 
 
 def _merge(inferred: Dict[str, TypeInfo], declared: Dict[str, TypeInfo]) -> Dict[str, TypeInfo]:
