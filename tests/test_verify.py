@@ -147,6 +147,7 @@ def test_multi_input_int64_bool_dynamic_batch_and_output_order(tmp_path):
     report = verify(model, folded, dims={"batch": 3}, samples=2)
     assert report, report.render_text()
     assert [o.name for o in report.outputs] == [o.name for o in model.graph.output]
+    assert report.notes == ["the candidate lists its outputs in another order (compared by name)"]
     assert report.outputs[1].rtol == 0 and report.outputs[1].atol == 0  # integers compare exactly
     o, c = save(model, tmp_path / "m.onnx"), save(folded, tmp_path / "f.onnx")
     assert invoke("verify", o, c, "--dim", "batch=5").exit_code == 0
@@ -180,6 +181,29 @@ def test_missing_output_fails(pair, tmp_path):
     both = two.model(two.relu(y), two.op("Sigmoid", [y]))
     report = verify(both, one)
     assert not report and report.outputs[1].missing
+
+
+def test_extra_candidate_outputs_are_named_in_a_note(pair):
+    _orig, _, model, folded = pair
+    folded.graph.output.append(helper.make_tensor_value_info(folded.graph.node[0].output[0], 1, None))
+    report = verify(model, folded)
+    assert report, report.render_text()  # what the original computes is the same
+    assert report.notes == [
+        f"the candidate has outputs the original has not, not compared: {folded.graph.output[1].name}"
+    ]
+    assert "note: the candidate has outputs" in report.render_text()
+
+
+def test_per_layer_does_not_pass_a_candidate_that_does_not_load(pair, tmp_path):
+    """Declaring BN outputs as graph outputs (what --per-layer does) can make a candidate load
+    whose stale value_info onnxruntime refuses as written: it is refused either way."""
+    orig, _, _, folded = pair
+    layer = next(n.output[0] for n in folded.graph.node if n.output[0].startswith("bn"))
+    folded.graph.value_info.append(helper.make_tensor_value_info(layer, onnx.TensorProto.FLOAT16, None))
+    bad = save(folded, tmp_path / "stale.onnx")
+    for extra in ([], ["--per-layer"]):
+        result = CliRunner().invoke(cli, ["verify", str(orig), str(bad), *extra])
+        assert result.exit_code == 2 and "cannot load" in result.output, (extra, result.output)
 
 
 def test_graph_optimization_level_for_candidate(pair):

@@ -157,9 +157,14 @@ def verify(
     ref_model, ref_path = _proto_and_path(original)
     cand_model, cand_path = _proto_and_path(candidate)
     output_names = [out.name for out in ref_model.graph.output]
+    candidate_outputs = [out.name for out in cand_model.graph.output]
     layer_names: List[str] = []
     orig_model = ref_model
     if o.per_layer:
+        # The candidate with more outputs declared may load where the candidate as written does not
+        # (an output's declared type replaces a stale value_info entry): it must load as written.
+        with ExitStack() as stack:
+            make_session(session_source(cand_model, cand_path, False, stack))
         # A BN folded backward or lowered leaves no tensor of its own name: only names both have count.
         produced = {name for n in cand_model.graph.node for name in n.output}
         layer_names = [n for n in _bn_outputs(ref_model) if n in produced and n not in set(output_names)]
@@ -185,6 +190,11 @@ def verify(
             if o.allow_tf32
             else "TF32 is off on CUDA, so differences are the fold's, not the math mode's"
         )
+    extra = [name for name in candidate_outputs if name not in set(output_names)]
+    if extra:
+        report.notes.append(f"the candidate has outputs the original has not, not compared: {', '.join(extra)}")
+    elif candidate_outputs != output_names and set(candidate_outputs) == set(output_names):
+        report.notes.append("the candidate lists its outputs in another order (compared by name)")
     stats: Dict[Tuple[str, str], ErrorStats] = {}
     floors: Dict[str, ErrorStats] = {}
     layer_set = set(layer_names)
