@@ -42,12 +42,11 @@ def _collect(graph: onnx.GraphProto, into: Dict[str, TypeInfo]) -> Dict[str, Typ
     return into
 
 
-def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
-    """The types onnx shape inference gives each value from the nodes alone: value_info and the
-    main graph's output declarations are left out of what it is given. Inference reads nodes in
-    order and knows the default domain only as "": it is given the main graph's nodes in
-    topological order (onnxruntime runs unsorted graphs) and "ai.onnx" spelled "" (so does
-    onnxruntime)."""
+def _bare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` as shape inference should see it: without value_info and the main graph's
+    output shapes, the main graph's nodes in topological order, the default domain spelled "".
+    Inference reads nodes in order and knows the default domain only as ""; onnxruntime runs
+    unsorted graphs and reads "ai.onnx" as "" too."""
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     for graph in graphs_of(bare.graph):
@@ -62,10 +61,29 @@ def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
         nodes = [bare.graph.node[k] for k in order]
         del bare.graph.node[:]
         bare.graph.node.extend(nodes)
+    return bare
+
+
+def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
+    """The types onnx shape inference gives each value from the nodes alone (:func:`_bare`)."""
     try:
-        return _collect(onnx.shape_inference.infer_shapes(bare, strict_mode=False).graph, {})
+        return _collect(onnx.shape_inference.infer_shapes(_bare(model), strict_mode=False).graph, {})
     except Exception:  # inference is a convenience: without it, only the declarations are known
         return {}
+
+
+def inconsistency(model: onnx.ModelProto) -> Optional[str]:
+    """What strict onnx shape inference finds wrong with the nodes of ``model`` (:func:`_bare`), or
+    None. onnxruntime resolves a graph with the same inference functions, and some releases crash
+    outright on graphs they fail (1.20 to 1.26 on a ConvTranspose whose weight has rank 1) where
+    later ones refuse them."""
+    try:
+        onnx.shape_inference.infer_shapes(_bare(model), strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    except Exception:  # too large to serialize (2 GB), say: not a verdict on the graph
+        return None
+    return None
 
 
 def _topological(nodes: Sequence[onnx.NodeProto]) -> List[int]:

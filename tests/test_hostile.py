@@ -518,6 +518,21 @@ def test_a_compressed_npz_bomb_is_refused_from_its_header(pair, tmp_path):
     refused(invoke("verify", *pair, "--inputs", path), "--max-input-bytes")
 
 
+def test_verify_refuses_an_inconsistent_graph_before_onnxruntime_sees_it(pair, tmp_path):
+    """A ConvTranspose whose weight has rank 1: onnxruntime 1.20 to 1.26 crash loading it (a
+    segmentation fault), later releases refuse it. verify refuses it first, with any of them."""
+    model, _ = pair
+    bad = onnx.load(str(model))
+    conv = next(n for n in bad.graph.node if n.op_type == "Conv")
+    conv.op_type = "ConvTranspose"
+    conv.input[1] = next(t.name for t in bad.graph.initializer if len(t.dims) == 1)
+    path = tmp_path / "bad.onnx"
+    onnx.save(bad, str(path))
+    for args in ([path, model], [model, path]):
+        which = "original" if args[0] == path else "candidate"
+        refused(invoke("verify", *args), f"the {which} is not a consistent graph", "ConvTranspose")
+
+
 def test_a_wrong_candidate_fails_with_exit_1_not_2(pair, tmp_path):
     model, out = pair
     bad = onnx.load(str(out))

@@ -25,6 +25,7 @@ from ..io.load import load
 from ..options import PROVIDERS, InputsLike, VerifyOptions
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
+from ..shapes import inconsistency
 from . import compare
 from .compare import accumulate, judge_layers, judge_outputs, new_stats
 from .inputs import given_samples, input_specs, load_inputs, random_input, resolve_shape, synthesized
@@ -156,6 +157,10 @@ def verify(
     provider_names = check_providers(o.providers)
     ref_model, ref_path = _proto_and_path(original)
     cand_model, cand_path = _proto_and_path(candidate)
+    for which, model in (("the original", ref_model), ("the candidate", cand_model)):
+        problem = inconsistency(model)  # before onnxruntime sees it: some releases crash on such graphs
+        if problem:
+            raise BnfoldError(f"{which} is not a consistent graph: {problem}")
     output_names = [out.name for out in ref_model.graph.output]
     candidate_outputs = [out.name for out in cand_model.graph.output]
     layer_names: List[str] = []
