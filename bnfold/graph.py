@@ -9,12 +9,14 @@ module's business).
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple, Union
 
 import numpy as np
 import onnx
 
+from .errors import BnfoldError
 from .proto import ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
 
 
@@ -79,6 +81,12 @@ class GraphIndex:
         # reading each name from protobuf again), and by name.
         self._initializer_names = [t.name for t in tensors]
         self.initializers: Dict[str, onnx.TensorProto] = dict(zip(self._initializer_names, tensors))
+        if len(self.initializers) < len(tensors):
+            twice = next(name for name, count in Counter(self._initializer_names).items() if count > 1)
+            raise BnfoldError(
+                f"tensor '{twice}': defined twice among the initializers of one graph "
+                "(which of the two values a runtime uses is not defined)"
+            )
         self._value_info_names: Optional[List[str]] = None  # read by names(), kept for commit
         self.input_names = [i.name for i in graph.input]
         self.output_names = [o.name for o in graph.output]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Set, Tuple, Union
 
@@ -19,7 +18,7 @@ from google.protobuf.message import DecodeError
 from ..errors import BnfoldError
 from ..proto import (
     external_location,
-    model_graphs,
+    initializers,
     set_location,
 )
 from ..report import NOT_CHECKED
@@ -41,29 +40,20 @@ KNOWN_TYPES = frozenset(t for t in onnx.TensorProto.DataType.values() if t)
 
 
 def check_tensors(model: onnx.ModelProto, source: Optional[Source] = None) -> None:
-    """Every initializer has a name no other initializer of its graph has, a known element type and
-    no negative dimension, and with ``source`` every external location is validated
-    (:func:`.tensors.locate`), in one pass, before anything is read. Whether inline bytes match is
-    checked when they are read (:meth:`.tensors.Source.read`): most are never read."""
-    for graph in model_graphs(model):
-        tensors = graph.initializer[:]
-        names = [t.name for t in tensors] + [t.values.name for t in graph.sparse_initializer]
-        if len(set(names)) < len(names):
-            twice = next(name for name, count in Counter(names).items() if count > 1)
-            raise BnfoldError(
-                f"tensor '{twice}': defined twice among the initializers of one graph "
-                "(which of the two values a runtime uses is not defined)"
-            )
-        for t in tensors:
-            if t.data_type not in KNOWN_TYPES:
-                raise BnfoldError(f"tensor '{t.name}': unknown element type {t.data_type}")
-            dims = t.dims[:]  # a slice: a list at half the cost of iterating the field
-            if dims and min(dims) < 0:
-                raise BnfoldError(f"tensor '{t.name}': negative dimension in {dims}")
-            if source is not None and t.data_location == onnx.TensorProto.EXTERNAL:
-                if (external_location(t) or {}).get("location") == PENDING and t.name not in source.deferred:
-                    raise BnfoldError(f"tensor '{t.name}': external data location '{PENDING}' is reserved")
-                source.location(t)
+    """Every initializer has a known element type and no negative dimension, and with ``source``
+    every external location is validated (:func:`.tensors.locate`), in one pass, before anything is
+    read. Whether inline bytes match is checked when they are read (:meth:`.tensors.Source.read`):
+    most are never read."""
+    for t in initializers(model):
+        if t.data_type not in KNOWN_TYPES:
+            raise BnfoldError(f"tensor '{t.name}': unknown element type {t.data_type}")
+        dims = t.dims[:]  # a slice: a list at half the cost of iterating the field
+        if dims and min(dims) < 0:
+            raise BnfoldError(f"tensor '{t.name}': negative dimension in {dims}")
+        if source is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+            if (external_location(t) or {}).get("location") == PENDING and t.name not in source.deferred:
+                raise BnfoldError(f"tensor '{t.name}': external data location '{PENDING}' is reserved")
+            source.location(t)
 
 
 def check_model(model: onnx.ModelProto, where: str, source: Optional[Source] = None) -> None:
