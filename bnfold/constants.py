@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex
-from .proto import ONNX_DOMAINS, attr, constant_node_value, to_array
+from .proto import ONNX_DOMAINS, attr, constant_node_value, np_dtype, to_array
 from .shapes import TypeLookup
 
 MAX_ELEMENTS = 1 << 24
@@ -125,6 +125,13 @@ def _slice(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndar
     return data[tuple(index)]
 
 
+def _concat(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+    axis = attr(node, "axis")
+    if not isinstance(axis, int):  # required: numpy would read None as "flatten everything"
+        return None
+    return np.concatenate([o.value for o in ops], axis=axis)
+
+
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.dtype.kind in "iu":
         return (np.trunc(a / b)).astype(a.dtype)  # ONNX integer Div truncates toward zero
@@ -144,14 +151,14 @@ EVALUATORS: Dict[str, Evaluator] = {
     "Size": _size,
     "CastLike": _cast_like,
     "ConstantOfShape": _constant_of_shape,
-    "Cast": lambda node, ops, opset: ops[0].value.astype(onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to"))),
+    "Cast": lambda node, ops, opset: ops[0].value.astype(np_dtype(attr(node, "to", 0))),  # ValueError: unknown
     "Identity": lambda node, ops, opset: ops[0].value,
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Transpose": lambda node, ops, opset: np.transpose(ops[0].value, attr(node, "perm")),
     "Expand": _expand,
-    "Concat": lambda node, ops, opset: np.concatenate([o.value for o in ops], axis=attr(node, "axis")),
+    "Concat": _concat,
     "Gather": lambda node, ops, opset: np.take(ops[0].value, ops[1].value, axis=attr(node, "axis", 0)),
     "Slice": _slice,
     "Add": _same_dtype(np.add),

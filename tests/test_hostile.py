@@ -268,6 +268,22 @@ MALFORMED = {
             numpy_helper.from_array(np.ones(5, np.float32), "v5"),
         ],
     ),
+    "cast-weight-without-to": lambda: _graph(
+        [
+            helper.make_node("Cast", ["w64"], ["w"]),  # no "to": the weight cannot be computed
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+        ],
+        [numpy_helper.from_array(np.ones((4, 4, 1, 1)), "w64"), *_bn_params()],
+    ),
+    "concat-weight-without-axis": lambda: _graph(
+        [
+            helper.make_node("Concat", ["w0", "w1"], ["w"]),  # no axis: numpy would flatten
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+        ],
+        [numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), f"w{k}") for k in range(2)] + _bn_params(),
+    ),
     "integer-bn-params": lambda: _graph(
         [
             helper.make_node("Conv", ["x", "w"], ["c"]),
@@ -301,8 +317,13 @@ def test_malformed_graphs_are_refused_or_left_alone(tmp_path, name):
     assert result.exit_code == 0, result.output
     report = bnfold.fold(model)[1]
     assert report.left and not report.folded, report.render_text()
-    assert {x.reason for x in report.left} <= {"invalid_node", "channel_mismatch", "no_producer"}, report.left
-    assert "invalid_node" in {x.reason for x in report.left} or name == "bn-params-of-two-lengths"
+    allowed = {"invalid_node", "channel_mismatch", "no_producer", "producer_weight_not_constant"}
+    assert {x.reason for x in report.left} <= allowed, report.left
+    assert "invalid_node" in {x.reason for x in report.left} or name in (
+        "bn-params-of-two-lengths",
+        "cast-weight-without-to",
+        "concat-weight-without-axis",
+    )
     folded = onnx.load(str(out))
     assert [n.op_type for n in folded.graph.node] == [n.op_type for n in model.graph.node]  # untouched
 
