@@ -179,6 +179,21 @@ def test_a_bias_an_average_pool_would_sum_past_the_dtype_is_refused(pool, beta1,
     assert np.isfinite(run_ort(model, feeds_for(model, 0))["bn1"]).all()
 
 
+def test_a_weight_whose_sums_could_overflow_is_refused():
+    """gamma = 2e38: each folded weight (about 2e38) fits float32, but a 1x1 Conv over 3 channels
+    adds up 3 such products, which can pass 3.4e38 where the unfolded Conv scales its small sum."""
+    model = conv_bn(np.float32, [1, 2e38, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], weight=np.full((C, C, 1, 1), 0.9))
+    _, report = check_fold(model, left=1, full_check=False)
+    (left,) = report.left
+    assert left.reason == "unsafe_fold" and "'w' at channel 1" in left.message and "adds up 3" in left.message
+    ok = conv_bn(np.float32, [1, 1e37, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], weight=np.full((C, C, 1, 1), 0.9))
+    assert not bnfold.fold(ok)[1].left  # 9e36 x 3 fits
+    # An ordinary scale (3) on huge weights (4e37): the stacked shortcut must refuse to clear it too.
+    huge = conv_bn(np.float32, [1, 3, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], weight=np.full((C, C, 1, 1), 4e37))
+    (left,) = check_fold(huge, left=1, full_check=False)[1].left
+    assert left.reason == "unsafe_fold" and "adds up 3" in left.message
+
+
 def test_float16_average_pools_sum_in_a_wider_type():
     """onnxruntime adds up float16 pools in float32: a shift near float16's top still folds."""
     model = conv_pool_bn(np.float16, "GlobalAveragePool", 3e4)

@@ -118,9 +118,10 @@ def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
             spread_b = b_max / np.maximum(medians(before), 1e-300)
             spread_a = a_max / np.maximum(medians(after), 1e-300)
             ok &= ~((b_max > 0) & (a_max > 0) & inflated(a_max / b_max, spread_b, spread_a))
-            # safety.summed_limit for stacked (32/64-bit) weights: top / the values an average pool sums
+            # safety.summed_limit and gain_limit for stacked (32/64-bit) weights, the same operations
             limit = top / np.array([[chain.summed] for chain in stacked], dtype=np.float64)
             ok &= np.isfinite(bias).all(axis=1) & (np.abs(bias) <= limit).all(axis=1)
+            ok &= (after <= limit / max(w[0].size // w.shape[1], 1)).all(axis=1)
         cleared.update(positions[k] for k in np.flatnonzero(ok).tolist())
         new_w, new_b = _scaled(w, factor, bias)
         for k, chain in enumerate(stacked):

@@ -22,7 +22,7 @@ from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
 from . import backward, batch, concat, forward, lower, reparam
 from .common import Scope
-from .safety import Hazard, check_bias, check_weight, scale_hazards, weight_hazards
+from .safety import Hazard, check_bias, check_gain, check_weight, scale_hazards, weight_hazards
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,10 @@ def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes
     found = check_weight(w_name, w, target.factor(w, chain.s), target.channel_axis)
     if isinstance(found, Reason):
         return found
-    problem = check_bias(f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype, chain.summed)
+    terms = w.size // max(target.channels, 1)  # products each output adds up, at most
+    problem = check_gain(w_name, found.after, w.dtype, terms, chain.summed) or check_bias(
+        f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype, chain.summed
+    )
     if problem is None and chain.identity is not None:
         with np.errstate(all="ignore"):
             final = chain.identity.add_to(w.astype(np.float64) * target.factor(w, chain.s))

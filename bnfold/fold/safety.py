@@ -261,6 +261,32 @@ def summed_limit(dtype: np.dtype, summed: int) -> float:
     return top / summed if summed > 1 and np.dtype(dtype) in (np.float32, np.float64) else top
 
 
+def gain_limit(dtype: np.dtype, terms: int, summed: int = 1) -> float:
+    """The largest magnitude a folded weight may have when each output of its layer adds up ``terms``
+    products (and an average pool after it ``summed`` outputs), or inf where that is not limited:
+    float32 and float64 layers sum in the dtype itself, so the unfolded layer's sums, scaled after
+    summing, could stay finite where the folded layer's overflow."""
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        return float("inf")
+    return summed_limit(dtype, summed) / max(terms, 1)
+
+
+def check_gain(tensor: str, after: np.ndarray, dtype: np.dtype, terms: int, summed: int = 1) -> Optional[Reason]:
+    """Refuse a folded weight whose largest value per channel (``after``) times the ``terms`` each
+    output adds up (:func:`gain_limit`) passes the dtype's range."""
+    with np.errstate(all="ignore"):
+        over = after > gain_limit(dtype, terms, summed)
+    if not over.any():
+        return None
+    c = int(np.flatnonzero(over)[0])
+    return Reason(
+        Code.UNSAFE_FOLD,
+        f"'{tensor}' at channel {c} would reach {float(after[c]):.4g}, and each output adds up {terms} such "
+        f"products{' before an average pool sums ' + str(summed) if summed > 1 else ''}: past the range of "
+        f"{dtype}, where the unfolded layer scales after summing",
+    )
+
+
 def check_bias(what: str, bias: np.ndarray, dtype: np.dtype, summed: int = 1) -> Optional[Reason]:
     """A folded bias must be finite and fit the destination dtype, and when an average pool after
     the layer sums ``summed`` values of it, fit that sum too."""
