@@ -253,20 +253,29 @@ def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> U
     return _Pass(before, after, float(rel.max(initial=0)) if dtype.itemsize <= 2 else 0.0)
 
 
+def _sums_in_dtype(dtype: np.dtype) -> bool:
+    """Whether runtimes add this dtype up in itself (float32, float64), so that a sum can overflow
+    before anything scales or divides it; 16-bit types are summed in a wider one."""
+    return np.dtype(dtype) in (np.float32, np.float64)
+
+
+def _pool_count(summed: int) -> str:
+    return "an unknown number of" if summed >= UNKNOWN_SUM else str(summed)
+
+
 def summed_limit(dtype: np.dtype, summed: int) -> float:
     """The largest magnitude a folded bias may have when an average pool after the layer adds up
-    ``summed`` values of it: runtimes sum float32 and float64 in the dtype itself (the sum
-    overflows before the division), 16-bit types in a wider one."""
+    ``summed`` values of it (the sum overflows before the division)."""
     top, _, _ = finfo(dtype)
-    return top / summed if summed > 1 and np.dtype(dtype) in (np.float32, np.float64) else top
+    return top / summed if summed > 1 and _sums_in_dtype(dtype) else top
 
 
 def gain_limit(dtype: np.dtype, terms: int, summed: int = 1) -> float:
     """The largest magnitude a folded weight may have when each output of its layer adds up ``terms``
     products (and an average pool after it ``summed`` outputs), or inf where that is not limited:
-    float32 and float64 layers sum in the dtype itself, so the unfolded layer's sums, scaled after
-    summing, could stay finite where the folded layer's overflow."""
-    if np.dtype(dtype) not in (np.float32, np.float64):
+    the unfolded layer's sums, scaled after summing, could stay finite where the folded layer's
+    overflow."""
+    if not _sums_in_dtype(dtype):
         return float("inf")
     return summed_limit(dtype, summed) / max(terms, 1)
 
@@ -279,11 +288,11 @@ def check_gain(tensor: str, after: np.ndarray, dtype: np.dtype, terms: int, summ
     if not over.any():
         return None
     c = int(np.flatnonzero(over)[0])
+    pool = f" before an average pool adds up {_pool_count(summed)} outputs" if summed > 1 else ""
     return Reason(
         Code.UNSAFE_FOLD,
         f"'{tensor}' at channel {c} would reach {float(after[c]):.4g}, and each output adds up {terms} such "
-        f"products{' before an average pool sums ' + str(summed) if summed > 1 else ''}: past the range of "
-        f"{dtype}, where the unfolded layer scales after summing",
+        f"products{pool}: past the range of {dtype}, where the unfolded layer scales after summing",
     )
 
 
@@ -306,11 +315,10 @@ def check_bias(what: str, bias: np.ndarray, dtype: np.dtype, summed: int = 1) ->
         over = np.abs(bias) > limit
     if over.any():
         c = int(np.flatnonzero(over.reshape(-1))[0])
-        count = "an unknown number of" if summed >= UNKNOWN_SUM else f"{summed}"
         return Reason(
             Code.UNSAFE_FOLD,
             f"{what} at channel {c} would be {bias.reshape(-1)[c]:.4g}; an average pool after it adds up "
-            f"{count} such values, past the range of {dtype}",
+            f"{_pool_count(summed)} such values, past the range of {dtype}",
         )
     return None
 

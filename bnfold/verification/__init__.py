@@ -162,6 +162,7 @@ def verify(
         if problem:
             raise BnfoldError(f"{which} is not a consistent graph: {problem}")
     output_names = [out.name for out in ref_model.graph.output]
+    output_set = set(output_names)
     candidate_outputs = [out.name for out in cand_model.graph.output]
     layer_names: List[str] = []
     orig_model = ref_model
@@ -172,7 +173,7 @@ def verify(
             make_session(session_source(cand_model, cand_path, False, stack))
         # A BN folded backward or lowered leaves no tensor of its own name: only names both have count.
         produced = {name for n in cand_model.graph.node for name in n.output}
-        layer_names = [n for n in _bn_outputs(ref_model) if n in produced and n not in set(output_names)]
+        layer_names = [n for n in _bn_outputs(ref_model) if n in produced and n not in output_set]
         types = _elem_types(ref_model)
         ref_model = _with_outputs(ref_model, layer_names, types)
         cand_model = _with_outputs(cand_model, layer_names, types)
@@ -195,10 +196,10 @@ def verify(
             if o.allow_tf32
             else "TF32 is off on CUDA, so differences are the fold's, not the math mode's"
         )
-    extra = [name for name in candidate_outputs if name not in set(output_names)]
+    extra = [name for name in candidate_outputs if name not in output_set]
     if extra:
         report.notes.append(f"the candidate has outputs the original has not, not compared: {', '.join(extra)}")
-    elif candidate_outputs != output_names and set(candidate_outputs) == set(output_names):
+    elif candidate_outputs != output_names and set(candidate_outputs) == output_set:
         report.notes.append("the candidate lists its outputs in another order (compared by name)")
     stats: Dict[Tuple[str, str], ErrorStats] = {}
     floors: Dict[str, ErrorStats] = {}
@@ -222,7 +223,7 @@ def verify(
         ]
         ref_outputs = [out.name for out in ref.get_outputs()]
         common = set(ref_outputs) & {out.name for out in cands[0][1].get_outputs()}
-        if not common & set(output_names):
+        if not common & output_set:
             raise BnfoldError("the two models have no output name in common: they are not two versions of one model")
         for k, feeds in enumerate(_feeds(ref_model, o)):
             ref_vals = dict(zip(ref_outputs, _run(ref, feeds, "the original")))
