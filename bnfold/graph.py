@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import BnfoldError
-from .proto import ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
+from .proto import CONTROL_FLOW, ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class GraphIndex:
         # IR 3 main graphs list every initializer among the inputs; subgraphs never do.
         self.lists_initializers = lists_initializers
         self.outer = outer
-        self.nodes: List[Optional[onnx.NodeProto]] = list(graph.node)
+        self._field: List[onnx.NodeProto] = graph.node[:]  # the entries as read: commit moves them
+        self.nodes: List[Optional[onnx.NodeProto]] = list(self._field)
         self._order: List[Tuple[int, int]] = [(i, 0) for i in range(len(self.nodes))]  # position on commit
         tensors = graph.initializer[:]
         # The initializers' names in the field's order (commit filters the field by them, without
@@ -120,7 +121,7 @@ class GraphIndex:
         """Record what node ``i`` reads and writes. Called for every node of a graph: its names are
         read from protobuf once, by slices (half the cost of iterating the fields)."""
         op = node.op_type
-        if has_subgraphs(node):
+        if (op in CONTROL_FLOW or node.domain not in ONNX_DOMAINS) and has_subgraphs(node):
             self.holds_bodies = True
             reads = tuple(self._reads(node))
         else:
@@ -145,9 +146,12 @@ class GraphIndex:
         reads, outputs = self._links[i]
         consumers, producer = self.consumers, self.producer
         for name in reads:
-            users = consumers.get(name, [])
-            if i in users:
-                users.remove(i)
+            users = consumers.get(name)
+            if users:
+                try:
+                    users.remove(i)
+                except ValueError:  # not linked as a reader of it
+                    pass
         for name in outputs:
             if producer.get(name) == i:
                 del producer[name]
@@ -283,10 +287,17 @@ class GraphIndex:
         """Write nodes, initializers and declarations back to the GraphProto, in linear time. The
         index is finished then: a graph rewritten again needs an index of its own."""
         graph = self.graph
-        order = sorted(range(len(self.nodes)), key=self._order.__getitem__)
-        kept = [n for n in (self.nodes[i] for i in order) if n is not None]
-        del graph.node[:]
-        graph.node.extend(kept)
+        nodes, field = self.nodes, self._field
+        if len(nodes) == len(field) == len(graph.node):  # nothing inserted: same positions, same order
+            for node, entry in zip(nodes, field):
+                if node is not None and node is not entry:
+                    entry.CopyFrom(node)  # a node replaced by a new message
+            _keep_only(graph.node, [node is None for node in nodes])
+        else:
+            order = sorted(range(len(nodes)), key=self._order.__getitem__)
+            kept = [n for n in (nodes[i] for i in order) if n is not None]
+            del graph.node[:]
+            graph.node.extend(kept)
         dropped = self._dropped
         if dropped:
             names = _names(graph.initializer, self._initializer_names)
@@ -301,6 +312,7 @@ class GraphIndex:
             [name not in producer and name not in initializers and name not in inputs for name in names],
         )
         self.nodes = []
+        self._field = []
         self.ops = []
         self._links = []
         self.producer.clear()

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 import onnx
 
-from ..proto import ONNX_DOMAINS, external_location, has_subgraphs, initializers, subgraphs
+from ..proto import CONTROL_FLOW, ONNX_DOMAINS, external_location, has_subgraphs, initializers, subgraphs
 from ..report import ModelStats
 from .apply import apply
 from .plan import FoldPlan, GraphPlan, plan_model
@@ -31,9 +31,10 @@ def stats(model: onnx.ModelProto, nbytes: Optional[int] = None) -> ModelStats:
         nonlocal bns, nodes, inits
         for node in graph_nodes:
             nodes += 1
-            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+            op, standard = node.op_type, node.domain in ONNX_DOMAINS
+            if op == "BatchNormalization" and standard:
                 bns += 1
-            elif has_subgraphs(node):
+            elif (op in CONTROL_FLOW or not standard) and has_subgraphs(node):
                 for g in subgraphs(node):
                     inits += len(g.initializer)
                     walk(g.node)

@@ -24,7 +24,8 @@ def _apply_graph(
     lists_initializers: bool,
     opset: int,
 ) -> List[str]:
-    """Rewrite one graph and its bodies; returns freed names this graph does not define (outer ones)."""
+    """Rewrite one graph and its bodies; returns freed names this graph does not define (for a body:
+    names of the enclosing graphs)."""
     if len(graph.node) != plan.nodes:
         raise ValueError(f"the plan for the {plan.where} was made for another graph")
 
@@ -56,6 +57,8 @@ def _apply_graph(
     index = current.index
     index.drop_if_unused(freed)
     index.commit()
+    if outer is None:
+        return []  # no enclosing graph to free names in
     return [n for n in freed if n and not index.defines(n)]
 
 

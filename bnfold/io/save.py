@@ -24,18 +24,20 @@ TWO_GB = 2**31 - 1
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file
 
 
-def approx_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of tensors that would be inline: what decides whether a model fits in one protobuf
-    (2 GB), without paying for ByteSize() (which serializes the whole model)."""
-    total = 0
+def located_and_bytes(model: onnx.ModelProto) -> Tuple[List[onnx.TensorProto], int]:
+    """The initializers with an external location, and the bytes of every tensor if all were
+    inline: what decides whether a model fits in one protobuf (2 GB), without paying for
+    ByteSize() (which serializes the whole model). One pass over the initializers."""
+    located, total = [], 0
     for t in initializers(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
+            located.append(t)
             total += tensor_nbytes(t)
         elif t.HasField("raw_data"):
             total += len(t.raw_data)
         else:
             total += int(np.prod(t.dims, dtype=np.int64)) * 8
-    return total
+    return located, total
 
 
 def _umask() -> int:
@@ -178,11 +180,11 @@ def save(
     if not os.access(path.parent, os.W_OK):
         raise BnfoldError(f"{path}: cannot write in folder {path.parent} (permission denied)")
     source = source or Source(None)
-    located = [t for t in initializers(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    located, nbytes = located_and_bytes(model)
     has_external = any(source.is_file_backed(t) and t.name not in source.inline_refs for t in located)
     if external is None:
-        external = has_external or approx_bytes(model) > TWO_GB - (64 << 20)
-    elif not external and approx_bytes(model) > TWO_GB - (64 << 20):
+        external = has_external or nbytes > TWO_GB - (64 << 20)
+    elif not external and nbytes > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
     live = _live_locations(path) if external else set()
     data_path = _data_path(path, live) if external else None
