@@ -219,11 +219,11 @@ def test_a_wrong_fold_through_a_maxpool_would_be_caught():
     model = resnetv2_stem(gamma_sign=-1.0)
     real = forward._extend
 
-    def permissive(scope, chains, i, x, step, kept=False):
-        found = real(scope, chains, i, x, step, kept)
+    def permissive(scope, chains, i, x, step, kept=False, bn=False):
+        found = real(scope, chains, i, x, step, kept, bn)
         if getattr(found, "code", None) is not None and found.code.value == "nonpositive_scale_after_pool":
             chain = chains[x]
-            composed = chain.compose(i, step(chain), scope.index.node(i).output[0])
+            composed = chain.compose(i, step(chain), scope.index.node(i).output[0], bn=bn)
             chains.pop(x)
             chains[composed.end] = composed
             return composed

@@ -8,6 +8,7 @@ chain's affine maps composed in float64.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union, cast
 
@@ -81,17 +82,27 @@ class Chain:
         copy.__dict__.update(fields, **changes)
         return copy
 
-    def compose(self, step: int, affine: Affine, end: str) -> Chain:
+    @staticmethod
+    def start(producer: int, target: Target, end: str) -> Chain:
+        """``Chain(producer, target, end)``, made as :meth:`but` makes copies."""
+        return _NO_CHAIN.but(producer=producer, target=target, end=end)
+
+    def compose(self, step: int, affine: Affine, end: str, bn: bool = False) -> Chain:
+        """The chain with step ``step`` (a BN with ``bn``) applying ``affine`` after it."""
         if self.s is None or self.t is None:
             s, t = affine.s, affine.t
         else:
             s, t = affine.s * self.s, affine.s * self.t + affine.t
         pool_s = None if self.pool_s is None else affine.s * self.pool_s
-        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s)
+        bns = (*self.bns, step) if bn else self.bns
+        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s, bns=bns)
 
     def through(self, step: int, end: str, **changes: object) -> Chain:
         """The chain passed through step ``step``, which stays in the graph."""
         return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), **changes)
+
+
+_NO_CHAIN = Chain(-1, Target("", 0, 0, 0, 0, lambda W, s: s), "")  # what Chain.start copies
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -167,15 +178,21 @@ def _layer_problem(node: onnx.NodeProto, w: np.ndarray, bias: Optional[np.ndarra
     return ""
 
 
+def _per_row(W: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """A Conv's factor: output channel c is row c of the weight."""
+    return s.reshape((-1,) + (1,) * (W.ndim - 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _conv_target(channels: int, rank: int) -> Target:
+    return Target("Conv", channels, rank, 1, 2, _per_row)  # a value: one per shape is made
+
+
 def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
     w = constant_weights(scope, node)
     if isinstance(w, Reason):
         return w
-
-    def scale(W: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return s.reshape((-1,) + (1,) * (W.ndim - 1))
-
-    return Target("Conv", w.shape[0], w.ndim, 1, 2, scale)
+    return _conv_target(w.shape[0], w.ndim)
 
 
 def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
@@ -488,11 +505,9 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
             elif x in blocked and x not in chains:
                 found = blocked[x]
             else:
-                found = _extend(scope, chains, i, x, _batchnorm_step(affine))
+                found = _extend(scope, chains, i, x, _batchnorm_step(affine), bn=True)
             if isinstance(found, Reason):
                 left[i] = found
-            else:
-                chains[found.end] = found.but(bns=(*found.bns, i))
         elif (x_in := noop_input(scope, node)) is not None:
             _extend(scope, chains, i, x_in, _identity)  # a no-op joins the chain as the identity map
             if x_in in blocked:
@@ -518,9 +533,10 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
 
 
 def _extend(
-    scope: Scope, chains: Dict[str, Chain], i: int, x: str, step: Step, kept: bool = False
+    scope: Scope, chains: Dict[str, Chain], i: int, x: str, step: Step, kept: bool = False, bn: bool = False
 ) -> Union[Chain, Reason]:
-    """Add node ``i`` (reading ``x``) to the chain that ends at ``x``, starting one if needed."""
+    """Add node ``i`` (reading ``x``; a BN with ``bn``) to the chain that ends at ``x``, starting one
+    if needed."""
     index = scope.index
     chain = chains.get(x)
     if chain is None:
@@ -534,7 +550,7 @@ def _extend(
         target = make(scope, producer)
         if isinstance(target, Reason):
             return target
-        chain = Chain(p, target, x)
+        chain = Chain.start(p, target, x)
     others = [r for r in index.readers(x) if r != i]
     if kept:  # x survives a step that stays: readers of its shape alone (LeViT's reshape_as) see no change
         others = [
@@ -560,7 +576,7 @@ def _extend(
             f"it has {found.s.shape[0]} channels but {chain.target.op} '{node_label(index.node(chain.producer))}' "
             f"produces {chain.target.channels}",
         )
-    composed = chain.compose(i, found, index.node(i).output[0])
+    composed = chain.compose(i, found, index.node(i).output[0], bn=bn)
     if composed.pool_s is not None and not np.all(composed.pool_s > 0):
         c = int(np.flatnonzero(~(composed.pool_s > 0))[0])
         pool = next(index.node(k) for k in chain.kept if index.node(k).op_type.endswith("MaxPool"))
