@@ -244,7 +244,9 @@ def test_a_careless_shortcut_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_cyclic_collector_is_resumed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fold pauses Python's cyclic collector and leaves it as it found it, also on an error."""
     import gc
+    import weakref
 
+    import bnfold.api
     from bnfold.fold import plan as plan_module
 
     seen = []
@@ -254,10 +256,34 @@ def test_the_cyclic_collector_is_resumed(monkeypatch: pytest.MonkeyPatch) -> Non
         seen.append(gc.isenabled())
         return planner(*args, **kwargs)
 
-    monkeypatch.setattr(bnfold.api, "plan_model", spy)
-    assert gc.isenabled()
+    class Cycle:
+        pass
+
+    def cyclic_spy(*args, **kwargs):
+        garbage = Cycle()
+        garbage.me = garbage  # type: ignore[attr-defined]
+        found.append(weakref.ref(garbage))
+        return spy(*args, **kwargs)
+
+    found: list = []
+    monkeypatch.setattr(bnfold.api, "plan_model", cyclic_spy)
+    assert gc.isenabled() and not gc.get_freeze_count()
     bnfold.fold(_model(0, layers=3))
     assert seen == [False] and gc.isenabled()
+    # What the fold made joined the collected generations (none stays frozen), and cyclic garbage
+    # made during the fold is still collected.
+    assert not gc.get_freeze_count()
+    gc.collect()
+    assert found[0]() is None
+    # Objects the process froze itself stay frozen.
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        bnfold.fold(_model(0, layers=3))
+        assert 0 < frozen - 1000 < gc.get_freeze_count() <= frozen  # (a few freed meanwhile)
+    finally:
+        gc.unfreeze()
+    monkeypatch.setattr(bnfold.api, "plan_model", spy)
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
