@@ -237,18 +237,21 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """An inline tensor's value. Plain numeric raw data is viewed where it lies (read-only), which
     is many times faster than onnx's general decoder; bfloat16 is decoded here as ml_dtypes'
     bfloat16 whatever the onnx version; every other form goes through onnx."""
-    if tensor.data_type == BFLOAT16:
+    elem = tensor.data_type
+    if elem == BFLOAT16:
         shape = tuple(tensor.dims)
         if tensor.HasField("raw_data"):
             bits = np.frombuffer(tensor.raw_data, dtype="<u2")
         else:
             bits = np.asarray(tensor.int32_data, dtype=np.uint32).astype(np.uint16)
         return bits.astype(np.uint16).view(_bfloat16()).reshape(shape)
-    dtype = _PLAIN.get(tensor.data_type)
-    if dtype is not None and tensor.HasField("raw_data") and sys.byteorder == "little":
-        raw, shape = tensor.raw_data, tuple(tensor.dims)
-        if min(shape, default=0) >= 0 and len(raw) == math.prod(shape) * dtype.itemsize:
-            return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    dtype = _PLAIN.get(elem)
+    if dtype is not None and sys.byteorder == "little":
+        raw = tensor.raw_data  # empty, set or not: onnx's decoder below
+        if raw:
+            shape = tuple(tensor.dims[:])  # a slice: cheaper than iterating the field
+            if min(shape, default=0) >= 0 and len(raw) == math.prod(shape) * dtype.itemsize:
+                return np.frombuffer(raw, dtype=dtype).reshape(shape)
     return numpy_helper.to_array(tensor)
 
 
