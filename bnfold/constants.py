@@ -238,17 +238,13 @@ class Constants:
         if not name or index.is_overridable(name):
             return None
         tensor = index.initializers.get(name)
-        if tensor is not None:
+        if tensor is not None:  # not overridable (above): index.initializer_value, without asking again
             if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) > SMALL_INLINE:
-                return index.initializer_value(name)
-            revision = index.revision.get(name, 0)
-            hit = self._inline.get(name)
-            if hit is None or hit[0] != revision:
-                value = index.initializer_value(name)
-                if value is not None:
-                    value.flags.writeable = False  # shared by every reader: never changed in place
-                hit = self._inline[name] = (revision, value)
-            return hit[1]
+                return index.store.read(tensor)
+            value = index.store.read(tensor)  # not read since its last rewrite (else returned above)
+            value.flags.writeable = False  # shared by every reader: never changed in place
+            self._inline[name] = (index.revision.get(name, 0), value)
+            return value
         if name not in index.producer:
             if self.outer is not None and name not in index.input_names:
                 return self.outer.value(name)

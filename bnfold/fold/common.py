@@ -13,7 +13,7 @@ import onnx
 from ..batchnorm import DEFAULT_EPSILON, OPSET_VERSIONS, scale_shift
 from ..constants import Constants
 from ..graph import GraphIndex, Value
-from ..proto import attr, is_batchnorm, node_label, np_dtype, set_attr
+from ..proto import ONNX_DOMAINS, attr, node_label, np_dtype, set_attr
 from ..report import Code, Reason
 from ..shapes import TypeLookup
 from .safety import parameter_problem
@@ -103,12 +103,13 @@ _BATCH_DTYPES: Dict[int, np.dtype] = {
 }
 
 
-def param_key(node: onnx.NodeProto) -> Optional[ParamKey]:
-    """What a BN's affine map depends on: its parameter names and epsilon (None: no usable key)."""
+def param_key(node: onnx.NodeProto, inputs: List[str]) -> Optional[ParamKey]:
+    """What a BN's affine map depends on: its parameter names (``inputs``, the node's) and epsilon
+    (None: no usable key)."""
     epsilon = attr(node, "epsilon", DEFAULT_EPSILON)
     if not isinstance(epsilon, float) or epsilon != epsilon:  # a malformed attribute, or NaN
         return None
-    return tuple(node.input[1:5]), epsilon
+    return tuple(inputs[1:5]), epsilon
 
 
 def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]]:
@@ -122,9 +123,12 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
     seen: Dict[ParamKey, List[onnx.NodeProto]] = {}  # BNs that share parameters and epsilon
     initializers, overridable = index.initializers, index.overridable
     for node, op in zip(index.nodes, index.ops):
-        if op != "BatchNormalization" or node is None or not is_batchnorm(node) or len(node.input) < 5:
+        if op != "BatchNormalization" or node is None or node.domain not in ONNX_DOMAINS:
             continue
-        key = param_key(node)
+        inputs = node.input[:]
+        if len(inputs) < 5:
+            continue
+        key = param_key(node, inputs)
         if key is None:
             continue
         if key in seen:
