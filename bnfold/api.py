@@ -40,8 +40,8 @@ def _collector_paused() -> Iterator[None]:
     model) took a fifth of the fold. It is paused for them, and resumes after as it was. What was
     made meanwhile joins the oldest generation unscanned (gc.freeze, then gc.unfreeze): resuming
     with every one of those objects in the youngest generation cost a full pass over them at the
-    next allocation (0.2 s on a 100k-node graph). Not when the process keeps objects frozen itself:
-    unfreezing would release them too."""
+    next allocation (0.2 s on a 100k-node graph). Not when the process keeps objects frozen
+    (unfreezing would release them too): Python 3.12 starts with some, so there it is skipped."""
     enabled = gc.isenabled()
     gc.disable()
     try:

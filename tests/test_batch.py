@@ -267,12 +267,16 @@ def test_the_cyclic_collector_is_resumed(monkeypatch: pytest.MonkeyPatch) -> Non
 
     found: list = []
     monkeypatch.setattr(bnfold.api, "plan_model", cyclic_spy)
-    assert gc.isenabled() and not gc.get_freeze_count()
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()  # Python 3.12 starts with some objects frozen
     bnfold.fold(_model(0, layers=3))
     assert seen == [False] and gc.isenabled()
-    # What the fold made joined the collected generations (none stays frozen), and cyclic garbage
+    # Nothing the fold made stays frozen, nothing frozen before is released, and cyclic garbage
     # made during the fold is still collected.
-    assert not gc.get_freeze_count()
+    if frozen:
+        assert max(frozen - 100, 0) < gc.get_freeze_count() <= frozen  # (a few freed meanwhile)
+    else:
+        assert not gc.get_freeze_count()
     gc.collect()
     assert found[0]() is None
     # Objects the process froze itself stay frozen.
@@ -280,7 +284,7 @@ def test_the_cyclic_collector_is_resumed(monkeypatch: pytest.MonkeyPatch) -> Non
     try:
         frozen = gc.get_freeze_count()
         bnfold.fold(_model(0, layers=3))
-        assert 0 < frozen - 1000 < gc.get_freeze_count() <= frozen  # (a few freed meanwhile)
+        assert max(frozen - 100, 0) < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
     monkeypatch.setattr(bnfold.api, "plan_model", spy)
