@@ -238,7 +238,7 @@ class Constants:
         if not name or index.is_overridable(name):
             return None
         tensor = index.initializers.get(name)
-        if tensor is not None:  # not overridable (above): index.initializer_value, without asking again
+        if tensor is not None:  # an initializer found not overridable above: its value is constant
             if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) > SMALL_INLINE:
                 return index.store.read(tensor)
             value = index.store.read(tensor)  # not read since its last rewrite (else returned above)

@@ -17,7 +17,15 @@ import numpy as np
 import onnx
 
 from .errors import BnfoldError
-from .proto import CONTROL_FLOW, ONNX_DOMAINS, all_names, has_subgraphs, outer_names, subgraphs
+from .proto import (
+    ONNX_DOMAINS,
+    all_names,
+    could_hold_subgraphs,
+    has_graph_attribute,
+    has_subgraphs,
+    outer_names,
+    subgraphs,
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ class GraphIndex:
         """Record what node ``i`` reads and writes. Called for every node of a graph: its names are
         read from protobuf once, by slices (half the cost of iterating the fields)."""
         op = node.op_type
-        if (op in CONTROL_FLOW or node.domain not in ONNX_DOMAINS) and has_subgraphs(node):
+        if could_hold_subgraphs(op, node.domain) and has_graph_attribute(node):
             self.holds_bodies = True
             reads = tuple(self._reads(node))
         else:
@@ -190,13 +198,6 @@ class GraphIndex:
         if name in self.initializers:
             return name in self.overridable
         return self.outer is not None and not self.defines(name) and self.outer.is_overridable(name)
-
-    def initializer_value(self, name: str) -> Optional[np.ndarray]:
-        """The value of a non-overridable initializer of this graph, else None."""
-        tensor = self.initializers.get(name)
-        if tensor is None or name in self.overridable:
-            return None
-        return self.store.read(tensor)
 
     def names(self) -> Set[str]:
         """Every value and node name of the graph, as :func:`.proto.all_names` collects them, from

@@ -19,10 +19,18 @@ CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
-def has_subgraphs(node: onnx.NodeProto) -> bool:
-    if node.domain in ONNX_DOMAINS and node.op_type not in CONTROL_FLOW:
-        return False
+def could_hold_subgraphs(op_type: str, domain: str) -> bool:
+    """Whether a node of this type may have graph attributes: of the standard operators, only
+    control flow has them (for callers that have read the two fields already)."""
+    return op_type in CONTROL_FLOW or domain not in ONNX_DOMAINS
+
+
+def has_graph_attribute(node: onnx.NodeProto) -> bool:
     return any(a.type in _GRAPH_TYPES for a in node.attribute)
+
+
+def has_subgraphs(node: onnx.NodeProto) -> bool:
+    return could_hold_subgraphs(node.op_type, node.domain) and has_graph_attribute(node)
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

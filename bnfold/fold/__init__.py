@@ -13,7 +13,14 @@ from typing import Iterable, Optional
 
 import onnx
 
-from ..proto import CONTROL_FLOW, ONNX_DOMAINS, external_location, has_subgraphs, initializers, subgraphs
+from ..proto import (
+    ONNX_DOMAINS,
+    could_hold_subgraphs,
+    external_location,
+    has_graph_attribute,
+    initializers,
+    subgraphs,
+)
 from ..report import ModelStats
 from .apply import apply
 from .plan import FoldPlan, GraphPlan, plan_model
@@ -31,10 +38,10 @@ def stats(model: onnx.ModelProto, nbytes: Optional[int] = None) -> ModelStats:
         nonlocal bns, nodes, inits
         for node in graph_nodes:
             nodes += 1
-            op, standard = node.op_type, node.domain in ONNX_DOMAINS
-            if op == "BatchNormalization" and standard:
+            op, domain = node.op_type, node.domain
+            if op == "BatchNormalization" and domain in ONNX_DOMAINS:
                 bns += 1
-            elif (op in CONTROL_FLOW or not standard) and has_subgraphs(node):
+            elif could_hold_subgraphs(op, domain) and has_graph_attribute(node):
                 for g in subgraphs(node):
                     inits += len(g.initializer)
                     walk(g.node)
