@@ -117,6 +117,12 @@ class BnfoldGroup(click.Group):
             raise UserError(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:
+            # The reader of the output went away (`bnfold verify ... | head`; click takes any EPIPE so
+            # too): stop as a process ended by SIGPIPE would, not with 1 ("not equivalent") nor as a
+            # bug, and without a second error when Python flushes stdout on exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except Exception:
             click.echo(traceback.format_exc(), err=True)
             click.echo(

@@ -669,6 +669,28 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 130 and "Interrupted" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["fold", "verify"])
+def test_a_closed_output_pipe_exits_141_without_a_traceback(tmp_path, command):
+    """`bnfold ... | head`: the reader is gone before bnfold writes (here, from the start)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    args = [DEMO, "-o", tmp_path / "o.onnx"] if command == "fold" else [DEMO, DEMO]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bnfold", command, *map(str, args)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    if command == "fold":
+        assert onnx.load(str(tmp_path / "o.onnx")).graph.node  # written before the report was printed
+
+
 # -- batch mode -------------------------------------------------------------------------------------
 
 
