@@ -19,10 +19,8 @@ from .proto import ONNX_DOMAINS, attr, constant_node_value, np_dtype, to_array
 from .shapes import TypeLookup
 
 MAX_ELEMENTS = 1 << 24
-MAX_DEPTH = 64
-SMALL_INLINE = (
-    1 << 16
-)  # inline initializers up to this many bytes are parsed once and kept  # constant subgraphs are small; deeper chains are not evaluated
+MAX_DEPTH = 64  # constant subgraphs are small; deeper chains are not evaluated
+SMALL_INLINE = 1 << 16  # inline initializers up to this many bytes are parsed once and kept
 
 Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
 
@@ -239,9 +237,11 @@ class Constants:
             return None
         tensor = index.initializers.get(name)
         if tensor is not None:  # an initializer found not overridable above: its value is constant
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) > SMALL_INLINE:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 return index.store.read(tensor)
             value = index.store.read(tensor)  # not read since its last rewrite (else returned above)
+            if value.nbytes > SMALL_INLINE:
+                return value
             value.flags.writeable = False  # shared by every reader: never changed in place
             self._inline[name] = (index.revision.get(name, 0), value)
             return value

@@ -184,6 +184,9 @@ def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
 
 def np_dtype(elem_type: int) -> np.dtype:
     """The numpy dtype of an ONNX element type (ValueError for unknown or undefined ones)."""
+    plain = _PLAIN.get(elem_type)
+    if plain is not None:
+        return plain
     if not elem_type:
         raise ValueError("element type UNDEFINED")
     if elem_type == BFLOAT16:

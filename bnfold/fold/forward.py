@@ -492,11 +492,11 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     chains: Dict[str, Chain] = {}  # keyed by the chain's current end
     left: Dict[int, Reason] = {}
     blocked: Dict[str, Reason] = {}  # values after a pass-through step that refused a chain, and why
-    ops = index.ops
-    for i in list(index.live_nodes()):
-        if ops[i] not in _WALKED:
-            continue  # none of the cases below: most nodes of a graph
-        node = index.node(i)
+    nodes = index.nodes
+    for i, op in enumerate(index.ops):  # planning rewrites nothing: the lists stay as they are
+        if op not in _WALKED:
+            continue  # none of the cases below (most nodes of a graph), or a removed node (op "")
+        node = cast(onnx.NodeProto, nodes[i])
         if is_batchnorm(node):
             affine = check_batchnorm(scope, node)
             x = node.input[0] if node.input else ""
@@ -551,7 +551,8 @@ def _extend(
         if isinstance(target, Reason):
             return target
         chain = Chain.start(p, target, x)
-    others = [r for r in index.readers(x) if r != i]
+    readers = index.readers(x)
+    others = [] if readers == [i] else [r for r in readers if r != i]
     if kept:  # x survives a step that stays: readers of its shape alone (LeViT's reshape_as) see no change
         others = [
             r for r in others if index.node(r).op_type not in SHAPE_READERS or index.node(r).domain not in ONNX_DOMAINS
