@@ -354,6 +354,22 @@ def byte_compile_bnfold() -> None:
     compileall.compile_dir(str(Path(bnfold.__file__).parent), quiet=1)
 
 
+YARDSTICK = "import time\nt = time.perf_counter()\nx = 0\nfor i in range(10_000_000):\n    x += i\nprint(time.perf_counter() - t)"
+
+
+def yardstick() -> float:
+    """Seconds a fixed 10M-iteration Python loop takes now: this machine's speed moves by a factor of
+    two or more within minutes, and the loop, timed before and after the rounds, says how fast it was."""
+    done = subprocess.run([PY, "-S", "-c", YARDSTICK], capture_output=True, text=True, check=True)
+    return float(done.stdout)
+
+
+def start_up(runs: int = 5) -> float:
+    """Median wall seconds of a process that imports onnx and exits: the floor under every tool that
+    uses onnx from Python (numpy, protobuf and ml_dtypes come with it)."""
+    return statistics.median(run_once([PY, "-c", "import onnx"], 60)[0] for _ in range(runs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet50,deep100,deep1000,chain100k,external2.5g")
@@ -367,11 +383,15 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bnfold-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     byte_compile_bnfold()
+    from importlib.metadata import version
+
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"onnx {onnx.__version__}; tools: {', '.join(tools)}; {args.runs} runs each, interleaved; "
-        "bnfold byte-compiled"
+        f"onnx {onnx.__version__}, numpy {np.__version__}, ml_dtypes {version('ml_dtypes')}; "
+        f"tools: {', '.join(tools)}; {args.runs} runs each, interleaved; bnfold byte-compiled"
     )
+    print(f"start-up: python -c 'import onnx' {start_up():.3f} s (median of 5)")
+    loop_before = yardstick()
     rows, notes = [], []
     for name in args.models.split(","):
         path = work / f"{name}.onnx"
@@ -391,6 +411,7 @@ def main() -> None:
         # The chain is for bnfold's own scaling; the Python peers take minutes on it.
         model_tools = [t for t in tools if t in ("bnfold", "onnxruntime")] if name.startswith("chain") else tools
         rows += bench(name, path, model_tools, args.runs, work, args.timeout)
+    print(f"yardstick: a 10M-iteration Python loop {loop_before:.2f} s before the rounds, {yardstick():.2f} s after")
     for n in notes:
         print(n)
     print()
