@@ -146,6 +146,18 @@ def test_a_constant_subgraph_that_overflows_is_a_nonfinite_parameter():
     assert left.reason == "nonfinite_parameter" and "inf" in left.message
 
 
+def assert_same_per_channel(model: onnx.ModelProto, folded: onnx.ModelProto, tol: float = 1e-5) -> None:
+    """Each output channel within ``tol`` of that channel's largest magnitude: where one channel is
+    scaled to 1e37, an error in another is invisible relative to the whole output."""
+    for seed in range(2):
+        feeds = feeds_for(model, seed)
+        ref, got = run_ort(model, feeds), run_ort(folded, feeds)
+        for name in ref:
+            r, g = (np.moveaxis(a.astype(np.float64), 1, 0).reshape(a.shape[1], -1) for a in (ref[name], got[name]))
+            err = np.abs(r - g).max(axis=1) / np.maximum(np.abs(r).max(axis=1), 1e-30)
+            assert err.max() <= tol, f"output {name}: channel {int(err.argmax())} off by {err.max():.3g}"
+
+
 def conv_pool_bn(dtype, pool: str, beta1: float, spatial=5) -> onnx.ModelProto:
     """x -> Conv -> BN -> AveragePool 2x2 or GlobalAveragePool -> BN(beta = [0, beta1, 0]) -> y."""
     b = Builder(seed=2, dtype=dtype)
@@ -171,10 +183,12 @@ def test_a_bias_an_average_pool_would_sum_past_the_dtype_is_refused(pool, beta1,
     """Folded forward through an average pool, the BN's shift enters the pool's sum, which float32
     runtimes add up in float32: the BN after the pool stays when that sum would overflow."""
     model = conv_pool_bn(np.float32, pool, beta1)
-    _, report = check_fold(model, left=2 * refused, tol=1e-5, full_check=False)
-    if refused:  # both BNs are one chain (Conv -> BN -> pool -> BN): it stays whole
-        assert [(left.name, left.reason) for left in report.left] == [("bn0", "unsafe_fold"), ("bn1", "unsafe_fold")]
-        assert "average pool after it adds up" in report.left[1].message and "float32" in report.left[1].message
+    folded, report = check_fold(model, left=int(refused), tol=1e-5, full_check=False)
+    assert_same_per_channel(model, folded)
+    if refused:  # the chain Conv -> BN -> pool -> BN is refused; its first part, Conv -> BN, folds
+        assert [f.name for f in report.folded] == ["bn0"]
+        assert [(left.name, left.reason) for left in report.left] == [("bn1", "unsafe_fold")]
+        assert "average pool after it adds up" in report.left[0].message and "float32" in report.left[0].message
     # Without the check the fold computes inf where the original computes 1e38.
     assert np.isfinite(run_ort(model, feeds_for(model, 0))["bn1"]).all()
 
@@ -192,6 +206,58 @@ def test_a_weight_whose_sums_could_overflow_is_refused():
     huge = conv_bn(np.float32, [1, 3, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1], weight=np.full((C, C, 1, 1), 4e37))
     (left,) = check_fold(huge, left=1, full_check=False)[1].left
     assert left.reason == "unsafe_fold" and "adds up 3" in left.message
+
+
+def conv_bn_step_bn(step: str, gamma1: float = 1e37, c: int = 32) -> onnx.ModelProto:
+    """x -> Conv 3x3 (c -> c) -> BN -> step -> BN whose channel 2 has scale ``gamma1`` -> y. Folded
+    as one chain, that scale times the layer's fan-in (c * 9 products) passes float32's range, where
+    the unfolded Conv adds up small products and the BN scales their sum (below 1e38: finite)."""
+    b = Builder(seed=4, he_init=True)
+    x = b.input("x", [1, c, 6, 6])
+    params = [b.const(b.rng.uniform(0.8, 1.2, c), "gamma"), b.const(b.rng.uniform(-0.1, 0.1, c), "beta")]
+    params += [b.const(b.rng.uniform(-0.1, 0.1, c), "mean"), b.const(b.rng.uniform(0.8, 1.2, c), "var")]
+    y = b.bn(b.conv(x, c, c, 3), c, params=params)
+    if step == "Mul":
+        y = b.op("Mul", [y, b.const(b.rng.uniform(1.0, 1.2, (1, c, 1, 1)))])
+    elif step == "MaxPool":
+        y = b.op("MaxPool", [y], kernel_shape=[2, 2])
+    elif step == "Identity":
+        y = b.op("Identity", [y])
+    gamma = b.rng.uniform(0.8, 1.2, c)
+    gamma[2] = gamma1
+    params = [b.const(gamma, "gamma"), b.const(np.zeros(c), "beta"), b.const(np.zeros(c), "mean"), b.const(np.ones(c))]
+    return b.model(b.bn(y, c, params=params))
+
+
+@pytest.mark.parametrize("step", ["none", "Mul", "MaxPool", "Identity"])
+def test_a_refused_chain_still_folds_its_first_part(step):
+    """Conv -> BN -> (step) -> BN: when the chain as a whole would overflow, the part before the last
+    BN folds on its own and the last BN stays, with the reason."""
+    model = conv_bn_step_bn(step)
+    folded, report = check_fold(model, left=1, full_check=False)
+    assert_same_per_channel(model, folded)
+    assert [f.name for f in report.folded] == ["bn0"]
+    ((name, reason),) = [(left.name, left.reason) for left in report.left]
+    assert (name, reason) == ("bn1", "unsafe_fold") and "adds up 288" in report.left[0].message
+    assert report.absorbed == {"Mul": ["Mul 'mul0'"], "Identity": ["Identity 'identity0'"]}.get(step, [])
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops == ["Conv", "MaxPool", "BatchNormalization"] if step == "MaxPool" else ["Conv", "BatchNormalization"]
+    assert folded.graph.node[-1].output[0] == model.graph.node[-1].output[0]
+    # A scale the chain can take folds whole.
+    assert not check_fold(conv_bn_step_bn(step, gamma1=3.0), full_check=False)[1].left
+
+
+def test_strict_folds_the_part_of_a_chain_without_a_hazard():
+    """--strict refuses the chain for its last BN's extreme scale; the first BN has none and folds."""
+    model = conv_bn_step_bn("MaxPool", gamma1=5e3)
+    folded, report = check_fold(model, left=0, full_check=False)
+    assert_same_per_channel(model, folded)
+    assert {w["code"] for w in report.warnings} >= {"extreme_scale"}
+    assert {w["bn"] for w in report.warnings} == {"bn0, bn1"}  # hazards of the chain's composed scale
+    folded, strict = check_fold(model, left=1, full_check=False, strict=True)
+    assert_same_per_channel(model, folded)
+    assert [f.name for f in strict.folded] == ["bn0"] and not strict.warnings
+    assert [(left.name, left.reason) for left in strict.left] == [("bn1", report.warnings[0]["code"])]
 
 
 def test_float16_average_pools_sum_in_a_wider_type():

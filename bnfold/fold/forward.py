@@ -9,7 +9,7 @@ chain's affine maps composed in float64.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
@@ -47,7 +47,8 @@ class Chain:
 
     ``kept`` are steps the map passes through unchanged and that stay in the graph: a MaxPool (max
     commutes with ``s * y + t`` when every ``s > 0``), an average pool without padding, a
-    Flatten/Reshape that keeps the channel axis where the map needs it."""
+    Flatten/Reshape that keeps the channel axis where the map needs it. ``prefix`` is the chain
+    before its last step: when the whole chain is refused, a shorter one may still fold."""
 
     producer: int
     target: Target
@@ -62,6 +63,7 @@ class Chain:
     squeezed: bool = False  # every axis after the channel axis has size 1 (after a global pool)
     identity: Optional[Identity] = None  # a RepVGG identity branch added to the Conv (fold.reparam)
     summed: int = 1  # the most values an average pool in ``kept`` adds up (safety.UNKNOWN_SUM: unknown)
+    prefix: Optional[Chain] = field(default=None, compare=False, repr=False)
 
     @property
     def current_rank(self) -> int:
@@ -95,11 +97,11 @@ class Chain:
             s, t = affine.s * self.s, affine.s * self.t + affine.t
         pool_s = None if self.pool_s is None else affine.s * self.pool_s
         bns = (*self.bns, step) if bn else self.bns
-        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s, bns=bns)
+        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s, bns=bns, prefix=self)
 
     def through(self, step: int, end: str, **changes: object) -> Chain:
         """The chain passed through step ``step``, which stays in the graph."""
-        return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), **changes)
+        return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), prefix=self, **changes)
 
 
 _NO_CHAIN = Chain(-1, Target("", 0, 0, 0, 0, lambda W, s: s), "")  # what Chain.start copies

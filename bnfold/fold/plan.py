@@ -166,6 +166,19 @@ def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes
     return _verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, w.dtype, found), strict, notes)
 
 
+def _foldable_prefix(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[forward.Chain]:
+    """The longest part of a refused chain, from its producer on, that holds a BN and passes the check
+    on its own (Conv -> BN -> pool -> BN whose second BN's shift the pool would sum past the dtype:
+    the first BN still folds). The steps after it stay in the graph as they are. A part that ends
+    with a step that stays (a pool) is the same fold as the part before it, checked more strictly."""
+    prefix = chain.prefix
+    while prefix is not None and prefix.bns:
+        if prefix.steps[-1] not in prefix.kept and _vet_forward(scope, prefix, strict, notes) is None:
+            return prefix
+        prefix = prefix.prefix
+    return None
+
+
 def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Notes) -> Optional[Reason]:
     consumer = scope.index.node(b.consumer)
     w_name = consumer.input[1]
@@ -205,8 +218,11 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         reason = None if k in cleared else _vet_forward(scope, chain, env.strict, notes)
         if reason is None:
             chains.append(chain)
-        else:
-            refused.update((i, reason) for i in chain.bns)
+            continue
+        prefix = _foldable_prefix(scope, chain, env.strict, notes)
+        if prefix is not None:
+            chains.append(prefix)
+        refused.update((i, reason) for i in chain.bns if prefix is None or i not in prefix.bns)
     fwd = forward.Plan(tuple(chains), refused)
     for chain in fwd.chains:
         producer = index.node(chain.producer)
