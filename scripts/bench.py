@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -383,8 +384,6 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bnfold-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     byte_compile_bnfold()
-    from importlib.metadata import version
-
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"onnx {onnx.__version__}, numpy {np.__version__}, ml_dtypes {version('ml_dtypes')}; "

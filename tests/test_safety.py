@@ -241,7 +241,7 @@ def test_a_refused_chain_still_folds_its_first_part(step):
     assert (name, reason) == ("bn1", "unsafe_fold") and "adds up 288" in report.left[0].message
     assert report.absorbed == {"Mul": ["Mul 'mul0'"], "Identity": ["Identity 'identity0'"]}.get(step, [])
     ops = [n.op_type for n in folded.graph.node]
-    assert ops == ["Conv", "MaxPool", "BatchNormalization"] if step == "MaxPool" else ["Conv", "BatchNormalization"]
+    assert ops == (["Conv", "MaxPool", "BatchNormalization"] if step == "MaxPool" else ["Conv", "BatchNormalization"])
     assert folded.graph.node[-1].output[0] == model.graph.node[-1].output[0]
     # A scale the chain can take folds whole.
     assert not check_fold(conv_bn_step_bn(step, gamma1=3.0), full_check=False)[1].left
