@@ -260,6 +260,82 @@ def test_strict_folds_the_part_of_a_chain_without_a_hazard():
     assert [(left.name, left.reason) for left in strict.left] == [("bn1", report.warnings[0]["code"])]
 
 
+def bn_layer_bn(dtype, layer: str = "conv", sb: float = 1.0, sa: float = 1.0, c: int = 4) -> onnx.ModelProto:
+    """x -> BN (channel 1's scale times ``sb``) -> 1x1 Conv without padding, or Gemm(alpha, beta) ->
+    BN (channel 2's scale times ``sa``) -> y: the first BN folds backward and the second forward, into
+    the same layer."""
+    b = Builder(seed=5, dtype=dtype)
+    x = b.input("x", [1, c, 5, 5] if layer == "conv" else [3, c])
+
+    def bn(y: str, k: int, times: float) -> str:
+        gamma = b.rng.uniform(0.5, 1.5, c)
+        gamma[k] *= times
+        moments = [b.rng.uniform(-0.2, 0.2, c), b.rng.uniform(-0.2, 0.2, c), b.rng.uniform(0.5, 2.0, c)]
+        return b.bn(y, c, params=[b.const(gamma, "gamma"), *(b.const(v) for v in moments)])
+
+    y = bn(x, 1, sb)
+    y = b.conv(y, c, c, 1, pad=0) if layer == "conv" else b.gemm(y, c, c, alpha=1.5, beta=0.5)
+    return b.model(bn(y, 2, sa))
+
+
+@pytest.mark.parametrize("layer", ["conv", "gemm"])
+def test_a_layer_folded_both_ways_is_cast_once(layer):
+    """The weight of a layer that takes a BN before it and one after it is computed in float64 with
+    both and rounded once (folded one after the other, it was rounded twice)."""
+    model = bn_layer_bn(np.float16, layer)
+    folded, report = check_fold(model, tol=1e-2)
+    assert sorted(f.direction for f in report.folded) == ["backward", "forward"]
+    values = {t.name: to_array(t).astype(np.float64) for t in model.graph.initializer}
+    first, node, second = model.graph.node
+    s_b, _ = bnfold.batchnorm.scale_shift(*(values[n] for n in first.input[1:]))
+    s_a, _ = bnfold.batchnorm.scale_shift(*(values[n] for n in second.input[1:]))
+    w = values[node.input[1]]
+    if layer == "conv":
+        expected = (w * s_a[:, None, None, None]) * s_b[None, :, None, None]
+    else:
+        expected = (w * s_a[None, :]) * s_b[:, None]
+    (layer_node,) = folded.graph.node
+    got = next(t for t in folded.graph.initializer if t.name == layer_node.input[1])
+    assert to_array(got).tobytes() == expected.astype(np.float16).tobytes()
+
+
+def test_a_concat_branch_folded_both_ways_is_cast_once():
+    """x -> BN -> Conv and x -> Relu -> Conv, concatenated -> BN: the first Conv takes the first BN
+    (backward) and its part of the second (split over the Concat's branches), rounded once."""
+    b = Builder(seed=6, dtype=np.float16)
+    x = b.input("x", [1, 16, 5, 5])
+    left = b.conv(b.bn(x, 16), 16, 12, 1, pad=0)
+    cat = b.op("Concat", [left, b.conv(b.relu(x), 16, 4, 1, pad=0)], axis=1)
+    model = b.model(b.bn(cat, 16))
+    folded, report = check_fold(model, tol=1e-2)
+    assert sorted(f.direction for f in report.folded) == ["backward", "split"]
+    values = {t.name: to_array(t).astype(np.float64) for t in model.graph.initializer}
+    bn0, conv0 = model.graph.node[:2]
+    s_b, _ = bnfold.batchnorm.scale_shift(*(values[n] for n in bn0.input[1:]))
+    s_a, _ = bnfold.batchnorm.scale_shift(*(values[n] for n in model.graph.node[-1].input[1:]))
+    expected = (values[conv0.input[1]] * s_a[:12, None, None, None]) * s_b[None, :, None, None]
+    layer = next(n for n in folded.graph.node if n.name == conv0.name)
+    got = next(t for t in folded.graph.initializer if t.name == layer.input[1])
+    assert to_array(got).tobytes() == expected.astype(np.float16).tobytes()
+
+
+def test_a_layer_folded_both_ways_is_checked_with_both():
+    """Each fold alone fits float32 (scales of 3e20 on weights near 0.1), both together overflow: the
+    backward one is refused, naming the forward one, and no output becomes inf that was finite."""
+    model = bn_layer_bn(np.float32, sb=3e20, sa=3e20)
+    folded, report = bnfold.fold(model)
+    assert [(f.name, f.direction) for f in report.folded] == [("bn1", "forward")]
+    (left,) = report.left
+    assert left.name == "bn0" and left.reason == "unsafe_fold" and "(with bn1 folded into conv0 too)" in left.message
+    assert all(np.isfinite(to_array(t)).all() for t in folded.graph.initializer)
+    for seed in range(3):
+        feeds = feeds_for(model, seed)
+        ref, got = (run_ort(m, feeds)["bn1"].astype(np.float64) for m in (model, folded))
+        assert not np.isfinite(ref).all()  # the scales make some outputs inf, and the fold must keep the others
+        same_including_specials(ref, got, 1e-5)
+    assert not bnfold.fold(bn_layer_bn(np.float32, sb=3e20))[1].left  # the first BN alone folds
+
+
 def test_float16_average_pools_sum_in_a_wider_type():
     """onnxruntime adds up float16 pools in float32: a shift near float16's top still folds."""
     model = conv_pool_bn(np.float16, "GlobalAveragePool", 3e4)

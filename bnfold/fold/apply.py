@@ -43,15 +43,22 @@ def _apply_graph(
         freed += _apply_graph(body, body_plan, env, types, current, False, opset)
     if bodies:
         current = scope()  # the bodies' reads have changed
-    prepared = batch.prepare(current, plan.forward)
+    # A layer that takes a BN after it (forward) and one before it (backward) takes both at once.
+    before = {b.consumer: b for b in plan.backward}
+    prepared = batch.prepare(current, [c for c in plan.forward if c.producer not in before])
     for chain in plan.forward:
-        freed += forward.apply(current, chain, prepared.pop(chain.producer, None))
+        also = before.pop(chain.producer, None)
+        if also is None:
+            freed += forward.apply(current, chain, prepared.pop(chain.producer, None))
+        else:
+            freed += backward.apply_with(current, also, chain)
     for r in plan.reparam:
         freed += reparam.apply(current, r)
     for split in plan.concat:
-        freed += concat.apply(current, split)
+        freed += concat.apply(current, split, before)
     for b in plan.backward:
-        freed += backward.apply(current, b)
+        if before.get(b.consumer) is b:  # not folded together with a forward fold above
+            freed += backward.apply(current, b)
     for low in plan.lowered:
         freed += lower.apply(current, low)
     index = current.index

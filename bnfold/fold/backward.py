@@ -15,6 +15,7 @@ import onnx
 
 from ..proto import ONNX_DOMAINS, attr, node_label, str_attr
 from ..report import Code, Reason
+from . import forward
 from .common import Affine, Scope, check_batchnorm, left_for, rewrite_layer
 from .forward import constant_weight, constant_weights
 
@@ -143,6 +144,26 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Backward], Dict[in
         out.append(Backward(i, readers[0], affine, how))
         del still[i]
     return out, still
+
+
+def input_map(fold: Backward) -> forward.InputMap:
+    """(weight, bias) in float64 -> the same with ``fold``'s BN folded in, for a layer whose weight
+    and bias already carry a forward fold (its bias then enters once: Gemm's beta is 1 after it)."""
+
+    def then(w: np.ndarray, bias: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        new_w, shift = fold.how.rewrite(w, None, fold.affine.s, fold.affine.t)
+        return new_w, bias + shift
+
+    return then
+
+
+def apply_with(scope: Scope, fold: Backward, chain: forward.Chain) -> List[str]:
+    """Fold the BN into a layer that also takes ``chain`` forward: one float64 computation of the
+    layer's weight and bias, and one cast (folded one after the other, the weight was cast twice)."""
+    bn = scope.index.node(fold.bn)
+    freed = list(bn.input)
+    scope.index.remove_node(fold.bn)
+    return freed + forward.apply(scope, chain, then=input_map(fold), x=bn.input[0])
 
 
 def apply(scope: Scope, fold: Backward) -> List[str]:

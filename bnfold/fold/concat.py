@@ -17,7 +17,7 @@ import onnx
 
 from ..proto import ONNX_DOMAINS, attr, node_label
 from ..report import Code, Reason
-from . import forward
+from . import backward, forward
 from .common import Scope, check_batchnorm, left_for
 
 # Left-alone reasons about the producer side that a Concat producer explains.
@@ -106,12 +106,15 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[ConcatFold], Dict[
     return out, still
 
 
-def apply(scope: Scope, fold: ConcatFold) -> List[str]:
+def apply(scope: Scope, fold: ConcatFold, before: Dict[int, backward.Backward]) -> List[str]:
+    """Rewrite the branches' layers; a layer in ``before`` (by node) also takes that backward fold,
+    which is then done here and taken out of ``before``."""
     index = scope.index
     bn, concat = index.node(fold.bn), index.node(fold.concat)
     freed = list(bn.input[1:])
     for chain in fold.branches:
-        freed += forward.apply(scope, chain)
+        also = before.pop(chain.producer, None)
+        freed += forward.apply(scope, chain) if also is None else backward.apply_with(scope, also, chain)
     node = onnx.NodeProto()
     node.CopyFrom(concat)
     node.output[0] = bn.output[0]  # the Concat writes the BN's output

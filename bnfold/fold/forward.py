@@ -623,9 +623,20 @@ def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) 
         return identity.add_to(w.astype(np.float64) * factor).astype(w.dtype)
 
 
-def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> List[str]:
+InputMap = Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
+
+
+def apply(
+    scope: Scope,
+    chain: Chain,
+    prepared: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+    then: Optional[InputMap] = None,
+    x: Optional[str] = None,
+) -> List[str]:
     """Rewrite one chain; returns the names that may have become unused. ``prepared`` is its new
-    weight and bias when computed already (:func:`.batch.prepare`)."""
+    weight and bias when computed already (:func:`.batch.prepare`). ``then`` maps the folded weight
+    and bias, in float64, to those of a layer that also takes the BN before it (a backward fold,
+    whose input ``x`` the layer then reads): both folds are computed before the one cast."""
     if prepared is not None:
         return _rewrite(scope, chain, *prepared)
     old = scope.index.node(chain.producer)
@@ -635,6 +646,11 @@ def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.nd
     w = scope.constant(w_name)
     if w is None:
         raise ValueError(f"weight '{w_name}' is no longer constant")
+    if then is not None:
+        assert chain.identity is None  # an identity branch's Conv takes no backward fold (plan)
+        with np.errstate(all="ignore"):
+            w64, b64 = then(w.astype(np.float64) * target.factor(w, chain.s), new_bias(scope, old, chain))
+        return _rewrite(scope, chain, w64.astype(w.dtype), np.asarray(b64).astype(w.dtype), x)
     # Large weights are computed when written (one at a time) from the value they have now, small
     # ones at once.
     identity = chain.identity
@@ -649,8 +665,9 @@ def apply(scope: Scope, chain: Chain, prepared: Optional[Tuple[np.ndarray, np.nd
     return _rewrite(scope, chain, new_w, new_b)
 
 
-def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray) -> List[str]:
-    """Give the producer its new weight and bias and the chain's end as output; drop the steps."""
+def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray, x: Optional[str] = None) -> List[str]:
+    """Give the producer its new weight and bias (and input ``x``) and the chain's end as output;
+    drop the steps."""
     index, target = scope.index, chain.target
     freed = [n for i in (*chain.steps, chain.producer) for n in index.reads(i)]
     # The producer writes what the first kept step reads; each kept step writes what the next reads,
@@ -679,6 +696,7 @@ def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray) -> Lis
         new_b,
         to_gemm=target.to_gemm,
         bias_slot=max(target.bias_slot, 2),
+        x=x,
         output=names[0],
         bias_node=target.bias_node,
     )

@@ -201,6 +201,33 @@ def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Note
     return _verdict(scale_hazards(bn, b.affine.s) + weight_hazards(bn, w_name, w.dtype, found), strict, notes)
 
 
+def _vet_both(scope: Scope, chain: forward.Chain, b: backward.Backward) -> Optional[Reason]:
+    """Refuse a backward fold into a layer that also takes ``chain`` forward when the weight or bias
+    carrying both would be unsafe in its dtype (each fold alone was checked on the layer's weight)."""
+    assert chain.s is not None
+    target, node = chain.target, scope.index.node(chain.producer)
+    w_name = node.input[target.weight_slot]
+    w = scope.constant(w_name)
+    if w is None:
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' is computed at run time")
+    factor = target.factor(w, chain.s)
+    found = check_weight(w_name, w, factor * b.how.factor(w, b.affine.s), target.channel_axis)
+    problem: Optional[Reason]
+    if isinstance(found, Reason):
+        problem = found
+    else:
+        with np.errstate(all="ignore"):
+            _, bias = backward.input_map(b)(w.astype(np.float64) * factor, forward.new_bias(scope, node, chain))
+        terms = w.size // max(target.channels, 1)
+        problem = check_gain(w_name, found.after, w.dtype, terms, chain.summed) or check_bias(
+            f"bias of {node_label(node)}", np.asarray(bias, dtype=np.float64), w.dtype, chain.summed
+        )
+    if problem is None:
+        return None
+    bns = ", ".join(node_label(scope.index.node(i)) for i in chain.bns) or "the BN after it"
+    return Reason(problem.code, f"{problem.message} (with {bns} folded into {node_label(node)} too)")
+
+
 def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str, notes: _Notes) -> GraphPlan:
     index = scope.index
     bodies = []
@@ -251,9 +278,12 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
         into = f"{node_label(node)} ({', '.join(node_label(index.node(ch.producer)) for ch in c.branches)})"
         notes.folded.append(FoldedBN(node_label(bn), bn.output[0], into, "Concat", "split"))
     backs, left = backward.plan(scope, after_split)
+    forward_into = {c.producer: c for c in fwd.chains} | {ch.producer: ch for c in kept_splits for ch in c.branches}
     kept = []
     for b in backs:
-        reason = _vet_backward(scope, b, env.strict, notes)
+        both = forward_into.get(b.consumer)
+        reason = None if both is None else _vet_both(scope, both, b)
+        reason = reason or _vet_backward(scope, b, env.strict, notes)
         if reason is None:
             kept.append(b)
         else:
