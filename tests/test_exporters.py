@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import check_fold
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import bnfold
 from models import Builder, calibrate
@@ -299,6 +301,106 @@ def test_levit_forms_that_would_change_meaning_keep_the_bn(variant):
     _, report = check_fold(levit_linear_norm(**{variant: True}), left=1, dims={"B": 2})
     reason = report.left[0].reason
     assert reason == ("axis_mismatch" if variant == "moves_channels" else "shared_producer_output"), report.left
+
+
+def sequence_bn1d(bias: bool = False, conv1d: bool = False, shared: bool = False) -> onnx.ModelProto:
+    """PyTorch's BatchNorm1d over a sequence after a Linear: ``bn(fc(x).transpose(1, 2)).transpose(1,
+    2)``, exported as MatMul (rank 3) -> Transpose [0, 2, 1] -> BN -> Transpose [0, 2, 1]. With
+    ``conv1d``, a Conv1d's output transposed to [N, L, C] meets a BN over L: not its channels."""
+    b = Builder(seed=21)
+    if conv1d:
+        y, channels = b.conv(b.input("x", ["B", 16, 10]), 16, 24, 3, dims=1), 10
+    else:
+        y, channels = b.op("MatMul", [b.input("x", ["B", 10, 16]), b.const(b.randn(16, 24), "w")]), 24
+    if bias:
+        y = b.op("Add", [y, b.const(b.randn(24), "bias")])
+    t = b.op("Transpose", [y], perm=[0, 2, 1])
+    z = b.relu(b.op("Transpose", [b.bn(t, channels)], perm=[0, 2, 1]))
+    return calibrate(b.model(z, *([b.op("Sigmoid", [y])] if shared else [])), {"B": 2})
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
+def test_a_bn1d_between_transposes_folds_into_the_linear(bias):
+    folded, report = check_fold(sequence_bn1d(bias), dims={"B": 2})
+    (f,) = report.folded
+    assert f.into_op == "MatMul" and "Transpose" in f.into
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "Transpose", "Transpose", "Relu"]
+    assert report.absorbed == (["Add 'add0'"] if bias else [])
+
+
+def tf_nhwc_affine(perm_back=(0, 3, 1, 2), bn_after: bool = False) -> onnx.ModelProto:
+    """tf2onnx's NHWC islands: Conv -> Transpose to NHWC -> Mul, Add by (C,) constants (a Keras BN
+    as Keras 3 writes it) -> Transpose back (-> a BN in NCHW)."""
+    b = Builder(seed=22)
+    t = b.op("Transpose", [b.conv(b.input("x", ["N", 3, 8, 8]), 3, 8, 3)], perm=[0, 2, 3, 1])
+    y = b.op("Add", [b.op("Mul", [t, b.const(b.rng.uniform(0.5, 2.0, 8), "scale")]), b.const(b.randn(8), "shift")])
+    y = b.op("Transpose", [y], perm=list(perm_back))
+    y = b.bn(y, 8) if bn_after else y
+    return calibrate(b.model(b.relu(y)), {"N": 2}) if bn_after else b.model(b.relu(y))
+
+
+@pytest.mark.parametrize("bn_after", [False, True], ids=["affine", "affine_and_bn"])
+def test_nhwc_affine_ops_between_transposes_fold_into_the_conv(bn_after):
+    folded, report = check_fold(tf_nhwc_affine(bn_after=bn_after), dims={"N": 2})
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Transpose", "Transpose", "Relu"]
+    assert report.absorbed == ["Mul 'mul0'", "Add 'add0'"]
+    assert [f.into_op for f in report.folded] == (["Conv"] if bn_after else [])
+    assert report.affine == ([] if bn_after else ["Mul + Add -> Conv conv0"])
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: sequence_bn1d(conv1d=True), "it normalizes axis 1 of a rank-3 value whose channels"),
+        (lambda: sequence_bn1d(shared=True), "is read by 2 nodes (the BN reaches it through Transpose"),
+        (lambda: tf_nhwc_affine(perm_back=(0, 1, 3, 2), bn_after=True), "moves the channels to axis 2"),
+    ],
+    ids=["bn_over_the_sequence", "shared", "channels_to_axis_2"],
+)
+def test_transposes_that_would_change_meaning_keep_the_bn(make, reason):
+    _, report = check_fold(make(), left=1, dims={"B": 2, "N": 2})
+    (left,) = report.left
+    assert reason in left.message, left
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.permutations(range(4)),
+    second=st.one_of(st.none(), st.permutations(range(4))),
+    const_axis=st.one_of(st.none(), st.integers(0, 3)),  # None: the axis the channels are on then
+    matmul=st.booleans(),
+)
+def test_any_transposes_fold_exactly_or_keep_the_bn(first, second, const_axis, matmul):
+    """Conv (or a rank-4 MatMul) -> Transpose -> Mul by a constant along one axis -> (Transpose) ->
+    BN, for any permutations: the folded model computes what the original does, and whatever stays
+    says why (the channels are not where the constant or the BN reads them)."""
+    b = Builder(seed=23)
+    shape = [2, 3, 4, 5]
+    if matmul:  # output columns (5) on the last axis
+        y = b.op("MatMul", [b.input("x", [2, 3, 4, 6]), b.const(b.randn(6, 5), "w")])
+    else:  # output channels (3) on axis 1
+        y = b.conv(b.input("x", [2, 2, 4, 5]), 2, 3, 3)
+    y = b.op("Transpose", [y], perm=list(first))
+    shape = [shape[k] for k in first]
+    axis = first.index(3 if matmul else 1)  # where the channels are after each Transpose
+    const_axis = axis if const_axis is None else const_axis
+    const = np.ones(4, dtype=int)
+    const[const_axis] = shape[const_axis]
+    y = b.op("Mul", [y, b.const(b.rng.uniform(0.5, 2.0, tuple(const)), "scale")])
+    if second is not None:
+        y = b.op("Transpose", [y], perm=list(second))
+        shape = [shape[k] for k in second]
+    model = b.model(b.relu(b.bn(y, shape[1])))
+    # The map folds when the constant varies along the channels' axis and the BN finds them on axis
+    # 1, each Transpose leaving them on axis 1 or the last axis.
+    folds = axis in (1, 3) and const_axis == first.index(3 if matmul else 1)
+    if second is not None:
+        axis = second.index(axis)
+        folds = folds and axis in (1, 3)
+    folds = folds and axis == 1
+    _, report = check_fold(model, left=0 if folds else 1)
+    for left in report.left:
+        assert left.reason in ("axis_mismatch", "unsupported_producer"), left
 
 
 @pytest.mark.parametrize("pads, folds", [([0, 0, 0, 0], True), ([1, 1, 1, 1], False)], ids=["unpadded", "padded"])

@@ -47,8 +47,9 @@ class Chain:
 
     ``kept`` are steps the map passes through unchanged and that stay in the graph: a MaxPool (max
     commutes with ``s * y + t`` when every ``s > 0``), an average pool without padding, a
-    Flatten/Reshape that keeps the channel axis where the map needs it. ``prefix`` is the chain
-    before its last step: when the whole chain is refused, a shorter one may still fold."""
+    Flatten/Reshape that keeps the channel axis where the map needs it, a Transpose that moves it to
+    axis 1 or the last axis. ``prefix`` is the chain before its last step: when the whole chain is
+    refused, a shorter one may still fold."""
 
     producer: int
     target: Target
@@ -63,6 +64,7 @@ class Chain:
     squeezed: bool = False  # every axis after the channel axis has size 1 (after a global pool)
     identity: Optional[Identity] = None  # a RepVGG identity branch added to the Conv (fold.reparam)
     summed: int = 1  # the most values an average pool in ``kept`` adds up (safety.UNKNOWN_SUM: unknown)
+    last: Optional[bool] = None  # channels on the last axis now, after a Transpose (None: as the target writes)
     prefix: Optional[Chain] = field(default=None, compare=False, repr=False)
 
     @property
@@ -70,9 +72,14 @@ class Chain:
         return self.rank or self.target.rank
 
     @property
+    def channels_last(self) -> bool:
+        """Whether the value at ``end`` has its channels on its last axis (else on axis 1)."""
+        return self.target.channel_last if self.last is None else self.last
+
+    @property
     def axis(self) -> int:
         """The channel axis of the value at ``end``."""
-        return self.current_rank - 1 if self.target.channel_last else 1
+        return self.current_rank - 1 if self.channels_last else 1
 
     def but(self, **changes: object) -> Chain:
         """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a chain
@@ -342,6 +349,7 @@ def _identity(chain: Chain) -> Optional[Affine]:
 STEP_CODES = (Code.AXIS_MISMATCH, Code.PADDED_POOL)  # what a pass-through step refuses with itself
 POOLS = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool")
 RESHAPES = ("Flatten", "Reshape")
+MOVES = ("Transpose",)
 SHAPE_READERS = ("Shape", "Size")
 
 
@@ -352,7 +360,7 @@ def _unused_extra_outputs(scope: Scope, node: onnx.NodeProto) -> bool:
 def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callable[[Chain], Union[Chain, Reason]]]:
     """For a node a per-channel affine map passes through unchanged (a pool, a Flatten/Reshape that
     keeps the channel axis), how a chain ending at its input goes on past it. Else None."""
-    if node.domain not in ONNX_DOMAINS or node.op_type not in POOLS + RESHAPES or not node.input:
+    if node.domain not in ONNX_DOMAINS or node.op_type not in POOLS + RESHAPES + MOVES or not node.input:
         return None
     if not node.input[0] or not node.output or not node.output[0] or not _unused_extra_outputs(scope, node):
         return None
@@ -361,8 +369,19 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
 
     def step(chain: Chain) -> Union[Chain, Reason]:
         rank, channels = chain.current_rank, chain.target.channels
+        if op == "Transpose":
+            # Channels that land on axis 1 or the last axis are where a BN (axis 1) or a per-channel
+            # constant (broadcast on either) finds them; the other axes' order is not tracked.
+            perm = attr(node, "perm", None)
+            perm = list(range(rank))[::-1] if perm is None else perm
+            if not isinstance(perm, list) or sorted(perm) != list(range(rank)):
+                return Reason(Code.AXIS_MISMATCH, f"{label}: perm={perm} does not reorder the {rank} axes")
+            moved = perm.index(chain.axis)
+            if moved not in (1, rank - 1):
+                return Reason(Code.AXIS_MISMATCH, f"{label} moves the channels to axis {moved}")
+            return chain.through(i, out, last=moved == rank - 1 and rank > 2, squeezed=False)
         if op in POOLS:
-            if chain.target.channel_last:
+            if chain.channels_last:
                 return Reason(Code.AXIS_MISMATCH, f"{label} pools the channel axis of a MatMul output")
             if op == "AveragePool" and (
                 any(attr(node, "pads", []) or [])
@@ -380,7 +399,7 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
         if op == "Flatten":
             axis = attr(node, "axis", 1)
             axis = axis + rank if isinstance(axis, int) and axis < 0 else axis
-            keeps = axis == rank - 1 if chain.target.channel_last else axis == 1 and (rank == 2 or chain.squeezed)
+            keeps = axis == rank - 1 if chain.channels_last else axis == 1 and (rank == 2 or chain.squeezed)
             if not keeps:
                 return Reason(Code.AXIS_MISMATCH, f"{label} (axis={axis}) moves the channel axis")
             return chain.through(i, out, rank=2, squeezed=True)
@@ -388,13 +407,13 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
         dims = [int(d) for d in shape.reshape(-1)] if shape is not None and shape.dtype.kind in "iu" else None
         if dims is None or len(dims) < 2:
             return Reason(Code.AXIS_MISMATCH, f"{label}: its target shape is not a constant of rank >= 2")
-        if chain.target.channel_last:  # row-major: a last axis of C in and out keeps every column
+        if chain.channels_last:  # row-major: a last axis of C in and out keeps every column
             keeps = dims[-1] == channels
         else:  # [N, C, 1, ...] keeps the channels of [N, C, 1, ...] on axis 1
             keeps = (rank == 2 or chain.squeezed) and dims[1] == channels and all(d == 1 for d in dims[2:])
         if not keeps:
             return Reason(Code.AXIS_MISMATCH, f"{label} to {dims} moves the channel axis")
-        return chain.through(i, out, rank=len(dims), squeezed=not chain.target.channel_last)
+        return chain.through(i, out, rank=len(dims), squeezed=not chain.channels_last)
 
     return step
 
@@ -470,7 +489,7 @@ def _batchnorm_step(affine: Affine) -> Step:
             return Reason(
                 Code.AXIS_MISMATCH,
                 f"it normalizes axis 1 of a rank-{chain.current_rank} value whose channels "
-                f"(the {chain.target.op}'s output columns) are on axis {chain.axis}",
+                f"(the {chain.target.op}'s outputs) are on axis {chain.axis}",
             )
         return affine
 
@@ -484,7 +503,7 @@ def _operand_map(node: onnx.NodeProto, x: str, const: np.ndarray) -> Step:
 
 NOOPS = ("Identity", "Dropout", "Cast")
 # The op types the walk of :func:`plan` looks at (a BN, a no-op, a pass-through step, an affine op).
-_WALKED = frozenset(("BatchNormalization", *NOOPS, *POOLS, *RESHAPES, *AFFINE_OPS))
+_WALKED = frozenset(("BatchNormalization", *NOOPS, *POOLS, *RESHAPES, *MOVES, *AFFINE_OPS))
 
 
 def plan(scope: Scope, fold_affine: bool = True) -> Plan:
