@@ -104,11 +104,15 @@ class Chain:
             s, t = affine.s * self.s, affine.s * self.t + affine.t
         pool_s = None if self.pool_s is None else affine.s * self.pool_s
         bns = (*self.bns, step) if bn else self.bns
-        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s, bns=bns, prefix=self)
+        return self.but(end=end, steps=(*self.steps, step), s=s, t=t, pool_s=pool_s, bns=bns, prefix=self._part())
 
     def through(self, step: int, end: str, **changes: object) -> Chain:
         """The chain passed through step ``step``, which stays in the graph."""
-        return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), prefix=self, **changes)
+        return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), prefix=self._part(), **changes)
+
+    def _part(self) -> Optional[Chain]:
+        """This chain as the prefix of a longer one: only a chain that holds a BN may fold alone."""
+        return self if self.bns else None
 
 
 _NO_CHAIN = Chain(-1, Target("", 0, 0, 0, 0, lambda W, s: s), "")  # what Chain.start copies
