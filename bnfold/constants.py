@@ -24,6 +24,21 @@ SMALL_INLINE = 1 << 16  # inline initializers up to this many bytes are parsed o
 
 Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
 
+
+class OverBudget(Exception):
+    """A result of more than ``MAX_ELEMENTS`` elements: not computed, and said so."""
+
+    def __init__(self, elements: int) -> None:
+        super().__init__(elements)
+        self.elements = elements
+
+
+def _within_budget(shape: Sequence[float]) -> None:
+    elements = int(np.prod(shape, dtype=np.float64))
+    if elements > MAX_ELEMENTS:
+        raise OverBudget(elements)
+
+
 # Input slots that are read only for their element type or static shape.
 TYPE_ONLY = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
 
@@ -64,8 +79,7 @@ def _cast_like(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.
 
 def _constant_of_shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     shape = _int_list(ops[0].value)
-    if int(np.prod(shape)) > MAX_ELEMENTS:
-        return None
+    _within_budget(shape)
     value = attr(node, "value")
     fill = to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
     return np.full(shape, fill[0], dtype=fill.dtype)
@@ -102,8 +116,7 @@ def _squeeze(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.nd
 
 def _expand(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
     shape = np.broadcast_shapes(ops[0].value.shape, tuple(_int_list(ops[1].value)))
-    if int(np.prod(shape)) > MAX_ELEMENTS:
-        return None
+    _within_budget(shape)
     return np.broadcast_to(ops[0].value, shape).copy()
 
 
@@ -174,39 +187,43 @@ EVALUATORS: Dict[str, Evaluator] = {
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow"}
 
 
-def _too_large(node: onnx.NodeProto, operands: Sequence[Optional[Operand]]) -> bool:
-    """Whether the result would exceed the budget, known before anything is allocated (Expand and
-    ConstantOfShape check their own target shapes)."""
+def _result_size(node: onnx.NodeProto, operands: Sequence[Optional[Operand]]) -> Optional[float]:
+    """How many elements the result would have, known before anything is allocated, for the ops
+    whose result can be far larger than their operands (Expand and ConstantOfShape check their own
+    target shapes); None for the others, and for operands whose shapes do not fit together."""
     values = [o.value for o in operands if o is not None and o.value is not None]
     try:
         if node.op_type in ELEMENTWISE and len(values) == 2:
-            size = int(np.prod(np.broadcast_shapes(values[0].shape, values[1].shape), dtype=np.float64))
-        elif node.op_type == "Concat":
-            size = sum(v.size for v in values)
-        elif node.op_type == "Gather" and len(values) == 2:
-            size = values[0].size // max(values[0].shape[attr(node, "axis", 0)], 1) * values[1].size
-        else:
-            return False
+            return float(np.prod(np.broadcast_shapes(values[0].shape, values[1].shape), dtype=np.float64))
+        if node.op_type == "Concat":
+            return float(sum(v.size for v in values))
+        if node.op_type == "Gather" and len(values) == 2:
+            return float(values[0].size // max(values[0].shape[attr(node, "axis", 0)], 1) * values[1].size)
     except (ValueError, IndexError, TypeError):
-        return True  # shapes that do not broadcast: nothing to evaluate
-    return size > MAX_ELEMENTS
+        return None  # shapes that do not broadcast: evaluating them fails below
+    return None
 
 
 def evaluate(node: onnx.NodeProto, operands: Sequence[Optional[Operand]], opset: int) -> Optional[np.ndarray]:
-    """The value of the node's single output, or None when it cannot be computed here.
+    """The value of the node's single output, or None when it cannot be computed here. Raises
+    :class:`OverBudget` for a result over ``MAX_ELEMENTS``, before allocating it where that is known.
 
     ``operands`` holds None for an absent optional input; every other input is a value, except in
     ``TYPE_ONLY`` slots, which may carry only a dtype and static shape."""
     fn = EVALUATORS.get(node.op_type)
-    if fn is None or len(node.output) != 1 or _too_large(node, operands):
+    if fn is None or len(node.output) != 1:
         return None
+    size = _result_size(node, operands)
+    if size is not None:
+        _within_budget([size])
     with np.errstate(all="ignore"):
         try:
             out = fn(node, list(operands), opset)
         except (ValueError, TypeError, IndexError, AttributeError, OverflowError, MemoryError):
             return None
-    if out is None or np.asarray(out).size > MAX_ELEMENTS:
+    if out is None:
         return None
+    _within_budget(np.shape(out))
     return np.asarray(out)
 
 
@@ -224,6 +241,8 @@ class Constants:
         self.types = types
         self.outer = outer
         self._cache: Dict[str, Optional[np.ndarray]] = {}
+        # Values computed from constants that were not evaluated for the budget: their elements.
+        self._over_budget: Dict[str, int] = {}
         self._inline: Dict[str, Tuple[int, Optional[np.ndarray]]] = {}  # small inline initializers
         self._depth = 0
 
@@ -260,6 +279,18 @@ class Constants:
                 self._depth -= 1
         return self._cache[name]
 
+    def why_not(self, name: str) -> str:
+        """Why ``name`` (whose value is None) is not a known constant, to follow its name."""
+        elements = self._over_budget.get(name)
+        if elements is None and self.outer is not None and name not in self.index.producer:
+            return self.outer.why_not(name)
+        if elements is None:
+            return "is computed at run time"
+        return (
+            f"is computed from constants, but through a result of {elements:,} elements, over the "
+            f"{MAX_ELEMENTS:,} that bnfold evaluates"
+        )
+
     def snapshot(self, name: str) -> Callable[[], np.ndarray]:
         """A function giving the value ``name`` has now, even after its initializer is replaced."""
         thunk = self.index.snapshot(name)
@@ -291,5 +322,11 @@ class Constants:
                 dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else None
                 operands.append(Operand(None, dtype, self.types.static_shape(name)))
             else:
+                if name in self._over_budget:  # a constant after all, computed through a result too large
+                    self._over_budget[node.output[0]] = self._over_budget[name]
                 return None
-        return evaluate(node, operands, self.opset)
+        try:
+            return evaluate(node, operands, self.opset)
+        except OverBudget as e:
+            self._over_budget[node.output[0]] = e.elements
+            return None

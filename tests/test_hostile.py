@@ -385,7 +385,39 @@ def test_a_constant_subgraph_that_would_be_huge_is_not_evaluated(tmp_path):
     start = time.monotonic()
     _, report = bnfold.fold(model)
     assert time.monotonic() - start < 5
-    assert [x.reason for x in report.left] == ["non_constant_parameter"]
+    (left,) = report.left
+    assert left.reason == "non_constant_parameter"  # the reason says which, and why
+    assert "scale 'big' is computed from constants, but through a result of 2,500,000,000 elements" in left.message
+
+
+@pytest.mark.parametrize("through", ["Expand", "Expand+Reshape", "runtime"])
+def test_a_weight_over_the_evaluation_budget_is_named_as_such(through):
+    """A Conv weight computed from constants through a result over the budget (16,777,216 elements)
+    is not evaluated, and the BN's reason says so; one computed from an input is at run time."""
+    nodes = [helper.make_node("Expand", ["w0", "shape"], ["wide"])]  # (4, 4, 1, 1) -> (4, 4, 2048, 2048)
+    inits = [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w0")]
+    inits.append(numpy_helper.from_array(np.array([4, 4, 2048, 2048], np.int64), "shape"))
+    weight = "wide"
+    if through == "Expand+Reshape":
+        nodes.append(helper.make_node("Reshape", ["wide", "same"], ["w"]))
+        inits.append(numpy_helper.from_array(np.array([4, 4, 2048, 2048], np.int64), "same"))
+        weight = "w"
+    elif through == "runtime":
+        nodes = [helper.make_node("Mul", ["w0", "k"], ["w"])]
+        weight = "w"
+    nodes += [
+        helper.make_node("Conv", ["x", weight], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 4, 4])]
+    inputs += [helper.make_tensor_value_info("k", onnx.TensorProto.FLOAT, [1])] if through == "runtime" else []
+    (left,) = bnfold.fold(_graph(nodes, inits + _bn_params(), inputs=inputs))[1].left
+    assert left.reason == "producer_weight_not_constant"
+    if through == "runtime":
+        assert left.message.endswith(f"weight '{weight}' of Conv 'conv' is computed at run time")
+    else:
+        assert f"weight '{weight}' of Conv 'conv' is computed from constants, but through a result of" in left.message
+        assert "67,108,864 elements, over the 16,777,216 that bnfold evaluates" in left.message
 
 
 # -- files that are not models ---------------------------------------------------------------------

@@ -34,6 +34,10 @@ class Scope:
     def constant(self, name: str) -> Optional[np.ndarray]:
         return self.consts.value(name)
 
+    def not_constant(self, name: str) -> str:
+        """Why ``constant(name)`` is None: "is computed at run time", or the evaluation budget."""
+        return self.consts.why_not(name)
+
     def known_affine(self, node: onnx.NodeProto) -> Optional[Affine]:
         """The affine map of this BN node when :func:`batch_affines` found it sound (None: ask
         :func:`check_batchnorm`'s own path)."""
@@ -208,7 +212,7 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
             return Reason(Code.OVERRIDABLE_INITIALIZER, f"{role} '{name}' is a graph input a caller may override")
         value = scope.constant(name)
         if value is None:
-            return Reason(Code.NON_CONSTANT_PARAMETER, f"{role} '{name}' is computed at run time")
+            return Reason(Code.NON_CONSTANT_PARAMETER, f"{role} '{name}' {scope.not_constant(name)}")
         params.append(value)
     if not all(is_float(p) for p in params):
         return Reason(Code.INVALID_NODE, "its parameters are not floating point")

@@ -138,7 +138,7 @@ def _constant_input(scope: Scope, node: onnx.NodeProto, name: str, role: str) ->
     if value is None:
         return Reason(
             Code.PRODUCER_WEIGHT_NOT_CONSTANT,
-            f"{role} '{name}' of {node.op_type} '{node_label(node)}' is computed at run time",
+            f"{role} '{name}' of {node.op_type} '{node_label(node)}' {scope.not_constant(name)}",
         )
     if not is_float(value):
         return Reason(

@@ -148,7 +148,7 @@ def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes
     w_name = node.input[target.weight_slot]
     w = scope.constant(w_name)
     if w is None:
-        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' is computed at run time")
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
     found = check_weight(w_name, w, target.factor(w, chain.s), target.channel_axis)
     if isinstance(found, Reason):
         return found
@@ -184,7 +184,7 @@ def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Note
     w_name = consumer.input[1]
     w = scope.constant(w_name)
     if w is None:
-        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' is computed at run time")
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
     found = check_weight(w_name, w, b.how.factor(w, b.affine.s), b.how.channel_axis)
     if isinstance(found, Reason):
         return found
@@ -209,7 +209,7 @@ def _vet_both(scope: Scope, chain: forward.Chain, b: backward.Backward) -> Optio
     w_name = node.input[target.weight_slot]
     w = scope.constant(w_name)
     if w is None:
-        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' is computed at run time")
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
     factor = target.factor(w, chain.s)
     found = check_weight(w_name, w, factor * b.how.factor(w, b.affine.s), target.channel_axis)
     problem: Optional[Reason]
