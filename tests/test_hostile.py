@@ -373,6 +373,26 @@ def test_a_layer_reading_its_weight_twice_keeps_the_other_read():
     assert gemm.input[0] == "W" and gemm.input[1] != "W"
 
 
+@pytest.mark.parametrize("after", [False, True], ids=["backward", "backward_and_forward"])
+def test_a_bn_of_the_layers_own_weight_folds_without_changing_it(after):
+    """BN(W) -> Gemm(., W) (-> BN): folded backward, the Gemm reads W itself as its input, so the
+    scaled weight must be a new initializer, not W changed in place (it was: the BN, which also read
+    W, was removed before the weight was written)."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("BatchNormalization", ["W", "g", "b", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Gemm", ["n", "W"], ["y" if not after else "c"], name="gemm"),
+    ]
+    if after:
+        nodes.append(helper.make_node("BatchNormalization", ["c", "pg", "pb", "pm", "pv"], ["y"], name="bn2"))
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W"), *_bn_params()]
+    model = _graph(nodes, inits + _bn_params(prefix="p"), inputs=[])
+    folded, report = check_fold(model, full_check=False)
+    assert sorted(f.direction for f in report.folded) == (["backward", "forward"] if after else ["backward"])
+    (gemm,) = folded.graph.node
+    assert gemm.input[0] == "W" and gemm.input[1] != "W"
+
+
 def test_a_constant_subgraph_that_would_be_huge_is_not_evaluated(tmp_path):
     a = numpy_helper.from_array(np.ones((50000, 1), np.float32), "a")
     b = numpy_helper.from_array(np.ones((1, 50000), np.float32), "b2")

@@ -161,9 +161,9 @@ def apply_with(scope: Scope, fold: Backward, chain: forward.Chain) -> List[str]:
     """Fold the BN into a layer that also takes ``chain`` forward: one float64 computation of the
     layer's weight and bias, and one cast (folded one after the other, the weight was cast twice)."""
     bn = scope.index.node(fold.bn)
-    freed = list(bn.input)
-    scope.index.remove_node(fold.bn)
-    return freed + forward.apply(scope, chain, then=input_map(fold), x=bn.input[0])
+    freed = list(bn.input) + forward.apply(scope, chain, then=input_map(fold), x=bn.input[0])
+    scope.index.remove_node(fold.bn)  # after: while it reads x, a weight that is x is not written in place
+    return freed
 
 
 def apply(scope: Scope, fold: Backward) -> List[str]:
@@ -180,7 +180,6 @@ def apply(scope: Scope, fold: Backward) -> List[str]:
     bias = None if old_bias is None else old_bias.astype(np.float64)
     new_w, new_b = how.rewrite(w.astype(np.float64), bias, fold.affine.s, fold.affine.t)
     freed = list(bn.input) + list(old.input)
-    index.remove_node(fold.bn)
     rewrite_layer(
         scope,
         fold.consumer,
@@ -189,4 +188,5 @@ def apply(scope: Scope, fold: Backward) -> List[str]:
         to_gemm=how.to_gemm,
         x=bn.input[0],
     )
+    index.remove_node(fold.bn)  # after: while it reads x, a weight or bias that is x is not written in place
     return freed
