@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -141,13 +141,13 @@ def _same(ref: Dict[str, np.ndarray], got: Dict[str, np.ndarray], where: str) ->
             assert float(np.abs(r64[finite] - g64[finite]).max()) / scale <= 1e-2, (where, name)
 
 
-def test_structural_mutations_exit_cleanly_and_keep_meaning(tmp_path):
-    rng = random.Random(3)  # here the previous release changed the meaning of mutations 72 and 187
-    seeds = {name: make() for name, make in SEEDS.items()}
+def _campaign(seeds: Dict[str, onnx.ModelProto], rng: random.Random, count: int, tmp_path: Path) -> Tuple[set, int]:
+    """``count`` mutations of the seed models, each folded through the CLI: the exit codes seen, and
+    how many folded models were compared with their mutated original through onnxruntime."""
     path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     codes = set()
     compared = 0
-    for k in range(240):
+    for k in range(count):
         name = rng.choice(sorted(seeds))
         model = onnx.ModelProto()
         model.CopyFrom(seeds[name])
@@ -177,4 +177,34 @@ def test_structural_mutations_exit_cleanly_and_keep_meaning(tmp_path):
             continue  # onnxruntime refuses the mutated model itself: no meaning to keep
         _same(ref, run_ort(onnx.load(str(out)), feeds), where)
         compared += 1
+    return codes, compared
+
+
+def test_structural_mutations_exit_cleanly_and_keep_meaning(tmp_path):
+    rng = random.Random(3)  # here the previous release changed the meaning of mutations 72 and 187
+    codes, compared = _campaign({name: make() for name, make in SEEDS.items()}, rng, 240, tmp_path)
     assert codes == {0, 2} and compared > 50, (codes, compared)
+
+
+def test_mutations_of_layers_that_take_several_folds(tmp_path):
+    """Seeds whose layers take a chain of BNs through steps, a BN on each side, a Concat's part, or
+    a map through Transposes: the forms where a fold of one BN meets another's. On the previous
+    release, mutation 200 here makes a backward fold write the weight its layer also reads as input."""
+    from test_exporters import sequence_bn1d, tf_nhwc_affine
+    from test_safety import bn_layer_bn, conv_bn_step_bn
+
+    b = Builder(seed=6)
+    x = b.input("x", [1, 8, 5, 5])
+    cat = b.op("Concat", [b.conv(b.bn(x, 8), 8, 6, 1, pad=0), b.conv(b.relu(x), 8, 2, 1, pad=0)], axis=1)
+    seeds = {
+        "steps": conv_bn_step_bn("MaxPool", c=8),
+        "steps_mul": conv_bn_step_bn("Mul", gamma1=3.0, c=8),
+        "both_conv": bn_layer_bn(np.float32, "conv"),
+        "both_gemm": bn_layer_bn(np.float32, "gemm"),
+        "both_fp16": bn_layer_bn(np.float16, "conv"),
+        "concat": b.model(b.bn(cat, 8)),
+        "sequence": sequence_bn1d(bias=True),
+        "nhwc": tf_nhwc_affine(bn_after=True),
+    }
+    codes, compared = _campaign(seeds, random.Random(41), 300, tmp_path)
+    assert codes == {0, 2} and compared > 100, (codes, compared)
