@@ -10,7 +10,7 @@ carries it out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
 from . import backward, batch, concat, forward, lower, reparam
 from .common import Scope
-from .safety import Hazard, check_bias, check_gain, check_weight, scale_hazards, weight_hazards
+from .safety import Hazard, WeightRanges, check_bias, check_gain, check_weight, scale_hazards, weight_hazards
 
 
 @dataclass(frozen=True)
@@ -140,30 +140,46 @@ def _verdict(hazards: List[Hazard], strict: bool, notes: _Notes) -> Optional[Rea
     return None
 
 
-def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[Reason]:
-    """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards."""
+def _unsafe_forward(
+    scope: Scope, chain: forward.Chain, before: Optional[backward.Backward] = None
+) -> Union[Reason, Tuple[str, np.dtype, WeightRanges]]:
+    """Why the chain's folded weight or bias (with ``before``, the backward fold the same layer also
+    takes) would be unsafe in its dtype, or what the weight's check found: (its name, dtype, ranges)."""
     assert chain.s is not None
-    index, target = scope.index, chain.target
-    node = index.node(chain.producer)
+    target, node = chain.target, scope.index.node(chain.producer)
     w_name = node.input[target.weight_slot]
     w = scope.constant(w_name)
     if w is None:
         return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
-    found = check_weight(w_name, w, target.factor(w, chain.s), target.channel_axis)
+    factor = target.factor(w, chain.s)
+    both = factor if before is None else factor * before.how.factor(w, before.affine.s)
+    found = check_weight(w_name, w, both, target.channel_axis)
     if isinstance(found, Reason):
         return found
+    bias = forward.new_bias(scope, node, chain)
+    if before is not None:
+        with np.errstate(all="ignore"):
+            _, bias = backward.input_map(before)(w.astype(np.float64) * factor, bias)
     terms = w.size // max(target.channels, 1)  # products each output adds up, at most
     problem = check_gain(w_name, found.after, w.dtype, terms, chain.summed) or check_bias(
-        f"bias of {node_label(node)}", forward.new_bias(scope, node, chain), w.dtype, chain.summed
+        f"bias of {node_label(node)}", np.asarray(bias, dtype=np.float64), w.dtype, chain.summed
     )
     if problem is None and chain.identity is not None:
         with np.errstate(all="ignore"):
-            final = chain.identity.add_to(w.astype(np.float64) * target.factor(w, chain.s))
+            final = chain.identity.add_to(w.astype(np.float64) * factor)
         problem = check_bias(f"weight '{w_name}' with the identity branch", final, w.dtype)
-    if problem is not None:
-        return problem
-    bns = ", ".join(node_label(index.node(i)) for i in chain.bns)
-    return _verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, w.dtype, found), strict, notes)
+    return problem or (w_name, w.dtype, found)
+
+
+def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[Reason]:
+    """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards."""
+    found = _unsafe_forward(scope, chain)
+    if isinstance(found, Reason):
+        return found
+    w_name, dtype, ranges = found
+    assert chain.s is not None
+    bns = ", ".join(node_label(scope.index.node(i)) for i in chain.bns)
+    return _verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, dtype, ranges), strict, notes)
 
 
 def _foldable_prefix(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[forward.Chain]:
@@ -204,28 +220,12 @@ def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Note
 def _vet_both(scope: Scope, chain: forward.Chain, b: backward.Backward) -> Optional[Reason]:
     """Refuse a backward fold into a layer that also takes ``chain`` forward when the weight or bias
     carrying both would be unsafe in its dtype (each fold alone was checked on the layer's weight)."""
-    assert chain.s is not None
-    target, node = chain.target, scope.index.node(chain.producer)
-    w_name = node.input[target.weight_slot]
-    w = scope.constant(w_name)
-    if w is None:
-        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
-    factor = target.factor(w, chain.s)
-    found = check_weight(w_name, w, factor * b.how.factor(w, b.affine.s), target.channel_axis)
-    problem: Optional[Reason]
-    if isinstance(found, Reason):
-        problem = found
-    else:
-        with np.errstate(all="ignore"):
-            _, bias = backward.input_map(b)(w.astype(np.float64) * factor, forward.new_bias(scope, node, chain))
-        terms = w.size // max(target.channels, 1)
-        problem = check_gain(w_name, found.after, w.dtype, terms, chain.summed) or check_bias(
-            f"bias of {node_label(node)}", np.asarray(bias, dtype=np.float64), w.dtype, chain.summed
-        )
-    if problem is None:
+    problem = _unsafe_forward(scope, chain, b)
+    if not isinstance(problem, Reason):
         return None
     bns = ", ".join(node_label(scope.index.node(i)) for i in chain.bns) or "the BN after it"
-    return Reason(problem.code, f"{problem.message} (with {bns} folded into {node_label(node)} too)")
+    layer = node_label(scope.index.node(chain.producer))
+    return Reason(problem.code, f"{problem.message} (with {bns} folded into {layer} too)")
 
 
 def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str, notes: _Notes) -> GraphPlan:

@@ -114,6 +114,9 @@ class _Pass:
     cast_error: float = 0.0  # largest change the cast made, relative to the channel's range
 
 
+WeightRanges = _Pass  # what check_weight found, for weight_hazards
+
+
 def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
     rows = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
     full = factor.ndim == w.ndim and factor.shape[0] == w.shape[0] and w.shape[0] > 1
