@@ -363,7 +363,7 @@ def _unused_extra_outputs(scope: Scope, node: onnx.NodeProto) -> bool:
 
 def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callable[[Chain], Union[Chain, Reason]]]:
     """For a node a per-channel affine map passes through unchanged (a pool, a Flatten/Reshape that
-    keeps the channel axis), how a chain ending at its input goes on past it. Else None."""
+    keeps the channel axis, a Transpose), how a chain ending at its input goes on past it. Else None."""
     if node.domain not in ONNX_DOMAINS or node.op_type not in POOLS + RESHAPES + MOVES or not node.input:
         return None
     if not node.input[0] or not node.output or not node.output[0] or not _unused_extra_outputs(scope, node):
@@ -386,7 +386,7 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
             return chain.through(i, out, last=moved == rank - 1 and rank > 2, squeezed=False)
         if op in POOLS:
             if chain.channels_last:
-                return Reason(Code.AXIS_MISMATCH, f"{label} pools the channel axis of a MatMul output")
+                return Reason(Code.AXIS_MISMATCH, f"{label} pools the channel axis (the last axis here)")
             if op == "AveragePool" and (
                 any(attr(node, "pads", []) or [])
                 or attr(node, "ceil_mode", 0)
