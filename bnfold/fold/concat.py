@@ -10,7 +10,7 @@ with a reason naming that branch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -31,12 +31,19 @@ class ConcatFold:
     branches: Tuple[forward.Chain, ...]  # one chain per Concat input: producer, target, its part of s, t
 
 
-def _axis_is_channels(scope: Scope, node: onnx.NodeProto) -> bool:
+def _concat_axis(scope: Scope, node: onnx.NodeProto, rank: Optional[int]) -> Optional[int]:
+    """The Concat's axis, made non-negative with ``rank`` (its inputs' rank); None when a negative
+    axis meets an unknown rank, or the axis lies outside the rank."""
     axis = attr(node, "axis", 1)
-    if axis == 1:
-        return True
-    rank = scope.rank(node.output[0]) if node.output else None
-    return axis < 0 and rank is not None and axis + rank == 1
+    if not isinstance(axis, int):
+        return None
+    if rank is None:
+        rank = scope.rank(node.output[0]) if node.output else None
+    if rank is None:
+        return axis if axis >= 0 else None
+    if not -rank <= axis < rank:
+        return None
+    return axis + rank if axis < 0 else axis
 
 
 def _branches(
@@ -62,6 +69,14 @@ def _branches(
         target = forward.TARGETS[producer.op_type](scope, producer)
         if isinstance(target, Reason):
             return [], f"{where}: {target.message}"
+        chain = forward.Chain.start(p, target, name)
+        axis = _concat_axis(scope, concat, chain.current_rank)
+        if axis != 1 or chain.axis != 1:
+            joined = "an unknown axis" if axis is None else f"axis {axis}"
+            return [], (
+                f"{where}: its channels (the {target.op}'s outputs) are on axis {chain.axis} of its "
+                f"rank-{chain.current_rank} output, and the Concat joins {joined}; the BN normalizes axis 1"
+            )
         stop = start + target.channels
         if stop > s.shape[0]:
             return [], f"{where} has more channels than the BN"
@@ -81,8 +96,6 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[ConcatFold], Dict[
         p = index.producer.get(x)
         concat = index.nodes[p] if p is not None else None
         if concat is None or concat.op_type != "Concat" or concat.domain not in ONNX_DOMAINS:
-            continue
-        if not _axis_is_channels(scope, concat):
             continue
         if len(index.readers(x)) != 1 or x in index.graph_outputs:
             what = (
