@@ -193,6 +193,95 @@ class GraphIndex:
     def defines(self, name: str) -> bool:
         return name in self.producer or name in self.initializers or name in self.input_names
 
+    def visible(self, name: str) -> bool:
+        """Whether ``name`` is defined in this graph or an enclosing one."""
+        return self.defines(name) or (self.outer is not None and self.outer.visible(name))
+
+    def check_structure(self, where: str) -> None:
+        """Refuse (BnfoldError) a graph that is not one, as onnx's checker and onnxruntime do: a value
+        defined twice (a graph input listed twice; a node output that is also a graph input, an
+        initializer, another node's output, or a value of an enclosing graph), a node input or graph
+        output defined nowhere, or a cycle. An initializer also listed as an input is one value (IR 3
+        lists them all; from IR 4 it is an overridable default), and a body's inputs and initializers
+        may reuse an enclosing graph's names (they hide them inside the body), as onnx's scoping says.
+        Acyclic graphs whose nodes are out of order are accepted as they are."""
+        if len(set(self.input_names)) < len(self.input_names):
+            twice = next(n for n, count in Counter(self.input_names).items() if count > 1)
+            raise BnfoldError(f"{where}: value '{twice}' is listed twice among the graph inputs")
+        defined = set(self.input_names) | set(self.initializers)
+        defined.update(t.values.name for t in self.graph.sparse_initializer)
+        outer, producer, in_order = self.outer, self.producer, True
+        for reads, outputs in self._links:  # one pass: sets only, no protobuf reads
+            if not defined.issuperset(reads):
+                for name in reads:
+                    if name in defined or (outer is not None and outer.visible(name)):
+                        continue
+                    if name not in producer:
+                        raise BnfoldError(f"{where}: value '{name}' is read by a node but defined nowhere")
+                    in_order = False  # written by a node further on
+            if "" in outputs:
+                outputs = tuple(o for o in outputs if o)
+            if (
+                outer is not None
+                or not defined.isdisjoint(outputs)
+                or (len(outputs) > 1 and len(set(outputs)) < len(outputs))
+            ):
+                seen = set()
+                for name in outputs:
+                    if name in defined or name in seen or (outer is not None and outer.visible(name)):
+                        raise BnfoldError(f"{where}: value '{name}' is defined twice ({self._definitions(name)})")
+                    seen.add(name)
+            defined.update(outputs)
+        missing = [o for o in self.output_names if o not in defined and not (outer is not None and outer.visible(o))]
+        if missing:
+            raise BnfoldError(f"{where}: graph output '{missing[0]}' is defined nowhere")
+        if not in_order:
+            cycle = self._cycle()
+            if cycle:
+                raise BnfoldError(f"{where}: the nodes form a cycle ({' -> '.join(cycle)})")
+
+    def _definitions(self, name: str) -> str:
+        """What defines ``name`` in this graph and the graphs around it, in words."""
+        found = []
+        if name in self.input_names or name in self.initializers:
+            found.append("a graph input" if name in self.input_names else "an initializer")
+        writers = [n for n, (_, outputs) in zip(self.nodes, self._links) if name in outputs]
+        found += [f"output of {n.op_type} '{n.name}'" for n in writers if n is not None]
+        if self.outer is not None and self.outer.visible(name):
+            found.append("a value of the enclosing graph")
+        return ", ".join(found)
+
+    def _cycle(self) -> List[str]:
+        """The values along one cycle of the graph's nodes (empty when there is none)."""
+        producer = self.producer
+        waiting = [0] * len(self._links)
+        users: Dict[int, List[int]] = {}
+        for k, (reads, _) in enumerate(self._links):
+            for p in {producer[n] for n in reads if n in producer}:
+                waiting[k] += 1
+                users.setdefault(p, []).append(k)
+        ready = [k for k, count in enumerate(waiting) if not count]
+        while ready:
+            for u in users.get(ready.pop(), ()):
+                waiting[u] -= 1
+                if not waiting[u]:
+                    ready.append(u)
+        stuck = {k for k, count in enumerate(waiting) if count}
+        if not stuck:
+            return []
+        # Walk back from a stuck node along stuck producers until a node repeats: that is a cycle.
+        path: List[int] = []
+        seen: Dict[int, int] = {}
+        k = min(stuck)
+        while k not in seen:
+            seen[k] = len(path)
+            path.append(k)
+            k = next(producer[n] for n in self._links[k][0] if producer.get(n) in stuck)
+        loop = path[seen[k] :]  # each node reads a value of the node after it (the last, of the first)
+        values = [next(n for n in self._links[a][0] if producer.get(n) == b) for a, b in zip(loop, loop[1:] + loop[:1])]
+        values.reverse()  # in the direction the values flow
+        return values + values[:1]
+
     def is_overridable(self, name: str) -> bool:
         """Whether a caller may feed another value for ``name`` (an IR >= 4 initializer-input)."""
         if name in self.initializers:

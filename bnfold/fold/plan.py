@@ -107,7 +107,10 @@ def make_scope(
     *,
     lists_initializers: bool,
     opset: Optional[int] = None,
+    where: Optional[str] = None,
 ) -> Scope:
+    """The index and constants of ``graph``; with ``where`` (when planning), the graph is first
+    checked to be one (:meth:`GraphIndex.check_structure`), ``where`` naming it in the error."""
     index = GraphIndex(
         graph,
         store=env.store,
@@ -115,6 +118,8 @@ def make_scope(
         taken_names=env.taken,
         outer=outer.index if outer else None,
     )
+    if where is not None:
+        index.check_structure(where)
     opset = opset or env.opset
     consts = Constants(index, opset=opset, types=types, outer=outer.consts if outer else None)
     return Scope(index, consts, types, opset)
@@ -234,10 +239,9 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
     for i in index.live_nodes() if index.holds_bodies else ():
         node = index.node(i)
         for k, body in enumerate(subgraphs(node)):
-            inner = make_scope(body, env, types, scope, lists_initializers=False, opset=scope.opset)
-            bodies.append(
-                _plan_graph(inner, env, types, f"{where} > {node.op_type} '{node_label(node)}' body {k}", notes)
-            )
+            label = f"{where} > {node.op_type} '{node_label(node)}' body {k}"
+            inner = make_scope(body, env, types, scope, lists_initializers=False, opset=scope.opset, where=label)
+            bodies.append(_plan_graph(inner, env, types, label, notes))
     fwd = forward.plan(scope, env.affine)
     chains, refused = [], dict(fwd.left)
     cleared = batch.clear(scope, fwd.chains)  # no reason, no hazard: the per-fold check is skipped
@@ -371,14 +375,15 @@ def plan_model(
     env = model_env(model, store, lower_standalone, strict, affine, reparameterize)
     notes = _Notes()
     types = TypeLookup(model)
-    main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4)
+    main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4, where="main graph")
     env.taken.seed(main_scope.index)
     main = _plan_graph(main_scope, env, types, "main graph", notes)
     functions = []
     for fn in model.functions:
         graph, fn_types, opset = function_graph(fn)
-        scope = make_scope(graph, env, fn_types, None, lists_initializers=False, opset=opset or env.opset)
-        functions.append(_plan_graph(scope, env, fn_types, f"function '{fn.name}'", notes))
+        where = f"function '{fn.name}'"
+        scope = make_scope(graph, env, fn_types, None, lists_initializers=False, opset=opset or env.opset, where=where)
+        functions.append(_plan_graph(scope, env, fn_types, where, notes))
     return FoldPlan(
         main,
         tuple(functions),
