@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import onnx
 
-from .errors import BnfoldError, Terminated, handle_termination, model_text, quiet_numpy
+from .errors import BnfoldError, Terminated, enough_memory, handle_termination, model_text, os_problem, quiet_numpy
 from .fold import apply, plan_model, stats
 from .io.load import check_model, checker_problem, file_size, open_model
 from .io.save import save
@@ -71,6 +71,7 @@ def _check_output(output: Path, path: Optional[Path], source: Source, in_place: 
 
 
 @model_text()
+@enough_memory("to fold this model", "close other programs, or fold on a machine with more memory")
 def _fold(
     model: ModelLike,
     output: Optional[Union[str, os.PathLike[str]]],
@@ -298,6 +299,8 @@ def _fold_one(
                     entry.removed = True
     except BnfoldError as exc:
         entry.error, entry.exit_code = str(exc), 2
+    except OSError as exc:  # the environment, not a bug: the batch goes on
+        entry.error, entry.exit_code = os_problem(exc), 2
     except Exception as exc:  # a bug: reported, and the other models still fold
         entry.error, entry.exit_code = f"internal error: {exc!r}", 3
     return entry

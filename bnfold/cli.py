@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import click
 
 from . import __version__
-from .errors import BnfoldError, Terminated, handle_termination
+from .errors import BnfoldError, Terminated, handle_termination, os_problem
 from .options import FOLD_OPTIONS, PROVIDERS, VerifyOptions
 from .report import FAIL, OK, WARN, Line
 
@@ -123,6 +123,8 @@ class BnfoldGroup(click.Group):
             # bug, and without a second error when Python flushes stdout on exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(141)
+        except OSError as exc:  # the environment (a name too long, a full disk, no permission): not a bug
+            raise UserError(os_problem(exc)) from None
         except Exception:
             click.echo(traceback.format_exc(), err=True)
             click.echo(
@@ -210,10 +212,8 @@ VERIFY_OPTIONS = [
         show_default=True,
         help="Also run onnxruntime's own BN fusion of the original: the noise floor the bound adapts to.",
     ),
-    click.option("--save-inputs", type=click.Path(dir_okay=False), default=None, help="Write the inputs used (.npz)."),
-    click.option(
-        "--save-outputs", type=click.Path(dir_okay=False), default=None, help="Write every output compared (.npz)."
-    ),
+    click.option("--save-inputs", type=click.Path(), default=None, help="Write the inputs used (.npz)."),
+    click.option("--save-outputs", type=click.Path(), default=None, help="Write every output compared (.npz)."),
     click.option(
         "--samples",
         type=click.IntRange(min=1),
@@ -465,6 +465,8 @@ def fold(
         sys.exit(_batch(list(models), output, jobs, options, verify, keep_failed, as_json, quiet))
     model = models[0]
     out_path = output or (model if in_place else default_output(model))
+    if verify is not None:
+        _check_save_paths(verify, model, out_path)  # before anything is written
     report = fold_file(model, out_path, in_place=in_place, **options)
     result = None
     if verify is not None:
@@ -483,6 +485,15 @@ def fold(
         raise InternalError("the folded model fails onnx.checker where the input passed: a bug in bnfold")
     if result is not None and not result:
         sys.exit(1)
+
+
+def _check_save_paths(options: VerifyOptions, model: Path, output: Path) -> None:
+    from .verification import check_save_paths
+
+    out = output.resolve()
+    check_save_paths(
+        options, {model.resolve(), out, out.with_name(out.name + ".data"), out.with_name(out.name + ".1.data")}
+    )
 
 
 def _check_providers(options: VerifyOptions) -> None:

@@ -10,6 +10,12 @@ class BnfoldError(Exception):
     """A problem with the user's input or request (bad file, bad option), not a bug in bnfold."""
 
 
+def os_problem(exc: OSError) -> str:
+    """An operating-system failure in one line: the path it concerns, and what went wrong."""
+    reason = exc.strerror or type(exc).__name__
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: raised like KeyboardInterrupt, so that every cleanup on the way runs."""
 
@@ -22,6 +28,15 @@ def model_text() -> Iterator[None]:
         yield
     except UnicodeDecodeError:
         raise BnfoldError("a name in the model is not valid UTF-8") from None
+
+
+@contextmanager
+def enough_memory(what: str, hint: str) -> Iterator[None]:
+    """MemoryError is the environment's limit, not a bug: one line saying what ran out, and what to try."""
+    try:
+        yield
+    except MemoryError:
+        raise BnfoldError(f"not enough memory {what}; {hint}") from None
 
 
 @contextmanager

@@ -6,6 +6,13 @@ to the input under onnxruntime), the input unchanged."""
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import List
 
@@ -20,7 +27,7 @@ from onnx import helper
 
 import bnfold
 from bnfold.cli import cli
-from models import Builder, calibrate
+from models import Builder, calibrate, resnet_bottleneck
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo.onnx"
@@ -287,3 +294,331 @@ def test_a_graph_whose_nodes_are_out_of_order_folds_and_keeps_its_order():
     model.graph.node.extend(nodes)
     folded, _ = check_fold(model, full_check=False)
     assert [n.op_type for n in folded.graph.node] == ["Relu", "Conv"]
+
+
+# -- .npz files given to --inputs: one reader, the directory checked before anything is read --------
+
+
+@pytest.fixture
+def demo_pair(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DEMO.read_bytes())
+    out = tmp_path / "f.onnx"
+    assert invoke("fold", model, "-o", out, "-q").exit_code == 0
+    return model, out
+
+
+def _npz_bytes(arrays, compression=zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as z:
+        for name, array in arrays.items():
+            with z.open(name, "w") as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=True)
+    return buf.getvalue()
+
+
+def _patched(data: bytes, signature: bytes, offset: int, value: bytes) -> bytes:
+    """``data`` with ``value`` written at ``offset`` into every header that starts with ``signature``
+    (local headers PK\\3\\4, central directory entries PK\\1\\2)."""
+    out, start = bytearray(data), 0
+    while (at := out.find(signature, start)) >= 0:
+        out[at + offset : at + offset + len(value)] = value
+        start = at + 4
+    return bytes(out)
+
+
+def _demo_inputs() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+
+
+def _good() -> bytes:
+    return _npz_bytes({"image.npy": _demo_inputs()})
+
+
+NPZ_CASES = {
+    "npy_then_zip": (lambda: _npy(_demo_inputs()) + _good(), ["not an .npz file"]),
+    "member_without_npy": (lambda: _npz_bytes({"image": _demo_inputs()}), ["member 'image' is not a .npy array"]),
+    "member_twice": (lambda: _twice(), ["member 'image.npy' appears twice"]),
+    "encrypted": (
+        lambda: _patched(_patched(_good(), b"PK\x03\x04", 6, b"\x01\x00"), b"PK\x01\x02", 8, b"\x01\x00"),
+        ["member 'image.npy' is encrypted"],
+    ),
+    "unknown_compression": (
+        lambda: _patched(_patched(_good(), b"PK\x03\x04", 8, b"\x63\x00"), b"PK\x01\x02", 10, b"\x63\x00"),
+        ["member 'image.npy' uses compression method 99"],
+    ),
+    "corrupt_deflate": (lambda: _corrupt_deflate(), ["member 'image.npy': cannot read"]),
+    "pickled_objects": (
+        lambda: _npz_bytes({"image.npy": np.array([object()] * 3, dtype=object)}),
+        ["member 'image.npy': cannot read", "Python objects"],
+    ),
+    "huge_member_declared": (lambda: _declared(3 << 30, "X.npy"), ["3,072 MiB, over the 1,024 MiB allowed"]),
+    "huge_member_unnamed": (lambda: _declared(3 << 30, "X"), ["member 'X' is not a .npy array"]),
+    "header_larger_than_member": (
+        lambda: _npz_bytes({"image.npy": _demo_inputs()[..., :16]}).replace(b"(1, 3, 32, 16)", b"(1, 3, 32, 32)"),
+        ["member 'image.npy': cannot read", "its header claims 12288 bytes of data"],
+    ),
+}
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _twice() -> bytes:
+    buf = io.BytesIO()
+    with pytest.warns(UserWarning), zipfile.ZipFile(buf, "w") as z:
+        for _ in range(2):
+            z.writestr("image.npy", _npy(_demo_inputs()))
+    return buf.getvalue()
+
+
+def _corrupt_deflate() -> bytes:
+    data = bytearray(
+        _npz_bytes({"image.npy": np.arange(4096, dtype=np.float32).reshape(1, 4, 32, 32)[:, :3]}, zipfile.ZIP_DEFLATED)
+    )
+    middle = data.find(b"PK\x03\x04") + 30 + len("image.npy") + 200
+    data[middle : middle + 16] = bytes(range(16))
+    return bytes(data)
+
+
+def _declared(size: int, name: str) -> bytes:
+    """A small stored member whose directory entry declares ``size`` bytes (a zip bomb's directory)."""
+    data = _npz_bytes({name: _demo_inputs()})
+    return _patched(data, b"PK\x01\x02", 24, size.to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("case", list(NPZ_CASES))
+def test_a_malformed_npz_is_refused_naming_the_file_and_member(demo_pair, tmp_path, case):
+    make, words = NPZ_CASES[case]
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(make())
+    model, out = demo_pair
+    before = files(tmp_path)
+    line = refused(invoke("verify", model, out, "--inputs", bad), *words)
+    assert str(bad) in line
+    assert files(tmp_path) == before
+
+
+def test_the_reader_takes_what_numpy_writes(demo_pair, tmp_path):
+    model, out = demo_pair
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, image=np.stack([_demo_inputs()] * 2))  # a leading axis of samples
+    result = invoke("verify", model, out, "--inputs", good)
+    assert result.exit_code == 0 and "2 sample(s)" in result.output, result.output
+
+
+# -- --save-inputs / --save-outputs: written like models ---------------------------------------------
+
+
+def _odd_names_model() -> onnx.ModelProto:
+    """Graph inputs named as numpy.savez's own parameters, and a TensorFlow-style name."""
+    b = Builder(seed=9)
+    x = b.input("file", [1, 3, 6, 6])
+    y = b.bn(b.conv(x, 3, 4, 3), 4)
+    y = b.op("Add", [y, b.input("allow_pickle", [1, 4, 6, 6])])
+    y = b.op("Mul", [y, b.input("serving/x:0", [1, 4, 6, 6])])
+    return calibrate(b.model(b.relu(y)))
+
+
+def test_every_array_is_saved_under_its_graph_name(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(_odd_names_model(), str(model))
+    out = tmp_path / "f.onnx"
+    saved_in, saved_out = tmp_path / "in.npz", tmp_path / "out.npz"
+    result = invoke("fold", model, "-o", out, "--verify", "--save-inputs", saved_in, "--save-outputs", saved_out)
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(saved_in) as z:
+        assert sorted(z.namelist()) == ["allow_pickle.npy", "file.npy", "serving/x:0.npy"]
+    with np.load(saved_out) as data:
+        assert sorted(data.files) == ["cpu/relu0", "reference/relu0"]
+    again = invoke("verify", model, out, "--inputs", saved_in)  # read back: the same samples
+    assert again.exit_code == 0 and "3 sample(s)" in again.output, again.output
+
+
+def _external(path: Path, model: onnx.ModelProto) -> None:
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+
+
+def _link(tmp_path: Path, to: Path) -> Path:
+    link = tmp_path / "link.npz"
+    link.symlink_to(to)
+    return link
+
+
+SAVE_REFUSALS = {
+    "the_original": (lambda t, m, c: m, "is an input model or one of its data files"),
+    "the_candidate": (lambda t, m, c: c, "is an input model or one of its data files"),
+    "the_candidates_data": (lambda t, m, c: c.with_name(c.name + ".data"), "is an input model or one of its data"),
+    "a_link_to_the_original": (lambda t, m, c: _link(t, m), "is an input model or one of its data files"),
+    "a_folder": (lambda t, m, c: t, "is a folder"),
+    "a_fifo": (lambda t, m, c: _fifo(t), "exists and is not a regular file"),
+    "a_missing_folder": (lambda t, m, c: t / "no" / "s.npz", "does not exist"),
+}
+
+
+def _fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "fifo.npz"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--save-inputs", "--save-outputs"])
+@pytest.mark.parametrize("case", list(SAVE_REFUSALS))
+def test_a_save_path_that_would_destroy_something_is_refused_before_the_run(tmp_path, case, flag):
+    model, candidate = tmp_path / "m.onnx", tmp_path / "c.onnx"
+    onnx.save(onnx.load(str(DEMO)), str(model))
+    _external(candidate, bnfold.fold(str(model))[0])
+    where, words = SAVE_REFUSALS[case]
+    target = where(tmp_path, model, candidate)
+    before = {p.name: (digest(p) if p.is_file() and not p.is_symlink() else None) for p in tmp_path.iterdir()}
+    refused(invoke("verify", model, candidate, flag, target), words)
+    assert {p.name: (digest(p) if p.is_file() and not p.is_symlink() else None) for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("target", ["input", "output", "output_data"])
+def test_fold_verify_refuses_a_save_path_over_its_models_before_writing(tmp_path, target):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DEMO.read_bytes())
+    out = tmp_path / "f.onnx"
+    path = {"input": model, "output": out, "output_data": tmp_path / "f.onnx.data"}[target]
+    refused(invoke("fold", model, "-o", out, "--verify", "--save-inputs", path), "is an input model")
+    assert files(tmp_path) == ["m.onnx"] and digest(model) == digest(DEMO)
+
+
+def test_both_saves_to_one_file_are_refused(demo_pair, tmp_path):
+    model, out = demo_pair
+    same = tmp_path / "s.npz"
+    refused(invoke("verify", model, out, "--save-inputs", same, "--save-outputs", same), "the same file")
+    assert not same.exists()
+
+
+def test_a_link_is_replaced_never_written_through(demo_pair, tmp_path):
+    model, out = demo_pair
+    elsewhere = tmp_path / "kept.txt"
+    elsewhere.write_text("keep me")
+    link = _link(tmp_path, elsewhere)
+    assert invoke("verify", model, out, "--save-inputs", link).exit_code == 0
+    assert elsewhere.read_text() == "keep me"
+    assert not link.is_symlink() and zipfile.is_zipfile(link)
+
+
+# -- A bad environment: one line, exit 2, nothing half-written, the input untouched ------------------
+
+
+def test_an_output_name_too_long_is_refused(demo_pair, tmp_path):
+    model, _ = demo_pair
+    before = files(tmp_path)
+    refused(invoke("fold", model, "-o", tmp_path / ("x" * 300 + ".onnx")), "File name too long")
+    refused(invoke("verify", model, model.with_name("f.onnx"), "--save-inputs", tmp_path / ("x" * 300)), "too long")
+    assert files(tmp_path) == before
+
+
+def _in_small_tmpfs(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) with a 400 KiB tmpfs mounted at tmp_path/disk, in a mount namespace of
+    its own (no privilege needed where user namespaces are allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("no user or mount namespaces here to make a small filesystem in")
+    body = f"mount -t tmpfs -o size=400k tmpfs {disk} && cd {disk} && {script}"
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", body],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A real full disk (ENOSPC): the input fits, its folded copy does not."""
+    model = resnet_bottleneck(c=40)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    assert 200_000 < src.stat().st_size < 300_000
+    py = sys.executable
+    script = (
+        f"cp {src} m.onnx && "
+        f"{py} -m bnfold fold m.onnx -o out.onnx; echo rc=$?; "
+        f"{py} -m bnfold fold m.onnx -o out.onnx --external-data; echo rc=$?; "
+        f"ls -A; sha256sum m.onnx"
+    )
+    done = _in_small_tmpfs(tmp_path, script)
+    assert done.stdout.count("rc=2") == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line]
+    assert len(lines) == 2 and all("not written (No space left on device)" in line for line in lines), done.stderr
+    assert "Traceback" not in done.stderr
+    listed = [line for line in done.stdout.splitlines() if not line.startswith("rc=") and "  m.onnx" not in line]
+    assert listed == ["m.onnx"], done.stdout  # no temporary file, no half pair
+    assert digest(src) in done.stdout  # the input unchanged
+
+
+def test_a_full_disk_while_saving_arrays(tmp_path, demo_pair):
+    model, out = demo_pair
+    py = sys.executable
+    script = (
+        f"dd if=/dev/zero of=filler bs=1k count=1000 2>/dev/null; "  # the disk full
+        f"{py} -m bnfold verify {model} {out} --save-outputs saved.npz; echo rc=$?; ls -A"
+    )
+    done = _in_small_tmpfs(tmp_path, script)
+    assert "rc=2" in done.stdout, done.stdout + done.stderr
+    assert [line for line in done.stderr.splitlines() if line] == [
+        "Error: saved.npz: not written (No space left on device); nothing was left behind"
+    ]
+    assert done.stdout.split("rc=2")[1].split() == ["filler"]
+
+
+def test_a_file_limit_is_one_line(tmp_path, demo_pair):
+    """RLIMIT_FSIZE (EFBIG) with SIGXFSZ ignored: the write fails part way."""
+    model, _ = demo_pair
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    before = files(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fold", str(model), "-o", str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "not written (File too large)" in done.stderr
+    assert files(tmp_path) == before
+
+
+def test_memory_running_out_in_verify_is_one_line_with_a_hint(demo_pair, monkeypatch):
+    import bnfold.verification as verification
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    model, out = demo_pair
+    monkeypatch.setattr(verification, "synthesized", no_memory)
+    refused(invoke("verify", model, out), "not enough memory to verify", "--dim")
+
+
+def test_verify_on_inputs_too_large_for_the_memory_is_one_line(demo_pair):
+    """`verify --dim batch=3000` under a 2.5 GB address-space limit: onnxruntime's allocation fails."""
+    model, out = demo_pair
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (2500 << 20, 2500 << 20))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", "verify", str(model), str(out), "--dim", "batch=3000"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert done.returncode in (0, 2), done.stderr
+    if done.returncode == 2:
+        assert done.stderr.strip().count("\n") == 0 and "memory" in done.stderr, done.stderr

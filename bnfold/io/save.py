@@ -4,11 +4,14 @@ inline or external."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
+import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, List, Optional, Set, Tuple, Union
+from typing import Any, BinaryIO, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -46,14 +49,94 @@ def _umask() -> int:
     return mask
 
 
-def _temp(path: Path, written: List[str]) -> Tuple[BinaryIO, str]:
-    """A new temporary file beside ``path`` (recorded in ``written``), open for unbuffered writing,
-    with the mode a newly created file would get. It is written through the descriptor mkstemp
-    opened: reopening with truncation would make ext4 flush the whole file on close."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+def _temp(path: Path, written: List[str], buffering: int = 0) -> Tuple[BinaryIO, str]:
+    """A new temporary file beside ``path`` (recorded in ``written``), open for writing (unbuffered
+    unless ``buffering`` says otherwise), with the mode a newly created file would get. It is written
+    through the descriptor mkstemp opened: reopening with truncation would make ext4 flush the whole
+    file on close. The name is short, whatever the length of ``path``'s."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=str(path.parent))
     written.append(tmp)
     os.fchmod(fd, 0o666 & ~_umask())
-    return os.fdopen(fd, "wb", buffering=0), tmp
+    return os.fdopen(fd, "wb", buffering=buffering), tmp
+
+
+def _remove(names: List[str]) -> None:
+    """Remove what a failed write left (best effort: the failure itself is what gets reported)."""
+    for name in names:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+def not_written(path: Path, exc: OSError) -> BnfoldError:
+    """A failure of the environment while writing (a full disk, a name too long, no permission, a
+    failed rename): the user's to fix, said in one line."""
+    return BnfoldError(f"{path}: not written ({exc.strerror or type(exc).__name__}); nothing was left behind")
+
+
+def check_destination(path: Path, protected: Iterable[Path] = (), what: str = "the output") -> None:
+    """Refuse (BnfoldError) to write ``path`` where it would be a folder, an existing file that is
+    not a regular file (a FIFO, a device: a link is replaced, never written through), in a folder
+    that does not exist or cannot be written, or one of ``protected`` (resolved paths: the input
+    models and their data files), a link to one included."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot use as {what} ({exc.strerror})") from None
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a folder; name a file for {what}")
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise BnfoldError(f"{path}: exists and is not a regular file; name a file for {what}")
+    if not path.parent.is_dir():
+        raise BnfoldError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BnfoldError(f"{path}: cannot write in folder {path.parent} (permission denied)")
+    if path.resolve() in set(protected):
+        raise BnfoldError(f"{path}: is an input model or one of its data files; choose another path for {what}")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A buffered file that becomes ``path`` only once everything was written to it and synced (a
+    temporary file beside it, renamed over it); on any failure nothing is left and ``path`` is as it
+    was. Failures of the environment become BnfoldError."""
+    written: List[str] = []
+    try:
+        f, tmp = _temp(path, written, buffering=1 << 20)
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        written.clear()
+    except OSError as exc:
+        raise not_written(path, exc) from None
+    finally:
+        _remove(written)
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (flock on the folder itself: no file is made): two runs
+    writing one output choose its data file name, rename and clean up one after the other, so that
+    the model left there is always one run's, with its own data."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: as before, unserialized
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _externalize(model: onnx.ModelProto, source: Source, data_path: Path, out: BinaryIO) -> None:
@@ -160,6 +243,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _relabel(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point the tensors written to data file ``old`` at ``new`` (same bytes, another name)."""
+    for t in initializers(model):
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+
+
 def save(
     model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None, external: Optional[bool] = None
 ) -> int:
@@ -170,15 +261,13 @@ def save(
     renamed to a name the current model at ``path`` does not use; the model is renamed over
     ``path`` last (the commit point); the folder is fsynced. Only then is a data file of the old
     pair that bnfold named (``OUT.data``/``OUT.1.data``) and the new model does not use removed.
+    With a data file, the choice of its name, the renames and the removal hold a lock on the folder,
+    so that concurrent runs writing one output leave one run's model with its own data.
     ``external`` None chooses: external data when the model already has some (beyond the input
-    file's own inline weights) or would pass 2 GB. Returns the bytes written (model and data)."""
+    file's own inline weights) or would pass 2 GB. Environment failures (a full disk, a failed
+    rename) are BnfoldError, with nothing left behind. Returns the bytes written (model and data)."""
     path = Path(path)
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a folder; name a file for the output")
-    if not path.parent.is_dir():
-        raise BnfoldError(f"{path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise BnfoldError(f"{path}: cannot write in folder {path.parent} (permission denied)")
+    check_destination(path)
     source = source or Source(None)
     located, nbytes = located_and_bytes(model)
     has_external = any(source.is_file_backed(t) and t.name not in source.inline_refs for t in located)
@@ -186,35 +275,48 @@ def save(
         external = has_external or nbytes > TWO_GB - (64 << 20)
     elif not external and nbytes > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
-    live = _live_locations(path) if external else set()
-    data_path = _data_path(path, live) if external else None
     written: List[str] = []
     try:
-        tmp_data = None
-        if data_path is not None:
-            out, tmp_data = _temp(data_path, written)
-            with out:  # unbuffered: kernel copies append at the file's position
-                _externalize(model, source, data_path, out)
-                os.fsync(out.fileno())
+        if external:
+            return _save_external(model, path, source, written)
         f, tmp = _temp(path, written)
         with f:
-            if data_path is not None:
-                _write_all(f, model.SerializeToString())
-            else:
-                _write_inline(model, source, f, splice=bool(located))
+            _write_inline(model, source, f, splice=bool(located))
             os.fsync(f.fileno())
-        if tmp_data is not None and data_path is not None:
-            os.replace(tmp_data, data_path)
-            written.append(str(data_path))  # not yet used by any model: removed if the commit fails
         os.replace(tmp, path)  # the commit point
         written.clear()
-    except BaseException:
-        for name in written:
-            if os.path.exists(name):
-                os.unlink(name)
-        raise
+    except OSError as exc:
+        raise not_written(path, exc) from None
+    finally:
+        _remove(written)
     _fsync_dir(path.parent)
-    for old in live - ({data_path.name} if data_path is not None else set()):
-        if old in (f"{path.name}.data", f"{path.name}.1.data") and (path.parent / old).is_file():
-            (path.parent / old).unlink()
-    return path.stat().st_size + (data_path.stat().st_size if data_path is not None else 0)
+    return path.stat().st_size
+
+
+def _save_external(model: onnx.ModelProto, path: Path, source: Source, written: List[str]) -> int:
+    """:func:`save` with a data file; temporary files are recorded in ``written``."""
+    data_path = _data_path(path, _live_locations(path))  # a first guess, checked again under the lock
+    out, tmp_data = _temp(data_path, written)
+    with out:  # unbuffered: kernel copies append at the file's position
+        _externalize(model, source, data_path, out)
+        os.fsync(out.fileno())
+    with _folder_locked(path.parent):
+        live = _live_locations(path)
+        chosen = _data_path(path, live)
+        if chosen != data_path:  # another run wrote the output meanwhile, with data under that name
+            _relabel(model, data_path.name, chosen.name)
+            data_path = chosen
+        f, tmp = _temp(path, written)
+        with f:
+            _write_all(f, model.SerializeToString())
+            os.fsync(f.fileno())
+        os.replace(tmp_data, data_path)
+        written.remove(tmp_data)
+        written.append(str(data_path))  # not yet used by any model: removed if the commit fails
+        os.replace(tmp, path)  # the commit point
+        written.clear()
+        _fsync_dir(path.parent)
+        for old in live - {data_path.name}:
+            if old in (f"{path.name}.data", f"{path.name}.1.data") and (path.parent / old).is_file():
+                _remove([str(path.parent / old)])
+    return path.stat().st_size + data_path.stat().st_size

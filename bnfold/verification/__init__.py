@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import onnx
 
-from ..errors import BnfoldError, model_text
-from ..io.load import load
+from ..errors import BnfoldError, enough_memory, model_text
+from ..io.arrays import write_npz
+from ..io.load import open_model
+from ..io.save import check_destination
 from ..options import PROVIDERS, InputsLike, VerifyOptions
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
@@ -36,19 +38,39 @@ __all__ = [
     "VerifyOptions",
     "VerifyReport",
     "check_providers",
+    "check_save_paths",
     "input_specs",
     "random_input",
     "resolve_shape",
     "verify",
 ]
 
+MEMORY_HINT = "use smaller sizes for the dynamic dimensions (--dim, --input-shape) or fewer --samples"
 ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
 
 
-def _proto_and_path(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
+def _proto_and_path(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], Set[Path]]:
+    """The model, its path, and the resolved paths of its file and data files (never overwritten)."""
     if isinstance(model, onnx.ModelProto):
-        return model, None
-    return load(model), Path(model)
+        return model, None, set()
+    proto, source = open_model(model)
+    path = Path(model)
+    return proto, path, {path.resolve()} | source.files()
+
+
+def check_save_paths(options: VerifyOptions, protected: Iterable[Path]) -> None:
+    """Refuse, before anything runs, --save-inputs/--save-outputs paths that would overwrite a model
+    or its data (``protected``), each other, a folder or something that is not a regular file."""
+    protected = set(protected)
+    paths = [
+        (flag, Path(p))
+        for flag, p in (("save_inputs", options.save_inputs), ("save_outputs", options.save_outputs))
+        if p
+    ]
+    for flag, path in paths:
+        check_destination(path, protected, flag)
+    if len(paths) == 2 and paths[0][1].resolve() == paths[1][1].resolve():
+        raise BnfoldError(f"{paths[0][1]}: save_inputs and save_outputs name the same file")
 
 
 def _bn_outputs(model: onnx.ModelProto) -> List[str]:
@@ -87,12 +109,9 @@ def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[Dict[str, np.nd
 
 
 def _save_npz(path: Union[str, os.PathLike[str]], arrays: Dict[str, np.ndarray]) -> None:
-    """Arrays with a leading axis of samples, as --inputs reads them back."""
-    try:
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-    except OSError as exc:
-        raise BnfoldError(f"{path}: cannot write ({exc.strerror})") from None
+    """Arrays with a leading axis of samples, as --inputs reads them back (checked before the run:
+    :func:`check_save_paths`), written atomically."""
+    write_npz(path, arrays)
 
 
 def _run(sess: Any, feeds: Dict[str, np.ndarray], which: str) -> List[np.ndarray]:
@@ -102,10 +121,13 @@ def _run(sess: Any, feeds: Dict[str, np.ndarray], which: str) -> List[np.ndarray
         return list(sess.run(None, {k: v for k, v in feeds.items() if k in names}))
     except Exception as exc:  # onnxruntime raises its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "Failed to allocate memory" in first:
+            first += f"; not enough memory: {MEMORY_HINT}"
         raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}") from None
 
 
 @model_text()
+@enough_memory("to verify", "use smaller sizes for the dynamic dimensions (--dim, --input-shape) or fewer --samples")
 def verify(
     original: ModelLike,
     candidate: ModelLike,
@@ -155,8 +177,9 @@ def verify(
         save_outputs=save_outputs,
     )
     provider_names = check_providers(o.providers)
-    ref_model, ref_path = _proto_and_path(original)
-    cand_model, cand_path = _proto_and_path(candidate)
+    ref_model, ref_path, ref_files = _proto_and_path(original)
+    cand_model, cand_path, cand_files = _proto_and_path(candidate)
+    check_save_paths(o, ref_files | cand_files)
     for which, model in (("the original", ref_model), ("the candidate", cand_model)):
         problem = inconsistency(model)  # before onnxruntime sees it: some releases crash on such graphs
         if problem:

@@ -4,15 +4,13 @@ the user gives (.npz)."""
 from __future__ import annotations
 
 import os
-import zipfile
-from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
 from ..errors import BnfoldError
-from ..io.tensors import regular_file
+from ..io.arrays import read_npz
 from ..proto import np_dtype
 
 DEFAULT_DIM = 1
@@ -107,44 +105,16 @@ def synthesized(
         yield {n: random_input(rng, dt, sh) for n, dt, sh in resolved}
 
 
-def _npz_header_bytes(path: Path) -> int:
-    """Bytes the arrays of an .npz take once loaded, read from their headers (a small compressed
-    file can hold huge arrays)."""
-    total = 0
-    with zipfile.ZipFile(path) as z:
-        for info in z.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                shape, _, dtype = (
-                    np.lib.format.read_array_header_1_0(f)
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0(f)
-                )
-            total += _nbytes(np.dtype(dtype), shape)
-    return total
-
-
 def load_inputs(
     inputs: Union[str, os.PathLike[str], Sequence[Union[str, os.PathLike[str]]]], budget: int
 ) -> List[Dict[str, np.ndarray]]:
-    """The arrays of one or several .npz files, keyed by input name (each file one or more samples)."""
+    """The arrays of one or several .npz files, keyed by input name (each file one or more samples),
+    all of them together within ``budget`` bytes (:func:`bnfold.io.arrays.read_npz`)."""
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    out = []
-    total = 0
+    out, spent = [], 0
     for item in paths:
-        path = Path(item)
-        regular_file(path, "an .npz file")
-        try:
-            total += _npz_header_bytes(path)
-            check_budget(f"the arrays in {path}", total, budget)
-            with np.load(path, allow_pickle=False) as data:
-                out.append({k: data[k] for k in data.files})
-        except BnfoldError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise BnfoldError(f"{path}: cannot read inputs ({type(exc).__name__}: {exc})") from None
+        arrays, spent = read_npz(item, budget, spent)
+        out.append(arrays)
     return out
 
 

@@ -65,7 +65,9 @@ def make_session(
     rt = ort()
     opts = rt.SessionOptions()
     opts.graph_optimization_level = getattr(rt.GraphOptimizationLevel, LEVELS[level])
-    opts.log_severity_level = 3
+    # Fatal messages only: a run or load that fails raises, and bnfold says so in one line; at the
+    # error level onnxruntime would also print its own lines of the same failure to stderr.
+    opts.log_severity_level = 4
     providers: List[Any] = [provider]
     if provider == "CUDAExecutionProvider":
         providers = [(provider, {"use_tf32": int(tf32)}), "CPUExecutionProvider"]
