@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -545,4 +546,39 @@ def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **verify
     sys.exit(0 if result else 1)
 
 
-main = cli
+def _exit_code(args: Optional[Sequence[str]], prog_name: Optional[str]) -> int:
+    """Run the command as click's standalone mode would, but return its exit code."""
+    try:
+        rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:  # an interrupt outside the command itself (click's own work)
+        click.echo("Interrupted: nothing half-written was left behind.", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BrokenPipeError:  # help or usage printed into a closed pipe: as BnfoldGroup.invoke does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return rv if isinstance(rv, int) else 0
+
+
+def main(args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None) -> None:
+    """The console entry point. Once the command's outcome is decided (its output complete, or its
+    failure reported), SIGINT and SIGTERM are ignored: a signal arriving then cannot kill the
+    process by the signal and hide the exit code. One arriving just before is exit 130 or 143."""
+    try:
+        try:
+            code = _exit_code(args, prog_name)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    signal.signal(sig, signal.SIG_IGN)
+                except ValueError:  # not the main thread
+                    pass
+    except KeyboardInterrupt:
+        code = 130
+    except Terminated:
+        code = 143
+    sys.exit(code)

@@ -622,3 +622,186 @@ def test_verify_on_inputs_too_large_for_the_memory_is_one_line(demo_pair):
     assert done.returncode in (0, 2), done.stderr
     if done.returncode == 2:
         assert done.stderr.strip().count("\n") == 0 and "memory" in done.stderr, done.stderr
+
+
+# -- Links to models ---------------------------------------------------------------------------------
+# External data is looked up in the folder of the path as given, as onnx's loader does: a link to a
+# model elsewhere reads the data beside the link (and refuses data files that lead out of that
+# folder). The model file itself may be a link to anywhere: the user named it.
+
+
+def test_a_link_to_a_large_inline_model_folds(tmp_path, monkeypatch):
+    """A model with no external data at all, whose large weights stay in the file (the wire scan), in
+    a cache folder and linked from a work folder: folded, beside the link."""
+    import bnfold.io.load as load
+
+    monkeypatch.setattr(load, "SCAN_BYTES", 10_000)  # as if it were over 64 MB: weights left in the file
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "work").mkdir()
+    target = tmp_path / "cache" / "r.onnx"
+    original = resnet_bottleneck(c=24)
+    onnx.save(original, str(target))
+    link = tmp_path / "work" / "r.onnx"
+    link.symlink_to(target)
+    before = digest(target)
+    result = invoke("fold", link, "-q")
+    assert result.exit_code == 0, result.output
+    assert files(tmp_path / "work") == ["r.onnx", "r_folded.onnx"] and files(tmp_path / "cache") == ["r.onnx"]
+    assert digest(target) == before
+    from conftest import assert_same
+
+    assert_same(original, onnx.load(str(tmp_path / "work" / "r_folded.onnx")), dims={"N": 2})
+
+
+def test_a_link_to_a_model_with_external_data_reads_the_data_beside_the_link(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "work").mkdir()
+    target = tmp_path / "cache" / "m.onnx"
+    _external(target, resnet_bottleneck())
+    link = tmp_path / "work" / "m.onnx"
+    link.symlink_to(target)
+    refused(invoke("fold", link), f"external data file {tmp_path / 'work' / 'm.onnx.data'}", "is missing")
+    (tmp_path / "work" / "m.onnx.data").symlink_to(tmp_path / "cache" / "m.onnx.data")
+    refused(invoke("fold", link), "leads out of the model's folder (a link)")
+    (tmp_path / "work" / "m.onnx.data").unlink()
+    (tmp_path / "work" / "m.onnx.data").write_bytes((tmp_path / "cache" / "m.onnx.data").read_bytes())
+    assert invoke("fold", link, "-q").exit_code == 0
+    assert "m_folded.onnx" in files(tmp_path / "work")
+
+
+# -- Files that change while they are read -------------------------------------------------------------
+
+
+SHRINK = """
+import os, sys
+import bnfold.api as api
+import bnfold.io.load as load
+load.SCAN_BYTES = 10_000  # the large-model path: weights left in the file and read when they change
+victim, args = sys.argv[1], sys.argv[2:]
+real = api.plan_model
+def shrinking(*a, **k):
+    os.truncate(victim, os.path.getsize(victim) // 2)
+    return real(*a, **k)
+api.plan_model = shrinking
+from bnfold.cli import main
+main(args)
+"""
+
+
+@pytest.mark.parametrize("which", ["inline", "external"])
+def test_a_file_that_shrinks_while_it_is_read_is_one_line(tmp_path, which):
+    """Truncated between opening the model and reading its weights: exit 2, never SIGBUS."""
+    model = tmp_path / "m.onnx"
+    if which == "inline":
+        onnx.save(resnet_bottleneck(c=24), str(model))
+        victim = model
+    else:
+        _external(model, resnet_bottleneck(c=24))
+        victim = tmp_path / "m.onnx.data"
+    done = subprocess.run(
+        [sys.executable, "-c", SHRINK, str(victim), "fold", str(model), "-o", str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("\n") == 1 and "changed while it was read" in done.stderr, done.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# -- Signals once the output is complete ---------------------------------------------------------------
+
+
+LATE_SIGNAL = """
+import os, signal, sys
+import click
+sig = getattr(signal, sys.argv[1])
+where, args = sys.argv[2], sys.argv[3:]
+if where == "click_close":  # in click's own work after the command returned
+    real_close = click.Context.close
+    def close(self):
+        real_close(self)
+        if self.parent is None:
+            os.kill(os.getpid(), sig)
+    click.Context.close = close
+else:  # as the process exits with the command's code
+    real_exit = sys.exit
+    def exit(code=0):
+        os.kill(os.getpid(), sig)
+        real_exit(code)
+    sys.exit = exit
+from bnfold.cli import main
+main(args)
+"""
+
+
+@pytest.mark.parametrize(
+    "sig, where", [("SIGINT", "click_close"), ("SIGINT", "exit"), ("SIGTERM", "exit")], ids=lambda x: x
+)
+def test_a_signal_after_the_output_is_complete_does_not_kill_the_process(tmp_path, sig, where):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DEMO.read_bytes())
+    out = tmp_path / "out.onnx"
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SIGNAL, sig, where, "fold", str(model), "-o", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert done.returncode in (0, 130, 143), (done.returncode, done.stderr)  # never killed by the signal
+    assert "Traceback" not in done.stderr
+    from conftest import assert_same
+
+    assert_same(onnx.load(str(model)), onnx.load(str(out)))  # the output is complete
+
+
+# -- Two runs writing one output --------------------------------------------------------------------
+
+
+def test_two_runs_writing_one_output_leave_one_runs_pair(tmp_path, monkeypatch):
+    """Run A renames its data file into place and stalls before renaming its model; run B writes the
+    same output meanwhile. Without the folder lock B took the same data name and A's model ended up
+    with B's data. Now B waits for A (A stalls 2 s at most), and the pair left is whole."""
+    import threading
+
+    from conftest import assert_same
+
+    import bnfold.io.save as io_save
+
+    models = {"A": tmp_path / "a.onnx", "B": tmp_path / "b.onnx"}  # two models, their data laid out apart
+    _external(models["A"], resnet_bottleneck(blocks=2, seed=1))
+    _external(models["B"], resnet_bottleneck(blocks=3, seed=2))
+    out = tmp_path / "out.onnx"
+    a_stalled, b_done = threading.Event(), threading.Event()
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if threading.current_thread().name == "A" and str(dst).endswith(".data"):
+            a_stalled.set()
+            b_done.wait(2)
+
+    monkeypatch.setattr(io_save.os, "replace", replace)
+    errors = []
+
+    def run():
+        try:
+            bnfold.fold_file(models[threading.current_thread().name], out, external_data=True)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            if threading.current_thread().name == "B":
+                b_done.set()
+
+    a = threading.Thread(target=run, name="A")
+    a.start()
+    assert a_stalled.wait(30)
+    b = threading.Thread(target=run, name="B")
+    b.start()
+    a.join()
+    b.join()
+    assert not errors, errors
+    assert_same(onnx.load(str(models["B"])), onnx.load(str(out)), dims={"N": 2})  # B's model, B's data
+    assert [f for f in files(tmp_path) if f.startswith("out")] == ["out.onnx", "out.onnx.1.data"]

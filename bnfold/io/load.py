@@ -7,10 +7,9 @@ Where the scan is unsure, the whole file is parsed by protobuf instead.
 
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
-from typing import Optional, Set, Tuple, Union
+from typing import Any, Optional, Set, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -71,6 +70,53 @@ def check_model(model: onnx.ModelProto, where: str, source: Optional[Source] = N
     check_tensors(model, source)
 
 
+class FileChanged(OSError):
+    """The file is shorter than it was when it was opened: another program is writing it."""
+
+
+class FileBytes:
+    """A file's bytes by index and by slice, read with pread through a window of WINDOW bytes: what
+    the wire scan needs of a large model, without a memory map (touching the map of a file that
+    shrinks meanwhile ends the process with SIGBUS; a short read here is :class:`FileChanged`)."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.start, self.block = 0, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, start: int, count: int) -> bytes:
+        data = os.pread(self.fd, count, start)
+        if len(data) != count:
+            raise FileChanged("the file changed while it was read")
+        return data
+
+    def _window(self, start: int, stop: int) -> bool:
+        """Make bytes [start, stop) part of the window where they fit in one."""
+        if self.start <= start and stop <= self.start + len(self.block):
+            return True
+        if stop - start > self.WINDOW:
+            return False
+        self.start, self.block = start, self.read(start, min(self.WINDOW, self.size - start))
+        return True
+
+    def __getitem__(self, key: Union[int, slice]) -> Any:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.size)
+            if stop <= start:
+                return b""
+            if not self._window(start, stop):
+                return self.read(start, stop - start)
+            return self.block[start - self.start : stop - self.start]
+        if not 0 <= key < self.size:
+            raise IndexError(key)
+        self._window(key, key + 1)
+        return self.block[key - self.start]
+
+
 def parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
     """The model, and the names of the initializers whose bytes were left in the file. Files up to
     SCAN_BYTES are parsed whole by protobuf; larger ones are scanned so that their large weights
@@ -79,17 +125,17 @@ def parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise DecodeError("empty file")
+        buf = FileBytes(f.fileno(), size)
         if size <= SCAN_BYTES:
-            return onnx.ModelProto.FromString(f.read()), set()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                stripped, refs = strip_raw_data(buf, LAZY_THRESHOLD)  # type: ignore[arg-type]
-            except WireError:
-                return onnx.ModelProto.FromString(buf[:]), set()
-    model = onnx.ModelProto.FromString(stripped)
+            return onnx.ModelProto.FromString(buf.read(0, size)), set()
+        try:
+            stripped, refs = strip_raw_data(buf, LAZY_THRESHOLD)  # type: ignore[arg-type]
+        except WireError:
+            return onnx.ModelProto.FromString(buf.read(0, size)), set()
+        model = onnx.ModelProto.FromString(stripped)
+        if len(refs) != len(model.graph.initializer):  # the scan and protobuf disagree: trust protobuf
+            return onnx.ModelProto.FromString(buf.read(0, size)), set()
     inline: Set[str] = set()
-    if len(refs) != len(model.graph.initializer):  # the scan and protobuf disagree: trust protobuf
-        return onnx.ModelProto.FromString(path.read_bytes()), set()
     for tensor, ref in zip(model.graph.initializer, refs):
         if ref is not None:
             set_location(tensor, path.name, *ref)
@@ -103,6 +149,10 @@ def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
     regular_file(path)
     try:
         model, inline = parse(path)
+    except FileChanged:
+        raise BnfoldError(
+            f"{path}: changed while it was read (it is shorter now); read it again once it is complete"
+        ) from None
     except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as exc:
         raise BnfoldError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     source = Source(path.parent, inline, path)

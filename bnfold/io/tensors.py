@@ -26,7 +26,7 @@ from ..proto import (
 )
 
 CHUNK = 16 << 20
-SMALL = 1 << 20  # file-backed tensors below this are read with pread; larger ones memory-mapped
+SMALL = 1 << 20  # file-backed tensors below this are read with one pread; larger ones into an array
 PENDING = "bnfold:deferred"  # external_data location of a tensor computed at write time
 
 
@@ -126,6 +126,17 @@ def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Pat
     return Location(real, offset, needed)
 
 
+def _inline(tensor: onnx.TensorProto, model_file: Path) -> Location:
+    """Where an inline tensor's bytes lie in the model file itself (found by the wire scan): the file
+    the user named, a link to it followed; no location string of the model's own is read."""
+    info = external_location(tensor) or {}
+    offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+    real = model_file.resolve()
+    if offset + length > regular_file(real).st_size:
+        raise BnfoldError(f"{model_file}: changed while it was read (it is shorter now)")
+    return Location(real, offset, length)
+
+
 def _write_all(f: BinaryIO, data: Union[bytes, memoryview]) -> int:
     """Write everything to an unbuffered file (a raw write may take only part of it)."""
     view, done = memoryview(data), 0
@@ -135,7 +146,8 @@ def _write_all(f: BinaryIO, data: Union[bytes, memoryview]) -> int:
 
 
 class Source:
-    """Turns initializers into numpy arrays: inline ones parsed, file-backed ones memory-mapped (never
+    """Turns initializers into numpy arrays: inline ones parsed, file-backed ones read with explicit
+    reads (a memory map of a file that shrinks kills the process with SIGBUS; a short read is an error) (never
     read whole, never cached here), deferred ones computed. Implements :class:`graph.TensorStore`."""
 
     def __init__(
@@ -167,7 +179,11 @@ class Source:
         if loc is None:
             if self.base_dir is None:
                 raise BnfoldError(f"tensor '{tensor.name}' has external data but the model has no folder")
-            loc = self._locations[key] = locate(tensor, self.base_dir, model_file=self.model_file)
+            if tensor.name in self.inline_refs and self.model_file is not None:
+                loc = _inline(tensor, self.model_file)  # the file the user named, wherever a link leads
+            else:
+                loc = locate(tensor, self.base_dir, model_file=self.model_file)
+            self._locations[key] = loc
         return loc
 
     def files(self) -> Set[Path]:
@@ -194,7 +210,10 @@ class Source:
             return self.deferred[tensor.name].compute()
         loc, dtype, shape = self.location(tensor), np_dtype(tensor.data_type), tuple(tensor.dims)
         if 0 < loc.length < SMALL:
-            return np.frombuffer(os.pread(self._fd(loc.path), loc.length, loc.offset), dtype=dtype).reshape(shape)
+            data = os.pread(self._fd(loc.path), loc.length, loc.offset)
+            if len(data) != loc.length:
+                raise BnfoldError(f"{loc.path}: changed while it was read (it ended early)")
+            return np.frombuffer(data, dtype=dtype).reshape(shape)
         return _map(loc, dtype, shape)
 
     def write(self, tensor: onnx.TensorProto, value: Value) -> None:
@@ -280,7 +299,18 @@ class Source:
 
 
 def _map(loc: Location, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
-    """Mapped afresh for each use and unmapped when dropped: touched pages do not pile up in RSS."""
+    """The tensor's bytes, read afresh for each use (nothing is cached here) with explicit reads: a
+    file that is shorter than when it was opened is a BnfoldError, where touching a memory map of it
+    would end the process with SIGBUS."""
     if loc.length == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(loc.path, dtype=dtype, mode="r", offset=loc.offset, shape=shape)
+    out = np.empty(loc.length, np.uint8)
+    view, done = out.data, 0
+    with open(loc.path, "rb", buffering=0) as f:
+        f.seek(loc.offset)
+        while done < loc.length:
+            n = f.readinto(view[done : done + CHUNK])
+            if not n:
+                raise BnfoldError(f"{loc.path}: changed while it was read (it ended early)")
+            done += n
+    return out.view(dtype).reshape(shape)
