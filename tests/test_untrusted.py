@@ -805,3 +805,24 @@ def test_two_runs_writing_one_output_leave_one_runs_pair(tmp_path, monkeypatch):
     assert not errors, errors
     assert_same(onnx.load(str(models["B"])), onnx.load(str(out)), dims={"N": 2})  # B's model, B's data
     assert [f for f in files(tmp_path) if f.startswith("out")] == ["out.onnx", "out.onnx.1.data"]
+
+
+@pytest.mark.parametrize("errno_, words", [(13, "Permission denied"), (36, "File name too long")])
+def test_a_refused_rename_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, errno_, words):
+    """The commit rename refused by the system (a folder that became read-only, say: this suite runs
+    as root, for whom no permission bit refuses anything, so the refusal is injected)."""
+    import bnfold.io.save as io_save
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DEMO.read_bytes())
+
+    def refuse(src, dst):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(io_save.os, "replace", refuse)
+    for args in (
+        ["fold", model, "-o", tmp_path / "o.onnx"],
+        ["fold", model, "-o", tmp_path / "e.onnx", "--external-data"],
+    ):
+        refused(invoke(*args), f"not written ({words}); nothing was left behind")
+    assert files(tmp_path) == ["m.onnx"] and digest(model) == digest(DEMO)
