@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, cast
 
 import onnx
 
 from .errors import BnfoldError, Terminated, enough_memory, handle_termination, model_text, os_problem, quiet_numpy
 from .fold import apply, plan_model, stats
-from .io.load import check_model, checker_problem, file_size, open_model
+from .io.load import ModelLike, check_model, checker_problem, file_size, open_model
 from .io.save import save
 from .io.tensors import Source
 from .options import FOLD_OPTIONS, VerifyOptions
 from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
 
-ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
-
-def _open(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], Source]:
+def _open(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, Source]:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -58,7 +57,7 @@ def default_output(path: Path) -> Path:
     return path.with_name(f"{path.stem}_folded{path.suffix or '.onnx'}")
 
 
-def _check_output(output: Path, path: Optional[Path], source: Source, in_place: bool) -> None:
+def _check_output(output: Path, path: Path | None, source: Source, in_place: bool) -> None:
     if path is None or in_place:
         return
     out = Path(output).resolve()
@@ -74,17 +73,17 @@ def _check_output(output: Path, path: Optional[Path], source: Source, in_place: 
 @enough_memory("to fold this model", "close other programs, or fold on a machine with more memory")
 def _fold(
     model: ModelLike,
-    output: Optional[Union[str, os.PathLike[str]]],
+    output: str | os.PathLike[str] | None,
     dry_run: bool,
     lower_standalone: bool,
-    external_data: Optional[bool],
+    external_data: bool | None,
     in_place: bool,
     in_memory: bool = False,
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
     check: bool = False,
-) -> Tuple[onnx.ModelProto, FoldReport, Source]:
+) -> tuple[onnx.ModelProto, FoldReport, Source]:
     """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
     that what is returned is what was written even when the output replaces the input."""
     proto, path, source = _open(model)
@@ -115,7 +114,7 @@ def _fold(
         warnings=[h.to_dict() for h in plan.warnings],
         affine=list(plan.affine),
     )
-    checked: Dict[str, Optional[str]] = {}
+    checked: dict[str, str | None] = {}
     if check:
         checked["input"] = checker_problem(path if path is not None else cast(onnx.ModelProto, model))
         report.checker = checked
@@ -131,17 +130,17 @@ def _fold(
 
 def fold(
     model: ModelLike,
-    output: Optional[Union[str, os.PathLike]] = None,
+    output: str | os.PathLike | None = None,
     *,
     dry_run: bool = False,
     lower_standalone: bool = False,
-    external_data: Optional[bool] = None,
+    external_data: bool | None = None,
     in_place: bool = False,
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
     check: bool = False,
-) -> Tuple[onnx.ModelProto, FoldReport]:
+) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
     ``model`` is a path or an ``onnx.ModelProto`` (never modified: the fold works on a copy). With
@@ -178,12 +177,12 @@ def fold(
 
 
 def fold_file(
-    model: Union[str, os.PathLike],
-    output: Optional[Union[str, os.PathLike]] = None,
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
     *,
     dry_run: bool = False,
     lower_standalone: bool = False,
-    external_data: Optional[bool] = None,
+    external_data: bool | None = None,
     in_place: bool = False,
     strict: bool = False,
     affine: bool = True,
@@ -210,10 +209,10 @@ def fold_file(
     )[1]
 
 
-def _op_types(model: onnx.ModelProto) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
+def _op_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Producer op type of each value, and the op types reading it, over every graph and function."""
-    producers: Dict[str, str] = {}
-    readers: Dict[str, List[str]] = {}
+    producers: dict[str, str] = {}
+    readers: dict[str, list[str]] = {}
     for node in all_nodes(model):
         for o in node.output:
             producers[o] = node.op_type
@@ -276,7 +275,7 @@ def inspect(
 
 
 def _fold_one(
-    model: str, output: str, options: Dict[str, Any], verify: Optional[VerifyOptions], keep_failed: bool
+    model: str, output: str, options: dict[str, Any], verify: VerifyOptions | None, keep_failed: bool
 ) -> BatchEntry:
     """Fold (and verify) one model of a batch; never raises for a user error: the batch goes on."""
     entry = BatchEntry(model, output)
@@ -338,7 +337,7 @@ def _dead(model: str, output: str) -> BatchEntry:
     )
 
 
-def _worker(conn: Any, args: Tuple[Any, ...]) -> None:
+def _worker(conn: Any, args: tuple[Any, ...]) -> None:
     """A batch worker: folds the models it is sent, one at a time, until it is sent None."""
     handle_termination()
     try:
@@ -367,7 +366,7 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 def _run_pool(
-    tasks: List[Tuple[str, str]], jobs: int, args: Tuple[Any, ...], done: Callable[[BatchEntry], None]
+    tasks: list[tuple[str, str]], jobs: int, args: tuple[Any, ...], done: Callable[[BatchEntry], None]
 ) -> None:
     """Fold in ``jobs`` worker processes, each sent one model at a time. A worker that dies (killed
     by the OS, out of memory) fails the model it held, in one line, and a fresh one takes its place.
@@ -380,11 +379,11 @@ def _run_pool(
 
     context = multiprocessing.get_context("spawn")
     pending = list(reversed(tasks))
-    busy: Dict[Any, Tuple[Any, Any, Tuple[str, str]]] = {}  # sentinel -> (process, conn, task)
-    idle: List[Tuple[Any, Any]] = []
-    workers: List[Tuple[Any, Any]] = []  # every one started
+    busy: dict[Any, tuple[Any, Any, tuple[str, str]]] = {}  # sentinel -> (process, conn, task)
+    idle: list[tuple[Any, Any]] = []
+    workers: list[tuple[Any, Any]] = []  # every one started
 
-    def start() -> Tuple[Any, Any]:
+    def start() -> tuple[Any, Any]:
         ours, theirs = context.Pipe()
         process = context.Process(target=_worker, args=(theirs, args), daemon=True)
         workers.append((process, ours))
@@ -442,20 +441,20 @@ def _run_pool(
 
 
 def fold_many(
-    models: Sequence[Union[str, os.PathLike[str]]],
-    outdir: Union[str, os.PathLike[str]],
+    models: Sequence[str | os.PathLike[str]],
+    outdir: str | os.PathLike[str],
     *,
     jobs: int = 1,
     dry_run: bool = False,
     lower_standalone: bool = False,
-    external_data: Optional[bool] = None,
-    verify: Optional[VerifyOptions] = None,
+    external_data: bool | None = None,
+    verify: VerifyOptions | None = None,
     keep_failed: bool = True,
     strict: bool = False,
     affine: bool = True,
     reparameterize: bool = True,
     check: bool = False,
-    progress: Optional[Callable[[str], None]] = None,
+    progress: Callable[[str], None] | None = None,
 ) -> BatchReport:
     """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
     time in worker processes; with ``verify``, check each against its original. A model that fails
@@ -475,7 +474,7 @@ def fold_many(
     tasks = [(str(m), str(out / Path(m).name)) for m in models]
     given = dict(locals())
     options = {name: given[name] for name in FOLD_OPTIONS}
-    results: Dict[str, BatchEntry] = {}
+    results: dict[str, BatchEntry] = {}
 
     def done(entry: BatchEntry) -> None:
         results[entry.input] = entry

@@ -7,7 +7,7 @@ knows about ONNX graphs.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ class TrainingModeError(ValueError):
     """Raised when asked to evaluate a BatchNormalization that runs in training mode."""
 
 
-ArrayLike = Union[np.ndarray, float, Sequence[float]]
+ArrayLike = np.ndarray | float | Sequence[float]
 
 
 def scale_shift(
@@ -28,8 +28,8 @@ def scale_shift(
     bias: ArrayLike,
     mean: ArrayLike,
     var: ArrayLike,
-    epsilon: Union[float, np.ndarray] = DEFAULT_EPSILON,
-) -> Tuple[np.ndarray, np.ndarray]:
+    epsilon: float | np.ndarray = DEFAULT_EPSILON,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(s, t)`` in float64 such that BN(x) == s * x + t along the channel axis (``epsilon``
     may be an array broadcasting against the parameters: many BNs at once)."""
     g, b, m, v = (np.asarray(a, dtype=np.float64) for a in (scale, bias, mean, var))
@@ -37,7 +37,7 @@ def scale_shift(
     return s, b - m * s
 
 
-def _param_shape(x_ndim: int, param: np.ndarray, spatial: bool) -> Tuple[int, ...]:
+def _param_shape(x_ndim: int, param: np.ndarray, spatial: bool) -> tuple[int, ...]:
     # Spatial parameters have shape (C,); per-activation ones (spatial=0) have shape (C, D1, ...).
     if spatial or param.ndim == 1:
         return (-1,) + (1,) * (x_ndim - 2)

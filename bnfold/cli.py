@@ -7,8 +7,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import click
 
@@ -44,7 +45,7 @@ def default_output(path: Path) -> Path:
     return where(path)
 
 
-def _complete_providers(ctx: click.Context, param: click.Parameter, incomplete: str) -> List[Any]:
+def _complete_providers(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """Completes the last name of a comma-separated list."""
     from click.shell_completion import CompletionItem
 
@@ -136,7 +137,7 @@ class BnfoldGroup(click.Group):
             ctx.exit(3)
 
 
-def _pairs(values: Sequence[str], what: str) -> Dict[str, str]:
+def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
     out = {}
     for v in values:
         name, sep, rest = v.rpartition("=")
@@ -146,7 +147,7 @@ def _pairs(values: Sequence[str], what: str) -> Dict[str, str]:
     return out
 
 
-def _verify_options(o: Dict[str, Any]) -> VerifyOptions:
+def _verify_options(o: dict[str, Any]) -> VerifyOptions:
     try:
         dims = {k: int(v) for k, v in _pairs(o["dim"], "--dim").items()}
         shapes = {k: [int(d) for d in v.split(",")] for k, v in _pairs(o["input_shape"], "--input-shape").items()}
@@ -277,7 +278,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
-    def update(self, n: int, item: Optional[str] = None) -> None:
+    def update(self, n: int, item: str | None = None) -> None:
         self.done += n
         if self.bar is None and sys.stderr.isatty() and time.monotonic() - self.start >= self.delay:
             self.bar = click.progressbar(
@@ -318,10 +319,10 @@ def cli() -> None:
     """
 
 
-STYLES: Dict[str, Dict[str, Any]] = {OK: {"fg": "green"}, WARN: {"fg": "yellow"}, FAIL: {"fg": "red", "bold": True}}
+STYLES: dict[str, dict[str, Any]] = {OK: {"fg": "green"}, WARN: {"fg": "yellow"}, FAIL: {"fg": "red", "bold": True}}
 
 
-def _echo(lines: List[Line], err: bool = False) -> None:
+def _echo(lines: list[Line], err: bool = False) -> None:
     """Print lines of styled spans: coloured on a terminal (click drops colours elsewhere), never
     when NO_COLOR is set."""
     colour = not os.environ.get("NO_COLOR")
@@ -339,11 +340,11 @@ def _dump(doc: Any) -> None:
 
 
 def _batch(
-    models: List[Path],
+    models: list[Path],
     outdir: Path,
     jobs: int,
-    options: Dict[str, Any],
-    verify: Optional[VerifyOptions],
+    options: dict[str, Any],
+    verify: VerifyOptions | None,
     keep_failed: bool,
     as_json: bool,
     quiet: bool,
@@ -414,11 +415,11 @@ def _batch(
 @click.pass_context
 def fold(
     ctx: click.Context,
-    models: List[Path],
-    output: Optional[Path],
+    models: list[Path],
+    output: Path | None,
     dry_run: bool,
     lower_standalone: bool,
-    external_data: Optional[bool],
+    external_data: bool | None,
     in_place: bool,
     strict: bool,
     affine: bool,
@@ -454,7 +455,7 @@ def fold(
         if in_place:
             raise UserError("--verify needs the original: it cannot be combined with --in-place")
         _check_providers(verify)  # before anything is written
-    options: Dict[str, Any] = {name: value for name, value in params.items() if name in FOLD_OPTIONS}
+    options: dict[str, Any] = {name: value for name, value in params.items() if name in FOLD_OPTIONS}
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
         if output is None:
@@ -546,7 +547,7 @@ def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **verify
     sys.exit(0 if result else 1)
 
 
-def _exit_code(args: Optional[Sequence[str]], prog_name: Optional[str]) -> int:
+def _exit_code(args: Sequence[str] | None, prog_name: str | None) -> int:
     """Run the command as click's standalone mode would, but return its exit code."""
     try:
         rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
@@ -564,7 +565,7 @@ def _exit_code(args: Optional[Sequence[str]], prog_name: Optional[str]) -> int:
     return rv if isinstance(rv, int) else 0
 
 
-def main(args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None) -> None:
+def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> None:
     """The console entry point. Once the command's outcome is decided (its output complete, or its
     failure reported), SIGINT and SIGTERM are ignored: a signal arriving then cannot kill the
     process by the signal and hide the exit code. One arriving just before is exit 130 or 143."""

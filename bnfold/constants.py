@@ -9,7 +9,8 @@ rest must be constants. Results larger than ``MAX_ELEMENTS`` are not evaluated.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ MAX_ELEMENTS = 1 << 24
 MAX_DEPTH = 64  # constant subgraphs are small; deeper chains are not evaluated
 SMALL_INLINE = 1 << 16  # inline initializers up to this many bytes are parsed once and kept
 
-Evaluator = Callable[[onnx.NodeProto, List[Any], int], Optional[np.ndarray]]
+Evaluator = Callable[[onnx.NodeProto, list[Any], int], np.ndarray | None]
 
 
 class OverBudget(Exception):
@@ -48,20 +49,20 @@ class Operand:
 
     def __init__(
         self,
-        value: Optional[np.ndarray] = None,
-        dtype: Optional[np.dtype] = None,
-        shape: Optional[Tuple[int, ...]] = None,
+        value: np.ndarray | None = None,
+        dtype: np.dtype | None = None,
+        shape: tuple[int, ...] | None = None,
     ) -> None:
         self.value = value
         self.dtype = value.dtype if value is not None else dtype
-        self.shape: Optional[Tuple[int, ...]] = tuple(value.shape) if value is not None else shape
+        self.shape: tuple[int, ...] | None = tuple(value.shape) if value is not None else shape
 
 
-def _int_list(a: np.ndarray) -> List[int]:
+def _int_list(a: np.ndarray) -> list[int]:
     return [int(v) for v in np.asarray(a).reshape(-1)]
 
 
-def _shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _shape(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     shape = ops[0].shape
     if shape is None:
         return None
@@ -69,15 +70,15 @@ def _shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndar
     return np.array(shape[start:end], dtype=np.int64)
 
 
-def _size(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _size(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     return None if ops[0].shape is None else np.array(int(np.prod(ops[0].shape)), dtype=np.int64)
 
 
-def _cast_like(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _cast_like(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     return None if ops[1].dtype is None else ops[0].value.astype(ops[1].dtype)
 
 
-def _constant_of_shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _constant_of_shape(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     shape = _int_list(ops[0].value)
     _within_budget(shape)
     value = attr(node, "value")
@@ -85,20 +86,20 @@ def _constant_of_shape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Opti
     return np.full(shape, fill[0], dtype=fill.dtype)
 
 
-def _reshape(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _reshape(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     data, shape = ops[0].value, _int_list(ops[1].value)
     if not attr(node, "allowzero", 0):
         shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return data.reshape(shape)
 
 
-def _axes(node: onnx.NodeProto, ops: List[Any], opset: int, since: int) -> Optional[List[int]]:
+def _axes(node: onnx.NodeProto, ops: list[Any], opset: int, since: int) -> list[int] | None:
     if opset >= since:
         return _int_list(ops[1].value) if len(ops) > 1 and ops[1].value is not None else None
     return attr(node, "axes")
 
 
-def _unsqueeze(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _unsqueeze(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     data, axes = ops[0].value, _axes(node, ops, opset, 13)
     if axes is None:
         return None
@@ -109,18 +110,18 @@ def _unsqueeze(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.
     return out
 
 
-def _squeeze(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _squeeze(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     data, axes = ops[0].value, _axes(node, ops, opset, 13)
     return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
 
 
-def _expand(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _expand(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     shape = np.broadcast_shapes(ops[0].value.shape, tuple(_int_list(ops[1].value)))
     _within_budget(shape)
     return np.broadcast_to(ops[0].value, shape).copy()
 
 
-def _slice(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _slice(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     data = ops[0].value
     if opset < 10:
         starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
@@ -131,12 +132,12 @@ def _slice(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndar
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps or [1] * len(starts)
     index = [slice(None)] * data.ndim
-    for s, e, a, st in zip(starts, ends, axes, steps):
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=False):
         index[a % data.ndim] = slice(s, e, st)
     return data[tuple(index)]
 
 
-def _concat(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+def _concat(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
     axis = attr(node, "axis")
     if not isinstance(axis, int):  # required: numpy would read None as "flatten everything"
         return None
@@ -150,14 +151,14 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _same_dtype(fn: Callable[..., Any]) -> Evaluator:
-    def run(node: onnx.NodeProto, ops: List[Any], opset: int) -> Optional[np.ndarray]:
+    def run(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
         out = np.asarray(fn(*[o.value for o in ops]))
         return out.astype(ops[0].value.dtype)
 
     return run
 
 
-EVALUATORS: Dict[str, Evaluator] = {
+EVALUATORS: dict[str, Evaluator] = {
     "Shape": _shape,
     "Size": _size,
     "CastLike": _cast_like,
@@ -187,7 +188,7 @@ EVALUATORS: Dict[str, Evaluator] = {
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow"}
 
 
-def _result_size(node: onnx.NodeProto, operands: Sequence[Optional[Operand]]) -> Optional[float]:
+def _result_size(node: onnx.NodeProto, operands: Sequence[Operand | None]) -> float | None:
     """How many elements the result would have, known before anything is allocated, for the ops
     whose result can be far larger than their operands (Expand and ConstantOfShape check their own
     target shapes); None for the others, and for operands whose shapes do not fit together."""
@@ -204,7 +205,7 @@ def _result_size(node: onnx.NodeProto, operands: Sequence[Optional[Operand]]) ->
     return None
 
 
-def evaluate(node: onnx.NodeProto, operands: Sequence[Optional[Operand]], opset: int) -> Optional[np.ndarray]:
+def evaluate(node: onnx.NodeProto, operands: Sequence[Operand | None], opset: int) -> np.ndarray | None:
     """The value of the node's single output, or None when it cannot be computed here. Raises
     :class:`OverBudget` for a result over ``MAX_ELEMENTS``, before allocating it where that is known.
 
@@ -234,19 +235,19 @@ class Constants:
     read afresh each time, so that a mapped weight is released once the caller is done with it."""
 
     def __init__(
-        self, index: GraphIndex, *, opset: int, types: Optional[TypeLookup], outer: Optional[Constants] = None
+        self, index: GraphIndex, *, opset: int, types: TypeLookup | None, outer: Constants | None = None
     ) -> None:
         self.index = index
         self.opset = opset
         self.types = types
         self.outer = outer
-        self._cache: Dict[str, Optional[np.ndarray]] = {}
+        self._cache: dict[str, np.ndarray | None] = {}
         # Values computed from constants that were not evaluated for the budget: their elements.
-        self._over_budget: Dict[str, int] = {}
-        self._inline: Dict[str, Tuple[int, Optional[np.ndarray]]] = {}  # small inline initializers
+        self._over_budget: dict[str, int] = {}
+        self._inline: dict[str, tuple[int, np.ndarray | None]] = {}  # small inline initializers
         self._depth = 0
 
-    def value(self, name: str) -> Optional[np.ndarray]:
+    def value(self, name: str) -> np.ndarray | None:
         """The value of ``name`` when it cannot change between runs, else None."""
         index = self.index
         hit = self._inline.get(name)
@@ -301,7 +302,7 @@ class Constants:
             raise KeyError(f"'{name}' is not a constant")
         return lambda: value
 
-    def _node_value(self, i: int) -> Optional[np.ndarray]:
+    def _node_value(self, i: int) -> np.ndarray | None:
         node = self.index.node(i)
         if node.domain not in ONNX_DOMAINS:
             return None
@@ -310,7 +311,7 @@ class Constants:
         if node.op_type not in EVALUATORS:
             return None
         type_only = TYPE_ONLY.get(node.op_type, set())
-        operands: List[Optional[Operand]] = []
+        operands: list[Operand | None] = []
         for slot, name in enumerate(node.input):
             value = self.value(name)
             if value is not None:

@@ -1,9 +1,9 @@
 """Errors a user can act on. The CLI prints them as one line and exits with code 2."""
 
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Iterator, Optional
 
 
 class BnfoldError(Exception):
@@ -52,7 +52,7 @@ def quiet_numpy() -> Iterator[None]:
         yield
 
 
-def _terminate(signum: int, frame: Optional[FrameType]) -> None:
+def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple, Union
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -32,12 +33,12 @@ from .proto import (
 class Deferred:
     """A tensor value computed when it is needed (at write time), not when it is decided."""
 
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: np.dtype
     compute: Callable[[], np.ndarray]
 
 
-Value = Union[np.ndarray, Deferred]
+Value = np.ndarray | Deferred
 
 
 class TensorStore(Protocol):
@@ -74,29 +75,29 @@ class GraphIndex:
         *,
         store: TensorStore,
         lists_initializers: bool = False,
-        taken_names: Optional[Names] = None,
-        outer: Optional[GraphIndex] = None,
+        taken_names: Names | None = None,
+        outer: GraphIndex | None = None,
     ) -> None:
         self.graph = graph
         self.store = store
         # IR 3 main graphs list every initializer among the inputs; subgraphs never do.
         self.lists_initializers = lists_initializers
         self.outer = outer
-        self._field: List[onnx.NodeProto] = graph.node[:]  # the entries as read: commit moves them
-        self.nodes: List[Optional[onnx.NodeProto]] = list(self._field)
-        self._order: List[Tuple[int, int]] = [(i, 0) for i in range(len(self.nodes))]  # position on commit
+        self._field: list[onnx.NodeProto] = graph.node[:]  # the entries as read: commit moves them
+        self.nodes: list[onnx.NodeProto | None] = list(self._field)
+        self._order: list[tuple[int, int]] = [(i, 0) for i in range(len(self.nodes))]  # position on commit
         tensors = graph.initializer[:]
         # The initializers' names in the field's order (commit filters the field by them, without
         # reading each name from protobuf again), and by name.
         self._initializer_names = [t.name for t in tensors]
-        self.initializers: Dict[str, onnx.TensorProto] = dict(zip(self._initializer_names, tensors))
+        self.initializers: dict[str, onnx.TensorProto] = dict(zip(self._initializer_names, tensors, strict=False))
         if len(self.initializers) < len(tensors):
             twice = next(name for name, count in Counter(self._initializer_names).items() if count > 1)
             raise BnfoldError(
                 f"tensor '{twice}': defined twice among the initializers of one graph "
                 "(which of the two values a runtime uses is not defined)"
             )
-        self._value_info_names: Optional[List[str]] = None  # read by names(), kept for commit
+        self._value_info_names: list[str] | None = None  # read by names(), kept for commit
         self.input_names = [i.name for i in graph.input]
         self.output_names = [o.name for o in graph.output]
         self.graph_outputs = set(self.output_names)
@@ -104,21 +105,21 @@ class GraphIndex:
         # IR 3: every initializer must be listed as an input, and that says nothing.
         self.overridable = set() if lists_initializers else set(self.input_names) & set(self.initializers)
         self.taken: Names = taken_names if taken_names is not None else all_names(graph, set())
-        self._dropped: Set[str] = set()
+        self._dropped: set[str] = set()
         self.finished = False  # set by commit: the index no longer describes the graph
         self.holds_bodies = False  # a node of this graph has subgraphs (If/Loop/Scan)
-        self.revision: Dict[str, int] = {}  # bumped when an initializer gets new values
-        self.producer: Dict[str, int] = {}
-        self.consumers: Dict[str, List[int]] = {}
+        self.revision: dict[str, int] = {}  # bumped when an initializer gets new values
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
         # Per node, as linked: its op type, and the names it reads and writes (read once from protobuf).
-        self.ops: List[str] = [""] * len(self.nodes)
-        self._links: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = [((), ())] * len(self.nodes)
+        self.ops: list[str] = [""] * len(self.nodes)
+        self._links: list[tuple[tuple[str, ...], tuple[str, ...]]] = [((), ())] * len(self.nodes)
         for i, node in enumerate(self.nodes):
             self._link(i, node)  # type: ignore[arg-type]  # every node is there before any removal
 
     # -- structure -----------------------------------------------------------------------------
     @staticmethod
-    def _reads(node: onnx.NodeProto) -> List[str]:
+    def _reads(node: onnx.NodeProto) -> list[str]:
         names = [n for n in node.input if n]
         if has_subgraphs(node):
             for g in subgraphs(node):
@@ -165,7 +166,7 @@ class GraphIndex:
                 del producer[name]
         self._links[i] = ((), ())
 
-    def reads(self, i: int) -> Tuple[str, ...]:
+    def reads(self, i: int) -> tuple[str, ...]:
         """The names node ``i`` reads (inputs that are not empty; for a node with bodies, also the
         outer names they use), as it was linked."""
         return self._links[i][0]
@@ -176,11 +177,11 @@ class GraphIndex:
             raise KeyError(f"node {i} was removed")
         return node
 
-    def node_of(self, name: str) -> Optional[onnx.NodeProto]:
+    def node_of(self, name: str) -> onnx.NodeProto | None:
         i = self.producer.get(name)
         return None if i is None else self.nodes[i]
 
-    def readers(self, name: str) -> List[int]:
+    def readers(self, name: str) -> list[int]:
         return self.consumers.get(name, [])
 
     def uses(self, name: str) -> int:
@@ -245,17 +246,17 @@ class GraphIndex:
         found = []
         if name in self.input_names or name in self.initializers:
             found.append("a graph input" if name in self.input_names else "an initializer")
-        writers = [n for n, (_, outputs) in zip(self.nodes, self._links) if name in outputs]
+        writers = [n for n, (_, outputs) in zip(self.nodes, self._links, strict=False) if name in outputs]
         found += [f"output of {n.op_type} '{n.name}'" for n in writers if n is not None]
         if self.outer is not None and self.outer.visible(name):
             found.append("a value of the enclosing graph")
         return ", ".join(found)
 
-    def _cycle(self) -> List[str]:
+    def _cycle(self) -> list[str]:
         """The values along one cycle of the graph's nodes (empty when there is none)."""
         producer = self.producer
         waiting = [0] * len(self._links)
-        users: Dict[int, List[int]] = {}
+        users: dict[int, list[int]] = {}
         for k, (reads, _) in enumerate(self._links):
             for p in {producer[n] for n in reads if n in producer}:
                 waiting[k] += 1
@@ -270,15 +271,18 @@ class GraphIndex:
         if not stuck:
             return []
         # Walk back from a stuck node along stuck producers until a node repeats: that is a cycle.
-        path: List[int] = []
-        seen: Dict[int, int] = {}
+        path: list[int] = []
+        seen: dict[int, int] = {}
         k = min(stuck)
         while k not in seen:
             seen[k] = len(path)
             path.append(k)
             k = next(producer[n] for n in self._links[k][0] if producer.get(n) in stuck)
         loop = path[seen[k] :]  # each node reads a value of the node after it (the last, of the first)
-        values = [next(n for n in self._links[a][0] if producer.get(n) == b) for a, b in zip(loop, loop[1:] + loop[:1])]
+        values = [
+            next(n for n in self._links[a][0] if producer.get(n) == b)
+            for a, b in zip(loop, loop[1:] + loop[:1], strict=False)
+        ]
         values.reverse()  # in the direction the values flow
         return values + values[:1]
 
@@ -288,7 +292,7 @@ class GraphIndex:
             return name in self.overridable
         return self.outer is not None and not self.defines(name) and self.outer.is_overridable(name)
 
-    def names(self) -> Set[str]:
+    def names(self) -> set[str]:
         """Every value and node name of the graph, as :func:`.proto.all_names` collects them, from
         the index (valid while nothing was rewritten, and only for a graph without bodies)."""
         if self.holds_bodies:
@@ -312,7 +316,7 @@ class GraphIndex:
         self.taken.add(name)
         return name
 
-    def snapshot(self, name: str) -> Optional[Callable[[], np.ndarray]]:
+    def snapshot(self, name: str) -> Callable[[], np.ndarray] | None:
         """For an initializer: a function giving the value it has now, even after it is replaced."""
         tensor = self.initializers.get(name)
         return None if tensor is None else self.store.snapshot(tensor)
@@ -345,7 +349,7 @@ class GraphIndex:
         self.nodes[i] = None
         self.ops[i] = ""
 
-    def insert_nodes(self, at: int, nodes: List[onnx.NodeProto]) -> None:
+    def insert_nodes(self, at: int, nodes: list[onnx.NodeProto]) -> None:
         """Add nodes that :meth:`commit` writes where node ``at`` stands, in the order given."""
         for k, node in enumerate(nodes, start=1):
             self.nodes.append(node)
@@ -379,7 +383,7 @@ class GraphIndex:
         graph = self.graph
         nodes, field = self.nodes, self._field
         if len(nodes) == len(field) == len(graph.node):  # nothing inserted: same positions, same order
-            for node, entry in zip(nodes, field):
+            for node, entry in zip(nodes, field, strict=False):
                 if node is not None and node is not entry:
                     entry.CopyFrom(node)  # a node replaced by a new message
             _keep_only(graph.node, [node is None for node in nodes])
@@ -410,13 +414,13 @@ class GraphIndex:
         self.finished = True
 
 
-def _names(field: Any, known: Optional[List[str]]) -> List[str]:
+def _names(field: Any, known: list[str] | None) -> list[str]:
     """The names of a repeated field's entries, in order: ``known`` when it still matches the field
     (reading each name from protobuf costs about a microsecond)."""
     return known if known is not None and len(known) == len(field) else [item.name for item in field]
 
 
-def _keep_only(field: Any, gone: List[bool]) -> None:
+def _keep_only(field: Any, gone: list[bool]) -> None:
     """Delete the entries of a repeated message field whose flag in ``gone`` is set, in linear time,
     the others keeping their order.
 

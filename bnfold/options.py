@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .errors import BnfoldError
 
@@ -15,8 +16,8 @@ if TYPE_CHECKING:  # numpy is not imported here: the CLI reads these defaults at
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-PathLike = Union[str, "os.PathLike[str]"]
-InputsLike = Union[PathLike, Sequence[PathLike], Mapping[str, "np.ndarray"], None]
+PathLike = str | os.PathLike[str]
+InputsLike = Union[PathLike, Sequence[PathLike], Mapping[str, "np.ndarray"], None]  # noqa: UP007 (a string inside)
 
 
 # The options fold, fold_file and fold_many share (the CLI passes them on by these names).
@@ -27,9 +28,9 @@ FOLD_OPTIONS = ("dry_run", "lower_standalone", "external_data", "strict", "affin
 class VerifyOptions:
     """How two models are compared. Every field has the default the CLI shows."""
 
-    providers: Tuple[str, ...] = ("cpu",)
-    rtol: Optional[float] = None  # elementwise tolerances; both None: the scaled criterion (see compare)
-    atol: Optional[float] = None
+    providers: tuple[str, ...] = ("cpu",)
+    rtol: float | None = None  # elementwise tolerances; both None: the scaled criterion (see compare)
+    atol: float | None = None
     samples: int = 3
     seed: int = 0
     dims: Mapping[str, int] = field(default_factory=dict)
@@ -40,8 +41,8 @@ class VerifyOptions:
     allow_tf32: bool = False
     max_input_bytes: int = 1 << 30  # per sample synthesized, or all .npz arrays together
     baseline: bool = True  # run onnxruntime's own fusion of the original: the noise floor
-    save_inputs: Optional[PathLike] = None  # .npz of the inputs, a leading axis of samples
-    save_outputs: Optional[PathLike] = None  # .npz of the reference's and each provider's outputs
+    save_inputs: PathLike | None = None  # .npz of the inputs, a leading axis of samples
+    save_outputs: PathLike | None = None  # .npz of the reference's and each provider's outputs
 
     def __post_init__(self) -> None:
         providers = self.providers
@@ -73,16 +74,16 @@ class VerifyOptions:
                 raise BnfoldError(f"--input-shape {name}: every dimension must be at least 1")
 
     @classmethod
-    def of(cls, options: Optional[VerifyOptions] = None, **overrides: Any) -> VerifyOptions:
+    def of(cls, options: VerifyOptions | None = None, **overrides: Any) -> VerifyOptions:
         """``options`` (or the defaults) with the keyword arguments that are not None applied."""
         base = options or cls()
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown verification option(s): {', '.join(sorted(unknown))}")
-        given: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **given) if given else base
 
     @property
-    def provider_names(self) -> Tuple[str, ...]:
+    def provider_names(self) -> tuple[str, ...]:
         return tuple(PROVIDERS[p] for p in self.providers)

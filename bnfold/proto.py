@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Dict, Iterable, Iterator, Optional, Set
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -76,11 +77,11 @@ def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from g.initializer
 
 
-def outer_names(graph: onnx.GraphProto) -> Set[str]:
+def outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph reads from enclosing scopes: used inside, defined nowhere inside."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {t.values.name for t in graph.sparse_initializer}
-    used: Set[str] = set()
+    used: set[str] = set()
     for node in graph.node:
         used.update(n for n in node.input if n)
         for g in subgraphs(node):
@@ -90,7 +91,7 @@ def outer_names(graph: onnx.GraphProto) -> Set[str]:
     return used - defined
 
 
-def all_names(graph: onnx.GraphProto, into: Set[str]) -> Set[str]:
+def all_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
     """Every value and node name in a graph and its subgraphs, added to ``into``."""
     for seq in (graph.input, graph.output, graph.value_info):
         into.update(v.name for v in seq)
@@ -100,7 +101,7 @@ def all_names(graph: onnx.GraphProto, into: Set[str]) -> Set[str]:
     return into
 
 
-def _node_names(nodes: Iterable[onnx.NodeProto], into: Set[str]) -> None:
+def _node_names(nodes: Iterable[onnx.NodeProto], into: set[str]) -> None:
     for node in nodes:
         into.update(node.input)
         into.update(node.output)
@@ -109,7 +110,7 @@ def _node_names(nodes: Iterable[onnx.NodeProto], into: Set[str]) -> None:
             all_names(g, into)
 
 
-def model_names(model: onnx.ModelProto) -> Set[str]:
+def model_names(model: onnx.ModelProto) -> set[str]:
     """Every name in the model, functions included: what a new name must not be."""
     taken = all_names(model.graph, set())
     for fn in model.functions:
@@ -159,7 +160,7 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS
 
 
-def constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node, or None when it has none that can be read."""
     try:
         return _constant_value(node)
@@ -167,7 +168,7 @@ def constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
         return None
 
 
-def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
         if a.name == "value":
             return to_array(a.t)
@@ -266,7 +267,7 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
-def external_location(tensor: onnx.TensorProto) -> Optional[Dict[str, str]]:
+def external_location(tensor: onnx.TensorProto) -> dict[str, str] | None:
     """The external_data entries of a file-backed tensor, or None for an inline one."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None

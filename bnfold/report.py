@@ -10,18 +10,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # not imported at run time: the CLI imports this module at start-up
     import numpy as np
 
 # Styles a renderer may give a span; the CLI maps them to colours (or none).
 OK, WARN, FAIL, PLAIN = "ok", "warn", "fail", ""
-Span = Tuple[str, str]
-Line = List[Span]
+Span = tuple[str, str]
+Line = list[Span]
 
 
-def plain(lines: List[Line]) -> str:
+def plain(lines: list[Line]) -> str:
     """Lines of spans as plain text."""
     return "\n".join("".join(text for text, _ in line) for line in lines)
 
@@ -34,7 +34,7 @@ def shorten(name: str, width: int) -> str:
     return name[: keep - keep // 2] + "\u2026" + name[len(name) - keep // 2 :]
 
 
-def _json_floats(d: Dict[str, Any]) -> Dict[str, Any]:
+def _json_floats(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
@@ -77,7 +77,7 @@ class Code(str, Enum):
         return _DESCRIPTIONS[self]
 
 
-_DESCRIPTIONS: Dict[Code, str] = {
+_DESCRIPTIONS: dict[Code, str] = {
     Code.TRAINING_MODE: "runs in training mode (normalizes with batch statistics)",
     Code.STATISTICS_OUTPUTS: "its mean/var/saved statistics outputs are requested",
     Code.NON_CONSTANT_PARAMETER: "a scale/bias/mean/var input is computed at run time",
@@ -112,7 +112,7 @@ _DESCRIPTIONS: Dict[Code, str] = {
 }
 
 # Code -> description, in a stable order (for documentation and JSON consumers).
-REASONS: Dict[str, str] = OrderedDict((c.value, c.description) for c in Code)
+REASONS: dict[str, str] = OrderedDict((c.value, c.description) for c in Code)
 
 
 @dataclass(frozen=True)
@@ -152,18 +152,18 @@ class ModelStats:
 class FoldReport:
     before: ModelStats
     after: ModelStats
-    folded: List[FoldedBN] = field(default_factory=list)
-    left: List[LeftBN] = field(default_factory=list)
-    absorbed: List[str] = field(default_factory=list)
-    input: Optional[str] = None
-    output: Optional[str] = None
+    folded: list[FoldedBN] = field(default_factory=list)
+    left: list[LeftBN] = field(default_factory=list)
+    absorbed: list[str] = field(default_factory=list)
+    input: str | None = None
+    output: str | None = None
     dry_run: bool = False
-    warnings: List[Dict[str, Any]] = field(default_factory=list)  # hazards of the folds made
-    affine: List[str] = field(default_factory=list)  # per-channel affine chains folded without a BN
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # hazards of the folds made
+    affine: list[str] = field(default_factory=list)  # per-channel affine chains folded without a BN
     # With check=True: onnx.checker (full_check) on "input" and "output": None passes, else its message.
-    checker: Optional[Dict[str, Optional[str]]] = None
+    checker: dict[str, str | None] | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
@@ -191,10 +191,10 @@ class FoldReport:
             return "checker: not checked"
         return "checker passes"
 
-    def _checker_lines(self) -> List[Line]:
+    def _checker_lines(self) -> list[Line]:
         if self.checker is None:
             return []
-        lines: List[Line] = []
+        lines: list[Line] = []
         for which, problem in self.checker.items():
             if problem is None:
                 lines.append([(f"onnx.checker (full_check): the {which} passes", OK)])
@@ -206,14 +206,14 @@ class FoldReport:
             lines.append([("  the input failed the checker before any fold: no claim is made for the output", PLAIN)])
         return lines
 
-    def render_lines(self) -> List[Line]:
+    def render_lines(self) -> list[Line]:
         b, a = self.before, self.after
         head = f"{self.input or '<model>'}"
         if self.output:
             head += f" -> {self.output}"
         if self.dry_run:
             head += "  (dry run: nothing written)"
-        lines: List[Line] = [[(head, PLAIN)], [(f"  {'':14}{'before':>12}{'after':>12}", PLAIN)]]
+        lines: list[Line] = [[(head, PLAIN)], [(f"  {'':14}{'before':>12}{'after':>12}", PLAIN)]]
         for label, x, y in (
             ("BatchNorm", b.batchnorms, a.batchnorms),
             ("nodes", b.nodes, a.nodes),
@@ -256,37 +256,37 @@ class FoldReport:
 class BatchNormInfo:
     name: str
     output: str
-    producer: Optional[str]
-    consumers: List[str]
+    producer: str | None
+    consumers: list[str]
     foldable: bool
-    reason: Optional[str]
+    reason: str | None
     message: str
-    into: Optional[str] = None
-    direction: Optional[str] = None
+    into: str | None = None
+    direction: str | None = None
 
 
 @dataclass
 class InspectReport:
-    path: Optional[str]
+    path: str | None
     ir_version: int
-    opsets: Dict[str, int]
+    opsets: dict[str, int]
     producer: str
     bytes: int
-    external_data: List[str]
+    external_data: list[str]
     nodes: int
     initializers: int
-    batchnorms: List[BatchNormInfo] = field(default_factory=list)
-    warnings: List[Dict[str, Any]] = field(default_factory=list)
+    batchnorms: list[BatchNormInfo] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def render_lines(self) -> List[Line]:
+    def render_lines(self) -> list[Line]:
         foldable = sum(b.foldable for b in self.batchnorms)
-        lines: List[Line] = [
+        lines: list[Line] = [
             [
                 (
                     f"{self.path or '<model>'}: IR {self.ir_version}, opsets "
@@ -324,16 +324,16 @@ class InspectReport:
         return plain(self.render_lines())
 
 
-def _warning_line(warnings: List[Dict[str, Any]]) -> Line:
-    counts: Dict[str, int] = OrderedDict()
+def _warning_line(warnings: list[dict[str, Any]]) -> Line:
+    counts: dict[str, int] = OrderedDict()
     for w in warnings:
         counts[w["code"]] = counts.get(w["code"], 0) + 1
     summary = ", ".join(f"{code} {n}" for code, n in counts.items())
     return [(f"warnings ({len(warnings)}): {summary}", WARN), ("; --strict refuses them, --json lists them", PLAIN)]
 
 
-def _by_reason(left: List[LeftBN]) -> Dict[str, List[LeftBN]]:
-    groups: Dict[str, List[LeftBN]] = OrderedDict()
+def _by_reason(left: list[LeftBN]) -> dict[str, list[LeftBN]]:
+    groups: dict[str, list[LeftBN]] = OrderedDict()
     for item in left:
         groups.setdefault(item.reason, []).append(item)
     return groups
@@ -350,14 +350,14 @@ class ErrorStats:
     bound: float = 0.0  # scaled: the bound applied (threshold, or baseline / earlier layers raised it)
     decided_by: str = "threshold"  # what set the bound: threshold, baseline (outputs), jump (layers)
     error: float = 0.0  # scaled error: max|d| / max|ref| (layers: the worst channel's)
-    baseline_error: Optional[float] = None  # onnxruntime's own fusion of the original, same measure
-    worst_channel: Optional[int] = None
+    baseline_error: float | None = None  # onnxruntime's own fusion of the original, same measure
+    worst_channel: int | None = None
     elements: int = 0
     ref_max: float = 0.0
     ref_sum: float = 0.0
     max_abs: float = 0.0
-    max_index: Optional[List[int]] = None  # [sample, i0, i1, ...] of the largest |d|
-    percentiles: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # |d| at p50, p90, p99
+    max_index: list[int] | None = None  # [sample, i0, i1, ...] of the largest |d|
+    percentiles: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # |d| at p50, p90, p99
     rtol: float = 0.0
     atol: float = 0.0
     mismatches: int = 0  # elementwise: elements outside both tolerances
@@ -366,8 +366,8 @@ class ErrorStats:
     rtol_needed: float = 0.0  # elementwise: the rtol that would have passed with this atol
     missing: bool = False
     shape_mismatch: bool = False
-    channel_diff: Optional[np.ndarray] = field(default=None, repr=False)
-    channel_ref: Optional[np.ndarray] = field(default=None, repr=False)
+    channel_diff: np.ndarray | None = field(default=None, repr=False)
+    channel_ref: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ref_mean(self) -> float:
@@ -381,7 +381,7 @@ class ErrorStats:
             return not self.mismatches
         return bool(self.error <= self.bound)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         keys = (
             "name",
             "provider",
@@ -409,7 +409,7 @@ class ErrorStats:
             "shape_mismatch",
         )
         d = _json_floats({k: getattr(self, k) for k in keys})
-        d["percentiles"] = dict(zip(("p50", "p90", "p99"), self.percentiles))
+        d["percentiles"] = dict(zip(("p50", "p90", "p99"), self.percentiles, strict=False))
         return d
 
     def verdict(self) -> Span:
@@ -428,7 +428,7 @@ class ErrorStats:
             return "ok", OK
         return ("ok", OK) if self.passed else ("FAIL", FAIL)
 
-    def detail(self) -> List[str]:
+    def detail(self) -> list[str]:
         """Where the largest error is, and how errors spread."""
         where = (
             ""
@@ -436,7 +436,7 @@ class ErrorStats:
             else f"largest |d| {self.max_abs:.2g} at sample {self.max_index[0]} {self.max_index[1:]}"
         )
         channel = "" if self.worst_channel is None else f", channel {self.worst_channel}"
-        spread = " ".join(f"p{q} {p:.1g}" for q, p in zip((50, 90, 99), self.percentiles))
+        spread = " ".join(f"p{q} {p:.1g}" for q, p in zip((50, 90, 99), self.percentiles, strict=False))
         return [where + channel, f"mean|ref| {self.ref_mean:.3g}; |d| {spread}"]
 
 
@@ -448,18 +448,18 @@ class VerifyReport:
     """The outcome of comparing two models; true when they are equivalent."""
 
     passed: bool
-    providers: List[str]
+    providers: list[str]
     samples: int
     seed: int
-    rtol: Optional[float]
-    atol: Optional[float]
-    outputs: List[ErrorStats] = field(default_factory=list)
-    layers: List[ErrorStats] = field(default_factory=list)
-    first_divergent_layer: Optional[str] = None
+    rtol: float | None
+    atol: float | None
+    outputs: list[ErrorStats] = field(default_factory=list)
+    layers: list[ErrorStats] = field(default_factory=list)
+    first_divergent_layer: str | None = None
     graph_optimization: str = "disable"
-    tf32: Optional[bool] = None
+    tf32: bool | None = None
     baseline: bool = True
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -468,7 +468,7 @@ class VerifyReport:
     def criterion(self) -> str:
         return "elementwise" if self.rtol is not None or self.atol is not None else "scaled"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "criterion": self.criterion,
@@ -489,10 +489,10 @@ class VerifyReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def render_lines(self) -> List[Line]:
+    def render_lines(self) -> list[Line]:
         verdict = ("verification PASSED", OK) if self.passed else ("verification FAILED", FAIL)
         providers = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
-        lines: List[Line] = [[verdict, (f": {self.samples} sample(s), seed {self.seed}, on {providers}", PLAIN)]]
+        lines: list[Line] = [[verdict, (f": {self.samples} sample(s), seed {self.seed}, on {providers}", PLAIN)]]
         if self.criterion == "scaled":
             how = "max|d| / max|ref| <= bound = " + ("max(threshold, 4 x floor)" if self.baseline else "threshold")
         else:
@@ -532,11 +532,11 @@ class VerifyReport:
         return plain(self.render_lines())
 
 
-def _g(value: Optional[float]) -> str:
+def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.2g}"
 
 
-def _rows(o: ErrorStats, detail: bool = True) -> List[Line]:
+def _rows(o: ErrorStats, detail: bool = True) -> list[Line]:
     head = f"  {shorten(o.name, NAME_WIDTH):{NAME_WIDTH}} {o.provider:5}"
     if o.missing or o.shape_mismatch:
         return [[(head, PLAIN), o.verdict()]]
@@ -556,9 +556,9 @@ class BatchEntry:
 
     input: str
     output: str
-    fold: Optional[FoldReport] = None
-    verify: Optional[VerifyReport] = None
-    error: Optional[str] = None
+    fold: FoldReport | None = None
+    verify: VerifyReport | None = None
+    error: str | None = None
     exit_code: int = 0  # 0 done, 1 verification failed, 2 bad input, 3 internal error
     removed: bool = False  # the output failed verification and was removed
 
@@ -570,8 +570,8 @@ class BatchEntry:
             return "verified" if self.verify.passed else "verification failed"
         return "folded"
 
-    def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
             "input": self.input,
             "output": self.output,
             "status": self.status,
@@ -593,7 +593,7 @@ class BatchReport:
     """Many models folded into one folder."""
 
     outdir: str
-    entries: List[BatchEntry] = field(default_factory=list)
+    entries: list[BatchEntry] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -611,7 +611,7 @@ class BatchReport:
             parts.append(f"{self.count('error')} could not be folded")
         return ", ".join(parts) + f" (into {self.outdir})"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "models": [e.to_dict() for e in self.entries],
             "outdir": self.outdir,
@@ -625,9 +625,9 @@ class BatchReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def render_lines(self) -> List[Line]:
+    def render_lines(self) -> list[Line]:
         width = max([5] + [len(Path(e.input).name) for e in self.entries])
-        lines: List[Line] = [
+        lines: list[Line] = [
             [(f"{'model':{width}} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status", PLAIN)]
         ]
         for e in self.entries:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from typing import List, Optional, Tuple
 
 # Distributions that install the ``onnxruntime`` module.
 RUNTIMES = (
@@ -25,7 +24,7 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def installed_runtimes() -> List[Tuple[str, str]]:
+def installed_runtimes() -> list[tuple[str, str]]:
     """(distribution, version) of every installed distribution that provides ``onnxruntime``."""
     found = {}
     for dist in metadata.distributions():
@@ -35,7 +34,7 @@ def installed_runtimes() -> List[Tuple[str, str]]:
     return sorted(found.items())
 
 
-def conflict() -> Optional[str]:
+def conflict() -> str | None:
     """One line saying that several onnxruntime packages are installed, with the fix; else None."""
     runtimes = installed_runtimes()
     if len(runtimes) < 2:

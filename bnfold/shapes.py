@@ -10,17 +10,17 @@ a model whose folds never ask for a type (Conv+BN alone) never pays for it."""
 from __future__ import annotations
 
 import heapq
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import onnx
 
 from .proto import graphs_of, subgraphs
 
-Dims = List[Optional[int]]
-TypeInfo = Tuple[int, Optional[Dims]]  # (elem_type, dims or None for unknown rank)
+Dims = list[int | None]
+TypeInfo = tuple[int, Dims | None]  # (elem_type, dims or None for unknown rank)
 
 
-def _collect(graph: onnx.GraphProto, into: Dict[str, TypeInfo]) -> Dict[str, TypeInfo]:
+def _collect(graph: onnx.GraphProto, into: dict[str, TypeInfo]) -> dict[str, TypeInfo]:
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if not vi.type.HasField("tensor_type"):
             continue
@@ -64,7 +64,7 @@ def _bare(model: onnx.ModelProto) -> onnx.ModelProto:
     return bare
 
 
-def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
+def _inferred(model: onnx.ModelProto) -> dict[str, TypeInfo]:
     """The types onnx shape inference gives each value from the nodes alone (:func:`_bare`)."""
     try:
         return _collect(onnx.shape_inference.infer_shapes(_bare(model), strict_mode=False).graph, {})
@@ -72,7 +72,7 @@ def _inferred(model: onnx.ModelProto) -> Dict[str, TypeInfo]:
         return {}
 
 
-def inconsistency(model: onnx.ModelProto) -> Optional[str]:
+def inconsistency(model: onnx.ModelProto) -> str | None:
     """What strict onnx shape inference finds wrong with the nodes of ``model`` (:func:`_bare`), or
     None. onnxruntime resolves a graph with the same inference functions, and some releases crash
     outright on graphs they fail (1.20 to 1.26 on a ConvTranspose whose weight has rank 1) where
@@ -86,18 +86,18 @@ def inconsistency(model: onnx.ModelProto) -> Optional[str]:
     return None
 
 
-def _topological(nodes: Sequence[onnx.NodeProto]) -> List[int]:
+def _topological(nodes: Sequence[onnx.NodeProto]) -> list[int]:
     """Positions of ``nodes`` with every node after the producers of its inputs, otherwise in their
     order; nodes on a cycle (a malformed graph) come last, in their order."""
     producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
     waiting = [0] * len(nodes)
-    users: Dict[int, List[int]] = {}
+    users: dict[int, list[int]] = {}
     for k, node in enumerate(nodes):
         for p in {producer[name] for name in node.input if name in producer} - {k}:
             waiting[k] += 1
             users.setdefault(p, []).append(k)
     ready = [k for k, count in enumerate(waiting) if not count]
-    order: List[int] = []
+    order: list[int] = []
     while ready:
         k = heapq.heappop(ready)
         order.append(k)
@@ -108,7 +108,7 @@ def _topological(nodes: Sequence[onnx.NodeProto]) -> List[int]:
     return order + [k for k, count in enumerate(waiting) if count]
 
 
-def _merge(inferred: Dict[str, TypeInfo], declared: Dict[str, TypeInfo]) -> Dict[str, TypeInfo]:
+def _merge(inferred: dict[str, TypeInfo], declared: dict[str, TypeInfo]) -> dict[str, TypeInfo]:
     """Inferred types completed by declared ones; where the two contradict each other (element type,
     rank or a dimension), the value's type is unknown: no fold is decided on it."""
     known = dict(declared)
@@ -128,7 +128,9 @@ def _contradict(a: TypeInfo, b: TypeInfo) -> bool:
         return True
     if a[1] is None or b[1] is None:
         return False
-    return len(a[1]) != len(b[1]) or any(x is not None and y is not None and x != y for x, y in zip(a[1], b[1]))
+    return len(a[1]) != len(b[1]) or any(
+        x is not None and y is not None and x != y for x, y in zip(a[1], b[1], strict=False)
+    )
 
 
 class TypeLookup:
@@ -136,18 +138,18 @@ class TypeLookup:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.known: Optional[Dict[str, TypeInfo]] = None
+        self.known: dict[str, TypeInfo] | None = None
 
-    def get(self, name: str) -> Optional[TypeInfo]:
+    def get(self, name: str) -> TypeInfo | None:
         if self.known is None:
             self.known = _merge(_inferred(self.model), _collect(self.model.graph, {}))
         return self.known.get(name)
 
-    def rank(self, name: str) -> Optional[int]:
+    def rank(self, name: str) -> int | None:
         info = self.get(name)
         return None if info is None or info[1] is None else len(info[1])
 
-    def static_shape(self, name: str) -> Optional[Tuple[int, ...]]:
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
         info = self.get(name)
         if info is None or info[1] is None or any(d is None for d in info[1]):
             return None

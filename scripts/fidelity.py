@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import numpy as np
 import onnx
@@ -28,7 +28,7 @@ from conftest import feeds_for  # noqa: E402
 import bnfold  # noqa: E402
 from tests.models import ARCHITECTURES, calibrate, resnet50_layout  # noqa: E402
 
-NETWORKS: Dict[str, Callable[[], onnx.ModelProto]] = {
+NETWORKS: dict[str, Callable[[], onnx.ModelProto]] = {
     "resnet_bottleneck": ARCHITECTURES["resnet_bottleneck"],
     "mobilenet_se": ARCHITECTURES["mobilenet_se"],
     "inception": ARCHITECTURES["inception"],
@@ -49,7 +49,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -62,7 +62,7 @@ def error(ref32: onnx.ModelProto, model: onnx.ModelProto) -> float:
     worst = 0.0
     for seed in range(3):
         feeds = feeds_for(ref32, seed, {"N": 1})
-        for a, b in zip(run(ref32, feeds), run(model, feeds)):
+        for a, b in zip(run(ref32, feeds), run(model, feeds), strict=False):
             worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
     return worst
 
@@ -76,8 +76,8 @@ def onnxruntime_fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-def peers() -> Dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]]:
-    tools: Dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {"onnxruntime": onnxruntime_fold}
+def peers() -> dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]]:
+    tools: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {"onnxruntime": onnxruntime_fold}
     try:
         import onnxoptimizer
 
@@ -114,7 +114,7 @@ def main() -> None:
         folded, _ = bnfold.fold(fp16)
         cells.append(f"{error(fp32, folded):.2e}" + (f" ({count_bn(folded)} BN left)" if count_bn(folded) else ""))
         for fold in tools.values():
-            result: Optional[str]
+            result: str | None
             try:
                 other = fold(fp16)
                 result = f"{error(fp32, other):.2e}" + (f" ({count_bn(other)} BN left)" if count_bn(other) else "")

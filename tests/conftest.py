@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -30,14 +30,14 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 def run_ort(
     model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], provider="CPUExecutionProvider"
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     opts = ort.SessionOptions()
     # From the BASIC level on onnxruntime fuses Conv+BN itself: the reference must run unoptimized.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(None, dict(feeds))))
+    return dict(zip(names, sess.run(None, dict(feeds)), strict=False))
 
 
 def ort_runs(model: onnx.ModelProto) -> bool:
@@ -51,15 +51,15 @@ def ort_runs(model: onnx.ModelProto) -> bool:
     return True
 
 
-def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The ONNX reference evaluator, for forms onnxruntime has no kernel for (BN-6, bfloat16)."""
     from onnx.reference import ReferenceEvaluator
 
     names = [o.name for o in model.graph.output]
-    return dict(zip(names, ReferenceEvaluator(model).run(None, dict(feeds))))
+    return dict(zip(names, ReferenceEvaluator(model).run(None, dict(feeds)), strict=False))
 
 
-def feeds_for(model: onnx.ModelProto, seed: int = 0, dims: Optional[Mapping[str, int]] = None) -> Dict[str, np.ndarray]:
+def feeds_for(model: onnx.ModelProto, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {n: random_input(rng, dt, resolve_shape(n, d, dims or {}, {})) for n, dt, d in input_specs(model)}
 

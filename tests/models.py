@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -17,25 +17,25 @@ class Builder:
     """Write graphs tersely: every helper returns the name of the value it produced."""
 
     def __init__(
-        self, opset: int = 17, ir_version: Optional[int] = None, seed: int = 0, dtype=np.float32, he_init: bool = False
+        self, opset: int = 17, ir_version: int | None = None, seed: int = 0, dtype=np.float32, he_init: bool = False
     ) -> None:
         self.he_init = he_init  # conv weights with std sqrt(2 / fan_in): activations stay bounded in deep nets
         self.opset = opset
         self.ir_version = ir_version
         self.rng = np.random.default_rng(seed)
         self.dtype = np.dtype(dtype)
-        self.nodes: List[onnx.NodeProto] = []
-        self.inits: List[onnx.TensorProto] = []
-        self.inputs: List[onnx.ValueInfoProto] = []
-        self.outputs: List[onnx.ValueInfoProto] = []
-        self.count: Dict[str, int] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.count: dict[str, int] = {}
 
     def name(self, base: str) -> str:
         k = self.count.get(base, 0)
         self.count[base] = k + 1
         return f"{base}{k}"
 
-    def input(self, name: str, shape: Sequence[Union[int, str, None]], elem=None) -> str:
+    def input(self, name: str, shape: Sequence[int | str | None], elem=None) -> str:
         self.inputs.append(
             helper.make_tensor_value_info(name, elem or self._elem(), None if shape is None else list(shape))
         )
@@ -53,7 +53,7 @@ class Builder:
         self.inits.append(from_array(np.asarray(value, dtype=dtype or self.dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], base: Optional[str] = None, outputs: int = 1, **attrs) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], base: str | None = None, outputs: int = 1, **attrs) -> str:
         name = self.name(base or op_type.lower())
         outs = [name] + [f"{name}_out{i}" for i in range(1, outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
@@ -116,7 +116,7 @@ class Builder:
             inferred = onnx.shape_inference.infer_shapes(model)
         except onnx.shape_inference.InferenceError:
             return model  # custom domains: the caller declares output shapes
-        for out, typed in zip(model.graph.output, inferred.graph.output):
+        for out, typed in zip(model.graph.output, inferred.graph.output, strict=False):
             if not out.type.tensor_type.HasField("shape"):
                 out.type.CopyFrom(typed.type)
         return model
@@ -229,7 +229,7 @@ def resnet50_layout(resolution: int = 224, seed: int = 50) -> onnx.ModelProto:
 
 
 def calibrate(
-    model: onnx.ModelProto, dims: Optional[Dict[str, int]] = None, batch: int = 4, seed: int = 0
+    model: onnx.ModelProto, dims: dict[str, int] | None = None, batch: int = 4, seed: int = 0
 ) -> onnx.ModelProto:
     """The model with every main-graph BN's mean and var set to the per-channel statistics of the
     activations that reach it on random inputs, in graph order (each BN sees inputs normalized by

@@ -110,7 +110,7 @@ def _model(seed: int, dtype=np.float32, layers: int = 48, channels: int = 4) -> 
         if scenario == "shared_params" and i:
             names = [f"{p}0" for p in "gbmv"]  # the BN of layer 0's parameters, read again
         else:
-            inits += [numpy_helper.from_array(p.astype(dtype), n) for p, n in zip(params, names)]
+            inits += [numpy_helper.from_array(p.astype(dtype), n) for p, n in zip(params, names, strict=False)]
         nodes.append(helper.make_node("BatchNormalization", [f"c{i}", *names], [f"y{i}"], name=f"bn{i}"))
         if i % 3:
             nodes.append(helper.make_node("Conv", conv_inputs, [f"c{i}"], name=f"conv{i}"))

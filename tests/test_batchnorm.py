@@ -20,7 +20,7 @@ TOL = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}
 def bn_model(opset, x, params, **attrs):
     elem = DTYPES[x.dtype.type]
     names = ["scale", "B", "mean", "var"]
-    inits = [numpy_helper.from_array(p, n) for p, n in zip(params, names)]
+    inits = [numpy_helper.from_array(p, n) for p, n in zip(params, names, strict=False)]
     node = helper.make_node("BatchNormalization", ["X"] + names, ["Y"], **attrs)
     graph = helper.make_graph(
         [node],
@@ -153,7 +153,7 @@ def test_onnx_backend_data(case):
     data = case / "test_data_set_0"
     feeds = [numpy_helper.to_array(onnx.load_tensor(str(p))) for p in sorted(data.glob("input_*.pb"))]
     inputs = [i.name for i in model.graph.input]
-    values = {**inits, **dict(zip([n for n in inputs if n not in inits], feeds))}
+    values = {**inits, **dict(zip([n for n in inputs if n not in inits], feeds, strict=False))}
     expected = numpy_helper.to_array(onnx.load_tensor(str(data / "output_0.pb")))
     bn_opset = max(v for v in (1, 6, 7, 9, 14, 15) if v <= opset)
     got = batchnorm_inference(

@@ -126,7 +126,7 @@ def mixnet_block(shared_branch: bool = False, relu_branch: bool = False) -> onnx
     x = b.input("x", ["N", 12, 8, 8])
     parts = b.op("Split", [x, b.const([4, 4, 4], "split", dtype="int64")], outputs=3, axis=1)
     names = [parts, f"{parts}_out1", f"{parts}_out2"]
-    branches = [b.conv(name, 4, 4, k, group=4, bias=False) for name, k in zip(names, (3, 5, 7))]
+    branches = [b.conv(name, 4, 4, k, group=4, bias=False) for name, k in zip(names, (3, 5, 7), strict=False)]
     if relu_branch:
         branches[1] = b.relu(branches[1])
     cat = b.op("Concat", branches, axis=1)

@@ -7,8 +7,8 @@ of these graphs: a flipped byte rarely parses)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -45,7 +45,7 @@ def _fp16() -> onnx.ModelProto:
     return b.model(b.relu(b.bn(b.conv(x, 4, 8, 3), 8)))
 
 
-SEEDS: Dict[str, Callable[[], onnx.ModelProto]] = {
+SEEDS: dict[str, Callable[[], onnx.ModelProto]] = {
     "demo": lambda: onnx.load(str(DEMO)),
     "resnet": resnet_bottleneck,
     "mobilenet": mobilenet_se,
@@ -55,7 +55,7 @@ SEEDS: Dict[str, Callable[[], onnx.ModelProto]] = {
 }
 
 
-def _mutate_node(g: onnx.GraphProto, rng: random.Random, names: List[str]) -> None:
+def _mutate_node(g: onnx.GraphProto, rng: random.Random, names: list[str]) -> None:
     node = rng.choice(g.node)
     how = rng.randrange(6)
     if how == 0:
@@ -123,7 +123,7 @@ def mutate(model: onnx.ModelProto, rng: random.Random) -> None:
         g.output.append(helper.make_tensor_value_info(rng.choice(values), onnx.TensorProto.FLOAT, None))
 
 
-def _same(ref: Dict[str, np.ndarray], got: Dict[str, np.ndarray], where: str) -> None:
+def _same(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], where: str) -> None:
     assert list(ref) == list(got), where
     for name, r in ref.items():
         g = got[name]
@@ -141,7 +141,7 @@ def _same(ref: Dict[str, np.ndarray], got: Dict[str, np.ndarray], where: str) ->
             assert float(np.abs(r64[finite] - g64[finite]).max()) / scale <= 1e-2, (where, name)
 
 
-def _campaign(seeds: Dict[str, onnx.ModelProto], rng: random.Random, count: int, tmp_path: Path) -> Tuple[set, int]:
+def _campaign(seeds: dict[str, onnx.ModelProto], rng: random.Random, count: int, tmp_path: Path) -> tuple[set, int]:
     """``count`` mutations of the seed models, each folded through the CLI: the exit codes seen, and
     how many folded models were compared with their mutated original through onnxruntime."""
     path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"

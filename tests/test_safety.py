@@ -94,7 +94,7 @@ def test_extreme_parameters_fold_exactly_or_stay_with_the_right_reason(
 ):
     dtype = DTYPES[dtype_name]
     params = {k: np.array([1.0, 0.0, 0.0, 1.0][i] * np.ones(C)) for i, k in enumerate(("g", "b", "m", "v"))}
-    for k, v in zip("gbmv", (gamma, beta, mean, var)):
+    for k, v in zip("gbmv", (gamma, beta, mean, var), strict=False):
         params[k][channel] = v
     model = conv_bn(dtype, params["g"], params["b"], params["m"], params["v"], epsilon)
     folded, report = bnfold.fold(model)

@@ -8,7 +8,6 @@ import inspect
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Set
 
 import bnfold
 
@@ -20,7 +19,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, modules: Set[str]) -> Set[str]:
+def _imports(path: Path, modules: set[str]) -> set[str]:
     """The bnfold modules a module imports, at any place in it (type-checking imports included).
     ``from pkg import mod`` is an edge to ``pkg.mod``; ``from pkg import name`` one to ``pkg``."""
     name = _module_name(path)
@@ -41,7 +40,7 @@ def _imports(path: Path, modules: Set[str]) -> Set[str]:
     return out
 
 
-def import_graph() -> Dict[str, Set[str]]:
+def import_graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -49,11 +48,11 @@ def import_graph() -> Dict[str, Set[str]]:
     return graph
 
 
-def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
-    state: Dict[str, int] = {}
-    stack: List[str] = []
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
 
-    def visit(n: str) -> List[str]:
+    def visit(n: str) -> list[str]:
         state[n] = 1
         stack.append(n)
         for m in sorted(graph[n]):

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import onnx
@@ -41,7 +40,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def files(folder: Path) -> List[str]:
+def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
@@ -86,7 +85,7 @@ def _branch(b: Builder, kind: str, rank: int) -> str:
     return y
 
 
-def concat_then_bn(kinds: List[str], rank: int, axis: int) -> onnx.ModelProto:
+def concat_then_bn(kinds: list[str], rank: int, axis: int) -> onnx.ModelProto:
     b = Builder(seed=31)
     joined = b.op("Concat", [_branch(b, kind, rank) for kind in kinds], axis=axis)
     channels = K * len(kinds) if axis % rank == 1 else K

@@ -22,7 +22,7 @@ def restored(buf: bytes, threshold: int = THRESHOLD) -> onnx.ModelProto:
     stripped, refs = strip_raw_data(buf, threshold)
     model = onnx.ModelProto.FromString(stripped)
     assert len(refs) == len(model.graph.initializer)
-    for tensor, ref in zip(model.graph.initializer, refs):
+    for tensor, ref in zip(model.graph.initializer, refs, strict=False):
         if ref is not None:
             offset, length = ref
             assert not tensor.HasField("raw_data")

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import onnx
 
@@ -28,7 +28,7 @@ from .plan import FoldPlan, GraphPlan, plan_model
 __all__ = ["FoldPlan", "GraphPlan", "apply", "plan_model", "stats"]
 
 
-def stats(model: onnx.ModelProto, nbytes: Optional[int] = None) -> ModelStats:
+def stats(model: onnx.ModelProto, nbytes: int | None = None) -> ModelStats:
     """Counts of BNs, nodes and initializers (bodies and functions included), and the size in bytes:
     ``nbytes`` when the caller knows it (file sizes), else the serialized size (slow on big models).
     One walk over the nodes; initializers are counted, not visited, unless the size is needed."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import numpy as np
 import onnx
 
@@ -19,11 +17,11 @@ def _apply_graph(
     graph: onnx.GraphProto,
     plan: GraphPlan,
     env: Env,
-    types: Optional[TypeLookup],
-    outer: Optional[Scope],
+    types: TypeLookup | None,
+    outer: Scope | None,
     lists_initializers: bool,
     opset: int,
-) -> List[str]:
+) -> list[str]:
     """Rewrite one graph and its bodies; returns freed names this graph does not define (for a body:
     names of the enclosing graphs)."""
     if len(graph.node) != plan.nodes:
@@ -38,8 +36,8 @@ def _apply_graph(
     else:
         current = scope()
     bodies = [g for node in graph.node for g in subgraphs(node)] if plan.bodies else []
-    freed: List[str] = []
-    for body, body_plan in zip(bodies, plan.bodies):
+    freed: list[str] = []
+    for body, body_plan in zip(bodies, plan.bodies, strict=False):
         freed += _apply_graph(body, body_plan, env, types, current, False, opset)
     if bodies:
         current = scope()  # the bodies' reads have changed
@@ -89,5 +87,5 @@ def apply(model: onnx.ModelProto, plan: FoldPlan, store: TensorStore) -> None:
     if env is None or env.taken.model is not model or env.store is not store:
         env = model_env(model, store, False)  # a plan made for a copy, or with another store
     _apply_graph(model.graph, plan.main, env, TypeLookup(model), None, model.ir_version < 4, env.opset)
-    for fn, fn_plan in zip(model.functions, plan.functions):
+    for fn, fn_plan in zip(model.functions, plan.functions, strict=False):
         _apply_function(fn, fn_plan, env)

@@ -7,8 +7,8 @@ padding (padded zeros would have been ``t`` before the fold), so Conv consumers 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
@@ -32,7 +32,7 @@ PRODUCER_REASONS = {
     Code.CHANNEL_MISMATCH,
     Code.CONCAT_BRANCH,
 }
-Rewrite = Callable[[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
+Rewrite = Callable[[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Backward:
     how: Consumer
 
 
-def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
+def _conv(scope: Scope, node: onnx.NodeProto) -> Consumer | Reason:
     w = constant_weights(scope, node)
     if isinstance(w, Reason):
         return w
@@ -73,14 +73,14 @@ def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     def factor(W: np.ndarray, s: np.ndarray) -> np.ndarray:
         return s[idx].reshape(idx.shape + (1,) * (W.ndim - 2))
 
-    def rewrite(W: np.ndarray, B: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def rewrite(W: np.ndarray, B: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shift = (W * factor(W, t)).reshape(m, -1).sum(axis=1)
         return W * factor(W, s), shift if B is None else B + shift
 
     return Consumer(per_group * group, rewrite, factor)
 
 
-def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
+def _gemm(scope: Scope, node: onnx.NodeProto) -> Consumer | Reason:
     if attr(node, "transA", 0):
         return Reason(
             Code.AXIS_MISMATCH, f"Gemm '{node_label(node)}' transposes A: the BN's channels are not its K axis"
@@ -93,7 +93,7 @@ def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     def factor(B: np.ndarray, s: np.ndarray) -> np.ndarray:
         return s[None, :] if trans_b else s[:, None]
 
-    def rewrite(B: np.ndarray, C: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def rewrite(B: np.ndarray, C: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         bk = B.T if trans_b else B  # (K, N)
         shift = alpha * (t @ bk)
         return B * factor(B, s), shift if C is None else beta * C + shift
@@ -101,7 +101,7 @@ def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
     return Consumer(b.shape[1] if trans_b else b.shape[0], rewrite, factor, channel_axis=0 if trans_b else 1)
 
 
-def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
+def _matmul(scope: Scope, node: onnx.NodeProto) -> Consumer | Reason:
     w = constant_weight(scope, node, 1, "weight")
     if isinstance(w, Reason):
         return w
@@ -119,7 +119,7 @@ def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Consumer, Reason]:
 CONSUMERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}
 
 
-def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Backward], Dict[int, Reason]]:
+def plan(scope: Scope, left: dict[int, Reason]) -> tuple[list[Backward], dict[int, Reason]]:
     """Backward folds for BNs the forward pass left, and the reasons of those that still stay (a
     padded consumer is a better explanation than the producer's)."""
     index = scope.index
@@ -150,14 +150,14 @@ def input_map(fold: Backward) -> forward.InputMap:
     """(weight, bias) in float64 -> the same with ``fold``'s BN folded in, for a layer whose weight
     and bias already carry a forward fold (its bias then enters once: Gemm's beta is 1 after it)."""
 
-    def then(w: np.ndarray, bias: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def then(w: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         new_w, shift = fold.how.rewrite(w, None, fold.affine.s, fold.affine.t)
         return new_w, bias + shift
 
     return then
 
 
-def apply_with(scope: Scope, fold: Backward, chain: forward.Chain) -> List[str]:
+def apply_with(scope: Scope, fold: Backward, chain: forward.Chain) -> list[str]:
     """Fold the BN into a layer that also takes ``chain`` forward: one float64 computation of the
     layer's weight and bias, and one cast (folded one after the other, the weight was cast twice)."""
     bn = scope.index.node(fold.bn)
@@ -166,7 +166,7 @@ def apply_with(scope: Scope, fold: Backward, chain: forward.Chain) -> List[str]:
     return freed
 
 
-def apply(scope: Scope, fold: Backward) -> List[str]:
+def apply(scope: Scope, fold: Backward) -> list[str]:
     index = scope.index
     bn, old = index.node(fold.bn), index.node(fold.consumer)
     # A forward fold may have rewritten this node already (new weights, beta=1, MatMul -> Gemm):

@@ -21,7 +21,8 @@ own error element by element, and large weights gain nothing from it.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, cast
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -33,7 +34,7 @@ SMALL_BYTES = 1 << 16  # weights up to this size are stacked
 STACK_BYTES = 8 << 20  # float64 bytes of one stack of weights at most
 
 
-def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _stackable(scope: Scope, chain: Chain) -> tuple[np.ndarray, np.ndarray] | None:
     """The chain's weight and its scale factor (shaped (C, 1, ...)), when it can be stacked."""
     if chain.identity is not None or chain.s is None or chain.t is None or chain.target.channel_axis != 0:
         return None
@@ -52,15 +53,15 @@ def _stackable(scope: Scope, chain: Chain) -> Optional[Tuple[np.ndarray, np.ndar
     return w, factor
 
 
-def _old_bias(scope: Scope, chain: Chain) -> Optional[np.ndarray]:
+def _old_bias(scope: Scope, chain: Chain) -> np.ndarray | None:
     """The producer's bias before the fold (None: it has none)."""
     name = bias_input(scope.index.node(chain.producer), chain.target)
     return scope.constant(name) if name else None
 
 
-def _stacks(scope: Scope, chains: Sequence[Chain]) -> Iterator[Tuple[List[int], np.ndarray, np.ndarray]]:
+def _stacks(scope: Scope, chains: Sequence[Chain]) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
     """(positions in ``chains``, weights (N, C, ...), factors (N, C, 1, ...) in float64) per stack."""
-    groups: Dict[Tuple[Tuple[int, ...], str], List[Tuple[int, np.ndarray, np.ndarray]]] = {}
+    groups: dict[tuple[tuple[int, ...], str], list[tuple[int, np.ndarray, np.ndarray]]] = {}
     for k, chain in enumerate(chains):
         found = _stackable(scope, chain)
         if found is not None:
@@ -92,17 +93,17 @@ def _new_biases(scope: Scope, chains: Sequence[Chain]) -> np.ndarray:
         return scale * b * s + t + 0.0
 
 
-def _scaled(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _scaled(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stacked new weights (``w * factor`` in float64, cast once) and biases (cast once)."""
     with np.errstate(all="ignore"):
         return scaled(w, factor), bias.astype(w.dtype)
 
 
-def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
+def clear(scope: Scope, chains: Sequence[Chain]) -> set[int]:
     """Positions of the chains that pass :func:`.plan._vet_forward` with no reason and no hazard.
     The new weights and biases of every stacked chain are computed in the same pass and kept in
     ``scope.prepared`` for :func:`prepare` (small weights only: :data:`SMALL_BYTES`)."""
-    cleared: Set[int] = set()
+    cleared: set[int] = set()
     for positions, w, factor in _stacks(scope, chains):
         top, tiny, _ = finfo(w.dtype)
         before = largest_magnitude(w, tuple(range(2, w.ndim)))  # (N, C)
@@ -129,11 +130,11 @@ def clear(scope: Scope, chains: Sequence[Chain]) -> Set[int]:
     return cleared
 
 
-def prepare(scope: Scope, chains: Sequence[Chain]) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
+def prepare(scope: Scope, chains: Sequence[Chain]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """The new weight and bias of each stackable chain, by its producer: ``w * factor`` in float64
     cast once, and the bias cast once to the weight's dtype. What :func:`clear` computed for the
     same chain (the very object) in this scope is taken as it is."""
-    out: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     missing = []
     for chain in chains:
         hit = scope.prepared.get(id(chain))

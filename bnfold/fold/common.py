@@ -4,8 +4,9 @@ inference-mode per-channel affine map, and the one rewrite of a layer's weight a
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Collection, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,20 +26,20 @@ class Scope:
 
     index: GraphIndex
     consts: Constants
-    types: Optional[TypeLookup]
+    types: TypeLookup | None
     opset: int
-    _affines: Optional[Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]]] = field(default=None, init=False, repr=False)
+    _affines: dict[int, tuple[onnx.NodeProto, ParamKey, Affine]] | None = field(default=None, init=False, repr=False)
     # New weights and biases computed while planning, by id of the chain (kept with it): .batch
-    prepared: Dict[int, Tuple[Any, np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
+    prepared: dict[int, tuple[Any, np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
 
-    def constant(self, name: str) -> Optional[np.ndarray]:
+    def constant(self, name: str) -> np.ndarray | None:
         return self.consts.value(name)
 
     def not_constant(self, name: str) -> str:
         """Why ``constant(name)`` is None: "is computed at run time", or the evaluation budget."""
         return self.consts.why_not(name)
 
-    def known_affine(self, node: onnx.NodeProto) -> Optional[Affine]:
+    def known_affine(self, node: onnx.NodeProto) -> Affine | None:
         """The affine map of this BN node when :func:`batch_affines` found it sound (None: ask
         :func:`check_batchnorm`'s own path)."""
         if self._affines is None:
@@ -51,11 +52,11 @@ class Scope:
             return None  # a parameter was rewritten since
         return hit[2]
 
-    def rank(self, name: str) -> Optional[int]:
+    def rank(self, name: str) -> int | None:
         return self.types.rank(name) if self.types else None
 
 
-ParamKey = Tuple[Tuple[str, ...], float]  # a BN's scale, B, mean and var names, and its epsilon
+ParamKey = tuple[tuple[str, ...], float]  # a BN's scale, B, mean and var names, and its epsilon
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Identity:
 
     s: np.ndarray
     t: np.ndarray
-    tap: Tuple[int, ...]
+    tap: tuple[int, ...]
     per_group: int  # input channels per group: output channel o reads input o at o % per_group
 
     def add_to(self, w64: np.ndarray) -> np.ndarray:
@@ -83,8 +84,8 @@ class Identity:
 
 
 def left_for(
-    scope: Scope, left: Dict[int, Reason], codes: Collection[Code]
-) -> Iterator[Tuple[int, Reason, onnx.NodeProto]]:
+    scope: Scope, left: dict[int, Reason], codes: Collection[Code]
+) -> Iterator[tuple[int, Reason, onnx.NodeProto]]:
     """The BNs an earlier pass left for one of ``codes``, in graph order, for a later pass to try."""
     for i, reason in sorted(left.items()):
         if reason.code in codes:
@@ -100,14 +101,14 @@ def is_float(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
 
 
-_BATCH_DTYPES: Dict[int, np.dtype] = {
+_BATCH_DTYPES: dict[int, np.dtype] = {
     onnx.TensorProto.FLOAT16: np.dtype("<f2"),
     onnx.TensorProto.FLOAT: np.dtype("<f4"),
     onnx.TensorProto.DOUBLE: np.dtype("<f8"),
 }
 
 
-def param_key(node: onnx.NodeProto, inputs: List[str]) -> Optional[ParamKey]:
+def param_key(node: onnx.NodeProto, inputs: list[str]) -> ParamKey | None:
     """What a BN's affine map depends on: its parameter names (``inputs``, the node's) and epsilon
     (None: no usable key)."""
     epsilon = attr(node, "epsilon", DEFAULT_EPSILON)
@@ -116,17 +117,17 @@ def param_key(node: onnx.NodeProto, inputs: List[str]) -> Optional[ParamKey]:
     return tuple(inputs[1:5]), epsilon
 
 
-def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]]:
+def batch_affines(index: GraphIndex) -> dict[int, tuple[onnx.NodeProto, ParamKey, Affine]]:
     """The affine maps of every BN of a graph whose parameters are four inline (C,) initializers of
     one float type, computed for all of them at once: one read and one numpy pass per type and C
     instead of a dozen small operations per BN. Only sound maps are returned (finite parameters,
     var + epsilon > 0, finite scale and shift); :func:`check_batchnorm` finds the others, and says
     why, on its own. Each map equals what :func:`check_batchnorm` computes for that BN: the same
     float64 elementwise operations, row by row. Keyed by the node's id (the node is kept with it)."""
-    groups: Dict[Tuple[int, int], List[Tuple[ParamKey, List[bytes]]]] = {}
-    seen: Dict[ParamKey, List[onnx.NodeProto]] = {}  # BNs that share parameters and epsilon
+    groups: dict[tuple[int, int], list[tuple[ParamKey, list[bytes]]]] = {}
+    seen: dict[ParamKey, list[onnx.NodeProto]] = {}  # BNs that share parameters and epsilon
     initializers, overridable = index.initializers, index.overridable
-    for node, op in zip(index.nodes, index.ops):
+    for node, op in zip(index.nodes, index.ops, strict=False):
         if op != "BatchNormalization" or node is None or node.domain not in ONNX_DOMAINS:
             continue
         inputs = node.input[:]
@@ -139,7 +140,7 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
             seen[key].append(node)
             continue
         seen[key] = [node]
-        raws: List[bytes] = []
+        raws: list[bytes] = []
         shape = None
         for name in key[0]:
             tensor = initializers.get(name)
@@ -163,7 +164,7 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
         else:
             assert shape is not None
             groups.setdefault(shape, []).append((key, raws))
-    found: Dict[int, Tuple[onnx.NodeProto, ParamKey, Affine]] = {}
+    found: dict[int, tuple[onnx.NodeProto, ParamKey, Affine]] = {}
     for (elem, channels), members in groups.items():
         data = b"".join(raw for _, raws in members for raw in raws)
         p = np.frombuffer(data, dtype=_BATCH_DTYPES[elem]).astype("<f8").reshape(len(members), 4, channels)
@@ -181,7 +182,7 @@ def batch_affines(index: GraphIndex) -> Dict[int, Tuple[onnx.NodeProto, ParamKey
     return found
 
 
-def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]:
+def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Affine | Reason:
     """The BN's affine map, or why it is not a fixed per-channel affine map."""
     inputs, outputs = node.input[:], node.output[:]
     if len(inputs) < 5 or not all(inputs[:5]) or not outputs or not outputs[0]:
@@ -207,7 +208,7 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
     if known is not None:
         return known
     params = []
-    for role, name in zip(("scale", "B", "mean", "var"), inputs[1:5]):
+    for role, name in zip(("scale", "B", "mean", "var"), inputs[1:5], strict=False):
         if scope.index.is_overridable(name):
             return Reason(Code.OVERRIDABLE_INITIALIZER, f"{role} '{name}' is a graph input a caller may override")
         value = scope.constant(name)
@@ -224,7 +225,7 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Union[Affine, Reason]
     with np.errstate(all="ignore"):
         sound = bool(np.isfinite(stacked).all() and (stacked[3] + np.float64(epsilon) > 0).all())
     if not sound:  # which parameter, which channel
-        problem = parameter_problem(dict(zip(("scale", "B", "mean", "var"), params)), epsilon)
+        problem = parameter_problem(dict(zip(("scale", "B", "mean", "var"), params, strict=False)), epsilon)
         if problem is not None:
             return problem
     with np.errstate(all="ignore"):
@@ -254,7 +255,7 @@ def scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return (w.astype(np.float64) * factor).astype(w.dtype)  # bfloat16: numpy has no such loop
 
 
-def channel_vector(value: np.ndarray, rank: Optional[int], channels: int, axis: int = 1) -> Optional[np.ndarray]:
+def channel_vector(value: np.ndarray, rank: int | None, channels: int, axis: int = 1) -> np.ndarray | None:
     """``value`` as a float64 (C,) vector if, broadcast against a rank-``rank`` tensor with C channels
     on ``axis``, it varies along that axis only; else None."""
     if rank is None or rank < 2 or value.ndim > rank or (not is_float(value) and value.dtype.kind not in "iu"):
@@ -290,10 +291,10 @@ def rewrite_layer(
     *,
     to_gemm: bool,
     bias_slot: int = 2,
-    x: Optional[str] = None,
-    output: Optional[str] = None,
+    x: str | None = None,
+    output: str | None = None,
     bias_node: bool = False,
-) -> Tuple[onnx.NodeProto, str]:
+) -> tuple[onnx.NodeProto, str]:
     """Give layer ``i`` (Conv, ConvTranspose, Gemm or MatMul) a new weight (input 1) and bias, in
     both fold directions: a MatMul becomes ``Gemm(A, W, bias)``; a Gemm keeps ``alpha`` and gets
     ``beta = 1``; with ``bias_node`` (a MatMul of rank >= 3), an Add of the bias follows it and

@@ -10,7 +10,6 @@ with a reason naming that branch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -28,10 +27,10 @@ PRODUCER_REASONS = {Code.UNSUPPORTED_PRODUCER}
 class ConcatFold:
     bn: int
     concat: int
-    branches: Tuple[forward.Chain, ...]  # one chain per Concat input: producer, target, its part of s, t
+    branches: tuple[forward.Chain, ...]  # one chain per Concat input: producer, target, its part of s, t
 
 
-def _concat_axis(scope: Scope, node: onnx.NodeProto, rank: Optional[int]) -> Optional[int]:
+def _concat_axis(scope: Scope, node: onnx.NodeProto, rank: int | None) -> int | None:
     """The Concat's axis, made non-negative with ``rank`` (its inputs' rank); None when a negative
     axis meets an unknown rank, or the axis lies outside the rank."""
     axis = attr(node, "axis", 1)
@@ -47,8 +46,8 @@ def _concat_axis(scope: Scope, node: onnx.NodeProto, rank: Optional[int]) -> Opt
 
 
 def _branches(
-    scope: Scope, concat: onnx.NodeProto, s_t: Tuple[np.ndarray, np.ndarray]
-) -> Tuple[List[forward.Chain], str]:
+    scope: Scope, concat: onnx.NodeProto, s_t: tuple[np.ndarray, np.ndarray]
+) -> tuple[list[forward.Chain], str]:
     """One chain per input, or the reason a branch cannot take its part."""
     index = scope.index
     s, t = s_t
@@ -87,7 +86,7 @@ def _branches(
     return chains, ""
 
 
-def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[ConcatFold], Dict[int, Reason]]:
+def plan(scope: Scope, left: dict[int, Reason]) -> tuple[list[ConcatFold], dict[int, Reason]]:
     """Splits for BNs the forward pass left because a Concat produces their input."""
     index = scope.index
     out, still = [], dict(left)
@@ -119,7 +118,7 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[ConcatFold], Dict[
     return out, still
 
 
-def apply(scope: Scope, fold: ConcatFold, before: Dict[int, backward.Backward]) -> List[str]:
+def apply(scope: Scope, fold: ConcatFold, before: dict[int, backward.Backward]) -> list[str]:
     """Rewrite the branches' layers; a layer in ``before`` (by node) also takes that backward fold,
     which is then done here and taken out of ``before``."""
     index = scope.index

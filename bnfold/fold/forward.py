@@ -9,8 +9,9 @@ chain's affine maps composed in float64.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union, cast
+from typing import cast
 
 import numpy as np
 import onnx
@@ -54,18 +55,18 @@ class Chain:
     producer: int
     target: Target
     end: str
-    steps: Tuple[int, ...] = ()
-    bns: Tuple[int, ...] = ()
-    s: Optional[np.ndarray] = None
-    t: Optional[np.ndarray] = None
-    kept: Tuple[int, ...] = ()
-    pool_s: Optional[np.ndarray] = None  # the scale composed after the first MaxPool: must stay > 0
+    steps: tuple[int, ...] = ()
+    bns: tuple[int, ...] = ()
+    s: np.ndarray | None = None
+    t: np.ndarray | None = None
+    kept: tuple[int, ...] = ()
+    pool_s: np.ndarray | None = None  # the scale composed after the first MaxPool: must stay > 0
     rank: int = 0  # rank of the value at ``end`` (0: the producer's output rank)
     squeezed: bool = False  # every axis after the channel axis has size 1 (after a global pool)
-    identity: Optional[Identity] = None  # a RepVGG identity branch added to the Conv (fold.reparam)
+    identity: Identity | None = None  # a RepVGG identity branch added to the Conv (fold.reparam)
     summed: int = 1  # the most values an average pool in ``kept`` adds up (safety.UNKNOWN_SUM: unknown)
-    last: Optional[bool] = None  # channels on the last axis now, after a Transpose (None: as the target writes)
-    prefix: Optional[Chain] = field(default=None, compare=False, repr=False)
+    last: bool | None = None  # channels on the last axis now, after a Transpose (None: as the target writes)
+    prefix: Chain | None = field(default=None, compare=False, repr=False)
 
     @property
     def current_rank(self) -> int:
@@ -110,7 +111,7 @@ class Chain:
         """The chain passed through step ``step``, which stays in the graph."""
         return self.but(end=end, steps=(*self.steps, step), kept=(*self.kept, step), prefix=self._part(), **changes)
 
-    def _part(self) -> Optional[Chain]:
+    def _part(self) -> Chain | None:
         """This chain as the prefix of a longer one: only a chain that holds a BN may fold alone."""
         return self if self.bns else None
 
@@ -121,12 +122,12 @@ _NO_CHAIN = Chain(-1, Target("", 0, 0, 0, 0, lambda W, s: s), "")  # what Chain.
 # -- targets ------------------------------------------------------------------------------------
 
 
-def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) -> Union[np.ndarray, Reason]:
+def constant_weight(scope: Scope, node: onnx.NodeProto, slot: int, role: str) -> np.ndarray | Reason:
     """The value of the node's input ``slot`` when it is a float constant a caller cannot override."""
     return _constant_input(scope, node, node.input[slot] if len(node.input) > slot else "", role)
 
 
-def _constant_input(scope: Scope, node: onnx.NodeProto, name: str, role: str) -> Union[np.ndarray, Reason]:
+def _constant_input(scope: Scope, node: onnx.NodeProto, name: str, role: str) -> np.ndarray | Reason:
     if not name:
         return Reason(Code.INVALID_NODE, f"{node.op_type} '{node_label(node)}' has no {role} input")
     if scope.index.is_overridable(name):
@@ -148,8 +149,8 @@ def _constant_input(scope: Scope, node: onnx.NodeProto, name: str, role: str) ->
 
 
 def constant_weights(
-    scope: Scope, node: onnx.NodeProto, roles: Tuple[str, str] = ("weight", "bias")
-) -> Union[np.ndarray, Reason]:
+    scope: Scope, node: onnx.NodeProto, roles: tuple[str, str] = ("weight", "bias")
+) -> np.ndarray | Reason:
     """The node's weight (input 1) when it, and its bias (input 2) if any, are foldable constants
     and the layer makes sense (ranks, group, bias shape), in both fold directions."""
     inputs, outputs = node.input[:], node.output[:]
@@ -170,7 +171,7 @@ def constant_weights(
     return w
 
 
-def _layer_problem(node: onnx.NodeProto, w: np.ndarray, bias: Optional[np.ndarray]) -> str:
+def _layer_problem(node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None) -> str:
     """What makes a layer impossible, or "" when its weight and bias fit together."""
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
@@ -201,14 +202,14 @@ def _conv_target(channels: int, rank: int) -> Target:
     return Target("Conv", channels, rank, 1, 2, _per_row)  # a value: one per shape is made
 
 
-def _conv(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
+def _conv(scope: Scope, node: onnx.NodeProto) -> Target | Reason:
     w = constant_weights(scope, node)
     if isinstance(w, Reason):
         return w
     return _conv_target(w.shape[0], w.ndim)
 
 
-def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
+def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Target | Reason:
     w = constant_weights(scope, node)
     if isinstance(w, Reason):
         return w
@@ -224,7 +225,7 @@ def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]
     return Target("ConvTranspose", per_group * group, w.ndim, 1, 2, scale, channel_axis=1)
 
 
-def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
+def _gemm(scope: Scope, node: onnx.NodeProto) -> Target | Reason:
     b = constant_weights(scope, node, ("B", "C"))
     if isinstance(b, Reason):
         return b
@@ -245,7 +246,7 @@ def _gemm(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
     )
 
 
-def _matmul(scope: Scope, node: onnx.NodeProto) -> Union[Target, Reason]:
+def _matmul(scope: Scope, node: onnx.NodeProto) -> Target | Reason:
     w = constant_weight(scope, node, 1, "weight")
     if isinstance(w, Reason):
         return w
@@ -283,13 +284,13 @@ AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 
 @dataclass(frozen=True)
 class Plan:
-    chains: Tuple[Chain, ...]
-    left: Dict[int, Reason]
+    chains: tuple[Chain, ...]
+    left: dict[int, Reason]
 
 
 def _affine_of(
     node: onnx.NodeProto, x: str, const: np.ndarray, rank: int, channels: int, axis: int = 1
-) -> Optional[Affine]:
+) -> Affine | None:
     vec = channel_vector(const, rank, channels, axis)
     if vec is None:
         return None
@@ -308,7 +309,7 @@ def _affine_of(
     return None
 
 
-def _affine_operand(scope: Scope, node: onnx.NodeProto) -> Optional[Tuple[str, np.ndarray]]:
+def _affine_operand(scope: Scope, node: onnx.NodeProto) -> tuple[str, np.ndarray] | None:
     """(activation, constant) of a binary Add/Sub/Mul/Div with exactly one constant operand."""
     if node.op_type not in AFFINE_OPS or node.domain not in ONNX_DOMAINS or len(node.input) != 2:
         return None
@@ -319,7 +320,7 @@ def _affine_operand(scope: Scope, node: onnx.NodeProto) -> Optional[Tuple[str, n
     return (b, cast(np.ndarray, ca)) if cb is None else (a, cb)
 
 
-def noop_input(scope: Scope, node: onnx.NodeProto) -> Optional[str]:
+def noop_input(scope: Scope, node: onnx.NodeProto) -> str | None:
     """The input of a node that passes it through unchanged at inference: Identity, Dropout in
     inference mode whose mask is not read, a Cast to the type it already has. Else None."""
     if node.domain not in ONNX_DOMAINS or not node.input or not node.input[0] or len(node.output) < 1:
@@ -345,7 +346,7 @@ def noop_input(scope: Scope, node: onnx.NodeProto) -> Optional[str]:
     return None
 
 
-def _identity(chain: Chain) -> Optional[Affine]:
+def _identity(chain: Chain) -> Affine | None:
     c = chain.target.channels
     return Affine(np.ones(c), np.zeros(c))
 
@@ -361,7 +362,7 @@ def _unused_extra_outputs(scope: Scope, node: onnx.NodeProto) -> bool:
     return not any(o and scope.index.uses(o) for o in node.output[1:])
 
 
-def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callable[[Chain], Union[Chain, Reason]]]:
+def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Callable[[Chain], Chain | Reason] | None:
     """For a node a per-channel affine map passes through unchanged (a pool, a Flatten/Reshape that
     keeps the channel axis, a Transpose), how a chain ending at its input goes on past it. Else None."""
     if node.domain not in ONNX_DOMAINS or node.op_type not in POOLS + RESHAPES + MOVES or not node.input:
@@ -371,7 +372,7 @@ def _pass_through(scope: Scope, node: onnx.NodeProto, i: int) -> Optional[Callab
     op, out = node.op_type, node.output[0]
     label = f"{op} '{node_label(node)}'"
 
-    def step(chain: Chain) -> Union[Chain, Reason]:
+    def step(chain: Chain) -> Chain | Reason:
         rank, channels = chain.current_rank, chain.target.channels
         if op == "Transpose":
             # Channels that land on axis 1 or the last axis are where a BN (axis 1) or a per-channel
@@ -435,7 +436,7 @@ def _pooled(scope: Scope, node: onnx.NodeProto) -> int:
     return min(int(np.prod(sizes, dtype=object)), UNKNOWN_SUM)
 
 
-def _looks_through(scope: Scope, node: onnx.NodeProto) -> Optional[str]:
+def _looks_through(scope: Scope, node: onnx.NodeProto) -> str | None:
     """The input a chain could reach ``node`` through: of a no-op, a pass-through step, or an
     Add/Sub/Mul/Div by a constant. Else None."""
     x = noop_input(scope, node)
@@ -450,7 +451,7 @@ def _obstacle(scope: Scope, x: str) -> Reason:
     """Why the node before a BN cannot take it, looking through no-ops, pools and reshapes to what
     really stops it."""
     index, name = scope.index, x
-    via: List[str] = []
+    via: list[str] = []
     seen = {name}
     node = index.node_of(name)
     while node is not None and (before := _looks_through(scope, node)) is not None and before not in seen:
@@ -484,11 +485,11 @@ def _obstacle(scope: Scope, x: str) -> Reason:
     return Reason(Code.UNSUPPORTED_PRODUCER, f"its input comes from {node.op_type} '{node_label(node)}'{through}")
 
 
-Step = Callable[[Chain], Union[Affine, Chain, Reason, None]]
+Step = Callable[[Chain], Affine | Chain | Reason | None]
 
 
 def _batchnorm_step(affine: Affine) -> Step:
-    def step(chain: Chain) -> Union[Affine, Reason]:
+    def step(chain: Chain) -> Affine | Reason:
         if chain.axis != 1:
             return Reason(
                 Code.AXIS_MISMATCH,
@@ -514,9 +515,9 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
     """Walk the graph once, in order: each BN joins the chain ending at its input, or gets a reason.
     With ``fold_affine``, chains of per-channel Mul/Add/Sub/Div by constants fold without a BN too."""
     index = scope.index
-    chains: Dict[str, Chain] = {}  # keyed by the chain's current end
-    left: Dict[int, Reason] = {}
-    blocked: Dict[str, Reason] = {}  # values after a pass-through step that refused a chain, and why
+    chains: dict[str, Chain] = {}  # keyed by the chain's current end
+    left: dict[int, Reason] = {}
+    blocked: dict[str, Reason] = {}  # values after a pass-through step that refused a chain, and why
     nodes = index.nodes
     for i, op in enumerate(index.ops):  # planning rewrites nothing: the lists stay as they are
         if op not in _WALKED:
@@ -526,7 +527,7 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
             affine = check_batchnorm(scope, node)
             x = node.input[0] if node.input else ""
             if isinstance(affine, Reason):
-                found: Union[Chain, Reason] = affine
+                found: Chain | Reason = affine
             elif x in blocked and x not in chains:
                 found = blocked[x]
             else:
@@ -558,8 +559,8 @@ def plan(scope: Scope, fold_affine: bool = True) -> Plan:
 
 
 def _extend(
-    scope: Scope, chains: Dict[str, Chain], i: int, x: str, step: Step, kept: bool = False, bn: bool = False
-) -> Union[Chain, Reason]:
+    scope: Scope, chains: dict[str, Chain], i: int, x: str, step: Step, kept: bool = False, bn: bool = False
+) -> Chain | Reason:
     """Add node ``i`` (reading ``x``; a BN with ``bn``) to the chain that ends at ``x``, starting one
     if needed."""
     index = scope.index
@@ -638,7 +639,7 @@ def new_bias(scope: Scope, node: onnx.NodeProto, chain: Chain) -> np.ndarray:
         return np.asarray(target.bias_scale * bias * chain.s + chain.t + extra, dtype=np.float64)
 
 
-def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) -> np.ndarray:
+def new_weight(w: np.ndarray, factor: np.ndarray, identity: Identity | None) -> np.ndarray:
     """``w * factor`` (plus the identity kernel) in float64, cast once to ``w``'s dtype."""
     if identity is None:
         return scaled(w, factor)
@@ -646,16 +647,16 @@ def new_weight(w: np.ndarray, factor: np.ndarray, identity: Optional[Identity]) 
         return identity.add_to(w.astype(np.float64) * factor).astype(w.dtype)
 
 
-InputMap = Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
+InputMap = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def apply(
     scope: Scope,
     chain: Chain,
-    prepared: Optional[Tuple[np.ndarray, np.ndarray]] = None,
-    then: Optional[InputMap] = None,
-    x: Optional[str] = None,
-) -> List[str]:
+    prepared: tuple[np.ndarray, np.ndarray] | None = None,
+    then: InputMap | None = None,
+    x: str | None = None,
+) -> list[str]:
     """Rewrite one chain; returns the names that may have become unused. ``prepared`` is its new
     weight and bias when computed already (:func:`.batch.prepare`). ``then`` maps the folded weight
     and bias, in float64, to those of a layer that also takes the BN before it (a backward fold,
@@ -688,7 +689,7 @@ def apply(
     return _rewrite(scope, chain, new_w, new_b)
 
 
-def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray, x: Optional[str] = None) -> List[str]:
+def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray, x: str | None = None) -> list[str]:
     """Give the producer its new weight and bias (and input ``x``) and the chain's end as output;
     drop the steps."""
     index, target = scope.index, chain.target
@@ -698,7 +699,7 @@ def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray, x: Opt
     # they get fresh names, so that no name of the original holds another value (readers of the
     # shape alone, LeViT's Shape, follow the rename).
     names = [index.fresh(f"{index.node(k).input[0]}_folded") for k in chain.kept] + [chain.end]
-    for k, name, before in zip(chain.kept, names[1:], names):
+    for k, name, before in zip(chain.kept, names[1:], names, strict=False):
         old_input = index.node(k).input[0]
         for r in [r for r in index.readers(old_input) if r != k] + [k]:
             node = onnx.NodeProto()

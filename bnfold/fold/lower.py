@@ -4,7 +4,6 @@ runtimes without a fast BatchNormalization (``--lower-standalone``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -31,7 +30,7 @@ class Lowering:
     dtype: np.dtype
 
 
-def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Lowering], Dict[int, Reason]]:
+def plan(scope: Scope, left: dict[int, Reason]) -> tuple[list[Lowering], dict[int, Reason]]:
     """Lowerings for BNs that fold nowhere, and the reasons of those that still stay."""
     out, still = [], dict(left)
     for i, reason in sorted(left.items()):
@@ -51,7 +50,7 @@ def plan(scope: Scope, left: Dict[int, Reason]) -> Tuple[List[Lowering], Dict[in
     return out, still
 
 
-def apply(scope: Scope, low: Lowering) -> List[str]:
+def apply(scope: Scope, low: Lowering) -> list[str]:
     index = scope.index
     bn = index.node(low.bn)
     shape = (-1,) + (1,) * (low.rank - 2)

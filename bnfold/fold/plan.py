@@ -10,7 +10,6 @@ carries it out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -31,15 +30,15 @@ class GraphPlan:
 
     where: str
     nodes: int  # len(graph.node) when planned: apply checks it is given the same graph
-    forward: Tuple[forward.Chain, ...]
-    backward: Tuple[backward.Backward, ...]
-    lowered: Tuple[lower.Lowering, ...]
-    concat: Tuple[concat.ConcatFold, ...]
-    left: Tuple[Tuple[int, Reason], ...]
-    reparam: Tuple[reparam.Reparam, ...]
-    bodies: Tuple[GraphPlan, ...]  # in the order proto.subgraphs yields them over graph.node
+    forward: tuple[forward.Chain, ...]
+    backward: tuple[backward.Backward, ...]
+    lowered: tuple[lower.Lowering, ...]
+    concat: tuple[concat.ConcatFold, ...]
+    left: tuple[tuple[int, Reason], ...]
+    reparam: tuple[reparam.Reparam, ...]
+    bodies: tuple[GraphPlan, ...]  # in the order proto.subgraphs yields them over graph.node
     # The scope it was planned in: apply rewrites through the same index and constants (built once).
-    scope: Optional[Scope] = field(default=None, compare=False, repr=False)
+    scope: Scope | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,13 @@ class FoldPlan:
     """Every decision for a model, and what the report says of each BN."""
 
     main: GraphPlan
-    functions: Tuple[GraphPlan, ...]
-    folded: Tuple[FoldedBN, ...]
-    left: Tuple[LeftBN, ...]
-    absorbed: Tuple[str, ...]
-    warnings: Tuple[Hazard, ...] = ()
-    affine: Tuple[str, ...] = ()
-    env: Optional[Env] = field(default=None, compare=False, repr=False)  # what it was planned with
+    functions: tuple[GraphPlan, ...]
+    folded: tuple[FoldedBN, ...]
+    left: tuple[LeftBN, ...]
+    absorbed: tuple[str, ...]
+    warnings: tuple[Hazard, ...] = ()
+    affine: tuple[str, ...] = ()
+    env: Env | None = field(default=None, compare=False, repr=False)  # what it was planned with
 
 
 class ModelNames:
@@ -61,13 +60,13 @@ class ModelNames:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self._model = model
-        self._names: Optional[Set[str]] = None
+        self._names: set[str] | None = None
 
     @property
     def model(self) -> onnx.ModelProto:
         return self._model
 
-    def _all(self) -> Set[str]:
+    def _all(self) -> set[str]:
         if self._names is None:
             self._names = model_names(self._model)
         return self._names
@@ -102,12 +101,12 @@ class Env:
 def make_scope(
     graph: onnx.GraphProto,
     env: Env,
-    types: Optional[TypeLookup],
-    outer: Optional[Scope],
+    types: TypeLookup | None,
+    outer: Scope | None,
     *,
     lists_initializers: bool,
-    opset: Optional[int] = None,
-    where: Optional[str] = None,
+    opset: int | None = None,
+    where: str | None = None,
 ) -> Scope:
     """The index and constants of ``graph``; with ``where`` (when planning), the graph is first
     checked to be one (:meth:`GraphIndex.check_structure`), ``where`` naming it in the error."""
@@ -129,14 +128,14 @@ class _Notes:
     """The report's lists, filled in graph order (bodies before the graph that holds them)."""
 
     def __init__(self) -> None:
-        self.folded: List[FoldedBN] = []
-        self.left: List[LeftBN] = []
-        self.absorbed: List[str] = []
-        self.affine: List[str] = []  # chains without a BN: affine ops folded on their own
-        self.warnings: List[Hazard] = []
+        self.folded: list[FoldedBN] = []
+        self.left: list[LeftBN] = []
+        self.absorbed: list[str] = []
+        self.affine: list[str] = []  # chains without a BN: affine ops folded on their own
+        self.warnings: list[Hazard] = []
 
 
-def _verdict(hazards: List[Hazard], strict: bool, notes: _Notes) -> Optional[Reason]:
+def _verdict(hazards: list[Hazard], strict: bool, notes: _Notes) -> Reason | None:
     """Hazards are warnings, or with --strict the reason the BN stays."""
     if strict and hazards:
         h = hazards[0]
@@ -146,8 +145,8 @@ def _verdict(hazards: List[Hazard], strict: bool, notes: _Notes) -> Optional[Rea
 
 
 def _unsafe_forward(
-    scope: Scope, chain: forward.Chain, before: Optional[backward.Backward] = None
-) -> Union[Reason, Tuple[str, np.dtype, WeightRanges]]:
+    scope: Scope, chain: forward.Chain, before: backward.Backward | None = None
+) -> Reason | tuple[str, np.dtype, WeightRanges]:
     """Why the chain's folded weight or bias (with ``before``, the backward fold the same layer also
     takes) would be unsafe in its dtype, or what the weight's check found: (its name, dtype, ranges)."""
     assert chain.s is not None
@@ -176,7 +175,7 @@ def _unsafe_forward(
     return problem or (w_name, w.dtype, found)
 
 
-def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[Reason]:
+def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Reason | None:
     """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards."""
     found = _unsafe_forward(scope, chain)
     if isinstance(found, Reason):
@@ -187,7 +186,7 @@ def _vet_forward(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes
     return _verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, dtype, ranges), strict, notes)
 
 
-def _foldable_prefix(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> Optional[forward.Chain]:
+def _foldable_prefix(scope: Scope, chain: forward.Chain, strict: bool, notes: _Notes) -> forward.Chain | None:
     """The longest part of a refused chain, from its producer on, that holds a BN and passes the check
     on its own (Conv -> BN -> pool -> BN whose second BN's shift the pool would sum past the dtype:
     the first BN still folds). The steps after it stay in the graph as they are. A part that ends
@@ -200,7 +199,7 @@ def _foldable_prefix(scope: Scope, chain: forward.Chain, strict: bool, notes: _N
     return None
 
 
-def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Notes) -> Optional[Reason]:
+def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Notes) -> Reason | None:
     consumer = scope.index.node(b.consumer)
     w_name = consumer.input[1]
     w = scope.constant(w_name)
@@ -222,7 +221,7 @@ def _vet_backward(scope: Scope, b: backward.Backward, strict: bool, notes: _Note
     return _verdict(scale_hazards(bn, b.affine.s) + weight_hazards(bn, w_name, w.dtype, found), strict, notes)
 
 
-def _vet_both(scope: Scope, chain: forward.Chain, b: backward.Backward) -> Optional[Reason]:
+def _vet_both(scope: Scope, chain: forward.Chain, b: backward.Backward) -> Reason | None:
     """Refuse a backward fold into a layer that also takes ``chain`` forward when the weight or bias
     carrying both would be unsafe in its dtype (each fold alone was checked on the layer's weight)."""
     problem = _unsafe_forward(scope, chain, b)
@@ -233,7 +232,7 @@ def _vet_both(scope: Scope, chain: forward.Chain, b: backward.Backward) -> Optio
     return Reason(problem.code, f"{problem.message} (with {bns} folded into {layer} too)")
 
 
-def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str, notes: _Notes) -> GraphPlan:
+def _plan_graph(scope: Scope, env: Env, types: TypeLookup | None, where: str, notes: _Notes) -> GraphPlan:
     index = scope.index
     bodies = []
     for i in index.live_nodes() if index.holds_bodies else ():
@@ -296,7 +295,7 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
     for b in backs:
         bn, consumer = index.node(b.bn), index.node(b.consumer)
         notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(consumer), consumer.op_type, "backward"))
-    reparams: List[reparam.Reparam] = []
+    reparams: list[reparam.Reparam] = []
     if env.reparameterize:
         taken = {b.consumer for b in backs} | {ch.producer for c in kept_splits for ch in c.branches}
         found, left = reparam.plan(scope, left, list(fwd.chains), taken)
@@ -311,7 +310,7 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
             bn, conv = index.node(rp.bn), index.node(rp.conv)
             notes.folded.append(FoldedBN(node_label(bn), bn.output[0], node_label(conv), "Conv", "identity"))
         fwd = forward.Plan(tuple(sorted(final.values(), key=lambda c: c.producer)), fwd.left)
-    lowered: List[lower.Lowering] = []
+    lowered: list[lower.Lowering] = []
     if env.lower_standalone:
         lowered, left = lower.plan(scope, left)
     for low in lowered:
@@ -335,7 +334,7 @@ def _plan_graph(scope: Scope, env: Env, types: Optional[TypeLookup], where: str,
     )
 
 
-def function_graph(fn: onnx.FunctionProto) -> Tuple[onnx.GraphProto, TypeLookup, int]:
+def function_graph(fn: onnx.FunctionProto) -> tuple[onnx.GraphProto, TypeLookup, int]:
     """A model-local function as a graph of its own (a copy), with a type lookup of its own scope: a
     function value never borrows the type of a main-graph value of the same name."""
     opset = next((o.version for o in fn.opset_import if o.domain in ONNX_DOMAINS), 0)

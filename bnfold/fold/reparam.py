@@ -12,7 +12,6 @@ the Add that summed it passes its other operand on.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -35,7 +34,7 @@ class Reparam:
         return self.chain.producer
 
 
-def _summands(scope: Scope, add: onnx.NodeProto, skip: str) -> List[str]:
+def _summands(scope: Scope, add: onnx.NodeProto, skip: str) -> list[str]:
     """The values an Add tree sums (Adds whose outputs each feed only the next), ``skip`` left out."""
     index, out, pending = scope.index, [], [n for n in add.input if n != skip]
     seen = set(pending)
@@ -57,7 +56,7 @@ def _summands(scope: Scope, add: onnx.NodeProto, skip: str) -> List[str]:
     return out
 
 
-def identity_tap(node: onnx.NodeProto, w: np.ndarray) -> Union[Tuple[int, ...], str]:
+def identity_tap(node: onnx.NodeProto, w: np.ndarray) -> tuple[int, ...] | str:
     """The kernel tap that reads ``x[p]`` for output ``p``, when the Conv keeps the spatial size at
     stride 1; else why not."""
     spatial = w.ndim - 2
@@ -94,8 +93,8 @@ def identity_tap(node: onnx.NodeProto, w: np.ndarray) -> Union[Tuple[int, ...], 
 
 
 def plan(
-    scope: Scope, left: Dict[int, Reason], chains: List[Chain], taken: Set[int]
-) -> Tuple[List[Reparam], Dict[int, Reason]]:
+    scope: Scope, left: dict[int, Reason], chains: list[Chain], taken: set[int]
+) -> tuple[list[Reparam], dict[int, Reason]]:
     """Identity-branch BNs among ``left`` that fold into a sibling Conv (one BN per Conv; Convs in
     ``taken`` belong to other folds). Returns the reparameterizations, each with the sibling's
     forward chain carrying the identity, and the reasons of the BNs that still stay."""
@@ -119,7 +118,7 @@ def plan(
             continue
         if add.input[0] == add.input[1]:
             continue
-        why: List[str] = []
+        why: list[str] = []
         for v in _summands(scope, add, y):
             found = _sibling(scope, v, x, affine, chains, by_end, used, why)
             if found is None:
@@ -145,11 +144,11 @@ def _sibling(
     v: str,
     x: str,
     affine: Affine,
-    chains: List[Chain],
-    by_end: Dict[str, int],
-    used: Set[int],
-    why: List[str],
-) -> Optional[Tuple[Optional[int], Chain]]:
+    chains: list[Chain],
+    by_end: dict[str, int],
+    used: set[int],
+    why: list[str],
+) -> tuple[int | None, Chain] | None:
     """The chain (existing or new) of a Conv reading ``x`` whose result ``v`` is summed with the BN."""
     index = scope.index
     k = by_end.get(v)
@@ -189,7 +188,7 @@ def _sibling(
     return k, replace(chain, identity=Identity(affine.s, affine.t, tap, w.shape[1]))
 
 
-def apply(scope: Scope, r: Reparam) -> List[str]:
+def apply(scope: Scope, r: Reparam) -> list[str]:
     """Remove the BN (its map is in the Conv now) and let its Add pass the other operand on. Runs
     after the forward folds: the Conv has its new weights and writes its chain's end."""
     index = scope.index

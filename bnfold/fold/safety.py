@@ -17,7 +17,7 @@ cast that loses more than the dtype's own rounding (subnormal results).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +38,13 @@ class Hazard:
     bn: str
     tensor: str
     message: str
-    numbers: Dict[str, float] = field(default_factory=dict)
+    numbers: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         return {"code": self.code, "bn": self.bn, "tensor": self.tensor, "message": self.message, **self.numbers}
 
 
-def finfo(dtype: np.dtype) -> Tuple[float, float, float]:
+def finfo(dtype: np.dtype) -> tuple[float, float, float]:
     """(largest finite, smallest normal, unit roundoff) of a float dtype, bfloat16 included."""
     try:
         info = np.finfo(dtype)
@@ -55,7 +55,7 @@ def finfo(dtype: np.dtype) -> Tuple[float, float, float]:
     return float(info.max), float(info.tiny), float(info.eps) / 2
 
 
-def parameter_problem(params: Dict[str, np.ndarray], epsilon: float) -> Optional[Reason]:
+def parameter_problem(params: dict[str, np.ndarray], epsilon: float) -> Reason | None:
     """Non-finite BN parameters, or ``var + epsilon <= 0``: the BN stays, with its own reason."""
     for role, value in params.items():
         bad = ~np.isfinite(value.astype(np.float64))
@@ -69,8 +69,8 @@ def parameter_problem(params: Dict[str, np.ndarray], epsilon: float) -> Optional
     return None
 
 
-def scale_hazards(bn: str, s: np.ndarray) -> List[Hazard]:
-    out: List[Hazard] = []
+def scale_hazards(bn: str, s: np.ndarray) -> list[Hazard]:
+    out: list[Hazard] = []
     a = np.abs(s)
     if a.size and ordinary_scales(a.min(), a.max()):  # no dead, no extreme channel
         return out
@@ -125,7 +125,7 @@ def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
         yield w[start:stop], factor[start:stop] if full else factor
 
 
-def largest_magnitude(w: np.ndarray, axes: Tuple[int, ...]) -> np.ndarray:
+def largest_magnitude(w: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """max |w| over ``axes``, in float64, without an absolute copy of ``w`` (NaN stays NaN)."""
     return np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)
 
@@ -154,7 +154,7 @@ def medians(rows: np.ndarray) -> np.ndarray:
     return v[:, n // 2] if n % 2 else (v[:, n // 2 - 1] + v[:, n // 2]) / 2
 
 
-def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-channel ranges before and after, without scaling the weight, when that is exact: the
     factor varies along ``axis`` only (rounding is monotone, so the largest scaled value of a channel
     is its largest value scaled), every value is finite and every scaled range fits the dtype. In
@@ -173,7 +173,7 @@ def _per_channel(w: np.ndarray, factor: np.ndarray, axis: int, top: float) -> Op
     return before, after
 
 
-def _flushed(tensor: str, dtype: np.dtype, tiny: float, before: np.ndarray, after: np.ndarray) -> Optional[Reason]:
+def _flushed(tensor: str, dtype: np.dtype, tiny: float, before: np.ndarray, after: np.ndarray) -> Reason | None:
     """A channel whose largest value was a normal number and is scaled below the normal range loses
     its precision as a whole (or vanishes): single small values becoming subnormal do not matter."""
     flushed = flushed_channels(before, after, tiny)
@@ -187,7 +187,7 @@ def _flushed(tensor: str, dtype: np.dtype, tiny: float, before: np.ndarray, afte
     return None
 
 
-def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> Union[Reason, _Pass]:
+def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> Reason | _Pass:
     """Scale ``w`` by ``factor`` in float64 as the fold will, and either refuse (unsafe) or return
     per-channel ranges (along ``axis``) and the cast's largest error relative to its channel's range."""
     dtype = w.dtype
@@ -283,7 +283,7 @@ def gain_limit(dtype: np.dtype, terms: int, summed: int = 1) -> float:
     return summed_limit(dtype, summed) / max(terms, 1)
 
 
-def check_gain(tensor: str, after: np.ndarray, dtype: np.dtype, terms: int, summed: int = 1) -> Optional[Reason]:
+def check_gain(tensor: str, after: np.ndarray, dtype: np.dtype, terms: int, summed: int = 1) -> Reason | None:
     """Refuse a folded weight whose largest value per channel (``after``) times the ``terms`` each
     output adds up (:func:`gain_limit`) passes the dtype's range."""
     with np.errstate(all="ignore"):
@@ -299,7 +299,7 @@ def check_gain(tensor: str, after: np.ndarray, dtype: np.dtype, terms: int, summ
     )
 
 
-def check_bias(what: str, bias: np.ndarray, dtype: np.dtype, summed: int = 1) -> Optional[Reason]:
+def check_bias(what: str, bias: np.ndarray, dtype: np.dtype, summed: int = 1) -> Reason | None:
     """A folded bias must be finite and fit the destination dtype, and when an average pool after
     the layer sums ``summed`` values of it, fit that sum too."""
     top, _, _ = finfo(dtype)
@@ -330,7 +330,7 @@ def _median(values: np.ndarray) -> float:
     return float(medians(values.reshape(1, -1))[0])
 
 
-def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> List[Hazard]:
+def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> list[Hazard]:
     out = []
     b_max, a_max = float(found.before.max(initial=0)), float(found.after.max(initial=0))
     if b_max > 0 and a_max > 0:

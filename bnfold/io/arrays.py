@@ -8,25 +8,25 @@ cannot store an array named ``file`` or ``allow_pickle``.
 
 from __future__ import annotations
 
-import os
 import zipfile
 import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Dict, Iterable, Mapping, Tuple, Union
+from typing import IO
 
 import numpy as np
 
 from ..errors import BnfoldError
+from ..options import PathLike
 from .save import atomic_file, check_destination
 from .tensors import regular_file
 
-PathLike = Union[str, "os.PathLike[str]"]
 SUFFIX = ".npy"
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
 READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
 
 
-def _header(f: IO[bytes]) -> Tuple[Tuple[int, ...], np.dtype]:
+def _header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a .npy header (formats 1.0 and 2.0, the ones numpy writes for plain arrays)."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -38,7 +38,7 @@ def _header(f: IO[bytes]) -> Tuple[Tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
-def _members(z: zipfile.ZipFile, path: Path, budget: int, spent: int) -> Tuple[Iterable[zipfile.ZipInfo], int]:
+def _members(z: zipfile.ZipFile, path: Path, budget: int, spent: int) -> tuple[Iterable[zipfile.ZipInfo], int]:
     """The members, once the directory says each is a plain .npy, stored or deflated, unencrypted,
     and that together they fit ``budget`` (``spent`` already used by other files)."""
     infos, names = z.infolist(), set()
@@ -81,11 +81,11 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, budget: 
         return np.lib.format.read_array(f, allow_pickle=False)
 
 
-def read_npz(path: PathLike, budget: int, spent: int = 0) -> Tuple[Dict[str, np.ndarray], int]:
+def read_npz(path: PathLike, budget: int, spent: int = 0) -> tuple[dict[str, np.ndarray], int]:
     """The arrays of an .npz file by name, and the bytes counted against ``budget`` so far."""
     path = Path(path)
     regular_file(path, "an .npz file")
-    arrays: Dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
     member = ""
     try:
         with open(path, "rb") as raw:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Set, Tuple, Union
+from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import BnfoldError
+from ..options import PathLike
 from ..proto import (
     external_location,
     initializers,
@@ -24,7 +25,7 @@ from ..report import NOT_CHECKED
 from .tensors import PENDING, Source, regular_file
 from .wire import WireError, strip_raw_data
 
-PathLike = Union[str, "os.PathLike[str]"]
+ModelLike = PathLike | onnx.ModelProto  # what the API takes as a model: a path or a proto
 SCAN_BYTES = 64 << 20  # larger files are scanned, not parsed whole
 LAZY_THRESHOLD = 4096  # inline tensors at least this large are read from the file only when needed
 
@@ -38,7 +39,7 @@ def file_size(path: Path, source: Source) -> int:
 KNOWN_TYPES = frozenset(t for t in onnx.TensorProto.DataType.values() if t)
 
 
-def check_tensors(model: onnx.ModelProto, source: Optional[Source] = None) -> None:
+def check_tensors(model: onnx.ModelProto, source: Source | None = None) -> None:
     """Every initializer has a known element type and no negative dimension, and with ``source``
     every external location is validated (:func:`.tensors.locate`), in one pass, before anything is
     read. Whether inline bytes match is checked when they are read (:meth:`.tensors.Source.read`):
@@ -55,7 +56,7 @@ def check_tensors(model: onnx.ModelProto, source: Optional[Source] = None) -> No
             source.location(t)
 
 
-def check_model(model: onnx.ModelProto, where: str, source: Optional[Source] = None) -> None:
+def check_model(model: onnx.ModelProto, where: str, source: Source | None = None) -> None:
     """What bnfold needs of any model before deciding anything: a graph, a known opset, possible
     tensors (and with ``source``, acceptable external locations). BnfoldError (a bad model) otherwise."""
     if not model.HasField("graph") or not model.opset_import:
@@ -103,7 +104,7 @@ class FileBytes:
         self.start, self.block = start, self.read(start, min(self.WINDOW, self.size - start))
         return True
 
-    def __getitem__(self, key: Union[int, slice]) -> Any:
+    def __getitem__(self, key: int | slice) -> Any:
         if isinstance(key, slice):
             start, stop, _ = key.indices(self.size)
             if stop <= start:
@@ -117,7 +118,7 @@ class FileBytes:
         return self.block[key - self.start]
 
 
-def parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
+def parse(path: Path) -> tuple[onnx.ModelProto, set[str]]:
     """The model, and the names of the initializers whose bytes were left in the file. Files up to
     SCAN_BYTES are parsed whole by protobuf; larger ones are scanned so that their large weights
     stay in the file."""
@@ -135,15 +136,15 @@ def parse(path: Path) -> Tuple[onnx.ModelProto, Set[str]]:
         model = onnx.ModelProto.FromString(stripped)
         if len(refs) != len(model.graph.initializer):  # the scan and protobuf disagree: trust protobuf
             return onnx.ModelProto.FromString(buf.read(0, size)), set()
-    inline: Set[str] = set()
-    for tensor, ref in zip(model.graph.initializer, refs):
+    inline: set[str] = set()
+    for tensor, ref in zip(model.graph.initializer, refs, strict=False):
         if ref is not None:
             set_location(tensor, path.name, *ref)
             inline.add(tensor.name)
     return model, inline
 
 
-def open_model(path: PathLike) -> Tuple[onnx.ModelProto, Source]:
+def open_model(path: PathLike) -> tuple[onnx.ModelProto, Source]:
     """The model's graph and the :class:`Source` its weights are read from."""
     path = Path(path)
     regular_file(path)
@@ -168,7 +169,7 @@ def load(path: PathLike) -> onnx.ModelProto:
 CHECKER_LIMIT = 1 << 31  # onnx's checker takes a proto up to 2 GB; a file of any size
 
 
-def checker_problem(model: Union[Path, onnx.ModelProto]) -> Optional[str]:
+def checker_problem(model: Path | onnx.ModelProto) -> str | None:
     """What ``onnx.checker.check_model(full_check=True)`` says of a model file or proto: None when it
     passes, else the first line of its message."""
     if isinstance(model, onnx.ModelProto) and model.ByteSize() >= CHECKER_LIMIT:

@@ -9,25 +9,26 @@ import itertools
 import os
 import stat
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
 
 from ..errors import BnfoldError
+from ..options import PathLike
 from ..proto import external_location, from_array, graphs_of, initializers, set_location, tensor_nbytes, to_array
 from .load import parse
 from .tensors import Source, _write_all
 from .wire import key, varint
 
-PathLike = Union[str, "os.PathLike[str]"]
 TWO_GB = 2**31 - 1
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file
 
 
-def located_and_bytes(model: onnx.ModelProto) -> Tuple[List[onnx.TensorProto], int]:
+def located_and_bytes(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], int]:
     """The initializers with an external location, and the bytes of every tensor if all were
     inline: what decides whether a model fits in one protobuf (2 GB), without paying for
     ByteSize() (which serializes the whole model). One pass over the initializers."""
@@ -49,7 +50,7 @@ def _umask() -> int:
     return mask
 
 
-def _temp(path: Path, written: List[str], buffering: int = 0) -> Tuple[BinaryIO, str]:
+def _temp(path: Path, written: list[str], buffering: int = 0) -> tuple[BinaryIO, str]:
     """A new temporary file beside ``path`` (recorded in ``written``), open for writing (unbuffered
     unless ``buffering`` says otherwise), with the mode a newly created file would get. It is written
     through the descriptor mkstemp opened: reopening with truncation would make ext4 flush the whole
@@ -60,7 +61,7 @@ def _temp(path: Path, written: List[str], buffering: int = 0) -> Tuple[BinaryIO,
     return os.fdopen(fd, "wb", buffering=buffering), tmp
 
 
-def _remove(names: List[str]) -> None:
+def _remove(names: list[str]) -> None:
     """Remove what a failed write left (best effort: the failure itself is what gets reported)."""
     for name in names:
         try:
@@ -103,7 +104,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A buffered file that becomes ``path`` only once everything was written to it and synced (a
     temporary file beside it, renamed over it); on any failure nothing is left and ``path`` is as it
     was. Failures of the environment become BnfoldError."""
-    written: List[str] = []
+    written: list[str] = []
     try:
         f, tmp = _temp(path, written, buffering=1 << 20)
         with f:
@@ -210,7 +211,7 @@ def _write_inline(model: onnx.ModelProto, source: Source, f: BinaryIO, splice: b
             source.write_to(tensor, f)
 
 
-def _live_locations(path: Path) -> Set[str]:
+def _live_locations(path: Path) -> set[str]:
     """The data files the model now at ``path`` uses (none when there is no readable model)."""
     if not path.is_file():
         return set()
@@ -221,7 +222,7 @@ def _live_locations(path: Path) -> Set[str]:
     return {loc["location"] for t in initializers(model) if (loc := external_location(t)) and "location" in loc}
 
 
-def _data_path(path: Path, live: Set[str]) -> Path:
+def _data_path(path: Path, live: set[str]) -> Path:
     """Where the new data file goes: ``OUT.data``, or ``OUT.1.data`` when the model now at ``path``
     uses the first, so that the new pair never overwrites the data of the pair it replaces."""
     for name in (f"{path.name}.data", f"{path.name}.1.data"):
@@ -251,9 +252,7 @@ def _relabel(model: onnx.ModelProto, old: str, new: str) -> None:
                 entry.value = new
 
 
-def save(
-    model: onnx.ModelProto, path: PathLike, *, source: Optional[Source] = None, external: Optional[bool] = None
-) -> int:
+def save(model: onnx.ModelProto, path: PathLike, *, source: Source | None = None, external: bool | None = None) -> int:
     """Write ``model`` to ``path`` so that a crash or a failed rename at any point leaves either the
     old model (with its data) or the new one (with its data), never a mix.
 
@@ -275,7 +274,7 @@ def save(
         external = has_external or nbytes > TWO_GB - (64 << 20)
     elif not external and nbytes > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
-    written: List[str] = []
+    written: list[str] = []
     try:
         if external:
             return _save_external(model, path, source, written)
@@ -293,7 +292,7 @@ def save(
     return path.stat().st_size
 
 
-def _save_external(model: onnx.ModelProto, path: Path, source: Source, written: List[str]) -> int:
+def _save_external(model: onnx.ModelProto, path: Path, source: Source, written: list[str]) -> int:
     """:func:`save` with a data file; temporary files are recorded in ``written``."""
     data_path = _data_path(path, _live_locations(path))  # a first guess, checked again under the lock
     out, tmp_data = _temp(data_path, written)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, Optional, Set, Tuple, Union
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -40,7 +41,7 @@ class Location:
     length: int
 
 
-def _int_field(info: Dict[str, str], key: str, tensor: str) -> Optional[int]:
+def _int_field(info: dict[str, str], key: str, tensor: str) -> int | None:
     text = info.get(key)
     if text is None or text == "":
         return None
@@ -76,7 +77,7 @@ def regular_file(path: Path, what: str = "") -> os.stat_result:
     return st
 
 
-def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Optional[Path] = None) -> Location:
+def locate(tensor: onnx.TensorProto, base_dir: Path, *, model_file: Path | None = None) -> Location:
     """Validate where a file-backed tensor's bytes are, the way onnx's loader does, and stricter:
     a relative path without '..', that stays inside ``base_dir`` once links are resolved, naming a
     regular file with one link (the model file itself, where its own large weights are, may have
@@ -137,7 +138,7 @@ def _inline(tensor: onnx.TensorProto, model_file: Path) -> Location:
     return Location(real, offset, length)
 
 
-def _write_all(f: BinaryIO, data: Union[bytes, memoryview]) -> int:
+def _write_all(f: BinaryIO, data: bytes | memoryview) -> int:
     """Write everything to an unbuffered file (a raw write may take only part of it)."""
     view, done = memoryview(data), 0
     while done < len(view):
@@ -151,14 +152,14 @@ class Source:
     read whole, never cached here), deferred ones computed. Implements :class:`graph.TensorStore`."""
 
     def __init__(
-        self, base_dir: Optional[Path], inline_refs: Optional[Set[str]] = None, model_file: Optional[Path] = None
+        self, base_dir: Path | None, inline_refs: set[str] | None = None, model_file: Path | None = None
     ) -> None:
         self.base_dir = base_dir
         self.model_file = model_file
         self.inline_refs = inline_refs or set()  # tensors that live inside the input .onnx file
-        self.deferred: Dict[str, Deferred] = {}
-        self._locations: Dict[Tuple[str, ...], Location] = {}
-        self._fds: Dict[Path, int] = {}
+        self.deferred: dict[str, Deferred] = {}
+        self._locations: dict[tuple[str, ...], Location] = {}
+        self._fds: dict[Path, int] = {}
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -186,7 +187,7 @@ class Source:
             self._locations[key] = loc
         return loc
 
-    def files(self) -> Set[Path]:
+    def files(self) -> set[Path]:
         """The resolved paths of the data files of every location validated so far (all of them once
         the model is opened: :func:`.load.check_tensors`)."""
         return {loc.path for loc in self._locations.values()}
@@ -298,7 +299,7 @@ class Source:
         self._locations.clear()
 
 
-def _map(loc: Location, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
+def _map(loc: Location, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """The tensor's bytes, read afresh for each use (nothing is cached here) with explicit reads: a
     file that is shorter than when it was opened is a BnfoldError, where touching a memory map of it
     would end the process with SIGBUS."""

@@ -10,21 +10,21 @@ result exactly as it would have parsed the input. Where the scan cannot be sure 
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from collections.abc import Iterator
 
 MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_RAW_DATA = 7, 5, 9
 TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION = 13, 14
 LENGTH_DELIMITED = 2
 MAX_VARINT_BYTES = 10
 
-Ref = Optional[Tuple[int, int]]  # (offset, length) of a raw_data payload in the input
+Ref = tuple[int, int] | None  # (offset, length) of a raw_data payload in the input
 
 
 class WireError(ValueError):
     """The bytes are not what the scanner can handle with certainty (not necessarily a bad file)."""
 
 
-def read_varint(buf: bytes, pos: int) -> Tuple[int, int]:
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     for _ in range(MAX_VARINT_BYTES):
         if pos >= len(buf):
@@ -54,7 +54,7 @@ def key(field: int, wire: int = LENGTH_DELIMITED) -> bytes:
     return varint(field << 3 | wire)
 
 
-def fields(buf: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int, int, int]]:
+def fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """(field number, wire type, field start, value start, field end) of each field in buf[start:end]."""
     pos = start
     while pos < end:
@@ -80,7 +80,7 @@ def fields(buf: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int, in
         yield number, wire, begin, value, pos
 
 
-def _tensor(buf: bytes, start: int, end: int, threshold: int) -> Tuple[bytes, Ref]:
+def _tensor(buf: bytes, start: int, end: int, threshold: int) -> tuple[bytes, Ref]:
     """A tensor's bytes without its raw_data when that is large and unambiguous, and where it was."""
     raw = [(v, e) for n, w, _, v, e in fields(buf, start, end) if n == TENSOR_RAW_DATA and w == LENGTH_DELIMITED]
     located = any(n in (TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION) for n, *_ in fields(buf, start, end))
@@ -96,11 +96,12 @@ def _tensor(buf: bytes, start: int, end: int, threshold: int) -> Tuple[bytes, Re
     return bytes(out), (value, stop - value)
 
 
-def strip_raw_data(buf: bytes, threshold: int) -> Tuple[bytes, List[Ref]]:
+def strip_raw_data(buf: bytes, threshold: int) -> tuple[bytes, list[Ref]]:
     """The model without the raw_data of its large main-graph initializers, and for each
     main-graph initializer (in the order protobuf will list them) the (offset, length) of its
     raw_data in ``buf``, or None where the tensor was kept whole."""
-    out, refs = bytearray(), []  # type: bytearray, List[Ref]
+    out = bytearray()
+    refs: list[Ref] = []
     for number, wire, begin, value, end in fields(buf, 0, len(buf)):
         if number != MODEL_GRAPH or wire != LENGTH_DELIMITED:
             out += buf[begin:end]

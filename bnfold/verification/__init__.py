@@ -13,16 +13,17 @@ sample's activations per model.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any
 
 import numpy as np
 import onnx
 
 from ..errors import BnfoldError, enough_memory, model_text
 from ..io.arrays import write_npz
-from ..io.load import open_model
+from ..io.load import ModelLike, open_model
 from ..io.save import check_destination
 from ..options import PROVIDERS, InputsLike, VerifyOptions
 from ..proto import is_batchnorm
@@ -46,10 +47,9 @@ __all__ = [
 ]
 
 MEMORY_HINT = "use smaller sizes for the dynamic dimensions (--dim, --input-shape) or fewer --samples"
-ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
 
 
-def _proto_and_path(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path], Set[Path]]:
+def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set[Path]]:
     """The model, its path, and the resolved paths of its file and data files (never overwritten)."""
     if isinstance(model, onnx.ModelProto):
         return model, None, set()
@@ -73,7 +73,7 @@ def check_save_paths(options: VerifyOptions, protected: Iterable[Path]) -> None:
         raise BnfoldError(f"{paths[0][1]}: save_inputs and save_outputs name the same file")
 
 
-def _bn_outputs(model: onnx.ModelProto) -> List[str]:
+def _bn_outputs(model: onnx.ModelProto) -> list[str]:
     return [n.output[0] for n in model.graph.node if is_batchnorm(n)]
 
 
@@ -87,7 +87,7 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str], types: Mapping[s
     return out
 
 
-def _elem_types(model: onnx.ModelProto) -> Dict[str, int]:
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # inference only names the dtypes of extra outputs; onnxruntime fills them in
@@ -100,7 +100,7 @@ def _short(provider: str) -> str:
     return next((k for k, v in PROVIDERS.items() if v == provider), provider)
 
 
-def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[Dict[str, np.ndarray]]:
+def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[dict[str, np.ndarray]]:
     if o.inputs is None:
         return synthesized(model, o.samples, o.seed, o.dims, o.input_shapes, o.max_input_bytes)
     if isinstance(o.inputs, Mapping):
@@ -108,13 +108,13 @@ def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[Dict[str, np.nd
     return given_samples(model, load_inputs(o.inputs, o.max_input_bytes))
 
 
-def _save_npz(path: Union[str, os.PathLike[str]], arrays: Dict[str, np.ndarray]) -> None:
+def _save_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
     """Arrays with a leading axis of samples, as --inputs reads them back (checked before the run:
     :func:`check_save_paths`), written atomically."""
     write_npz(path, arrays)
 
 
-def _run(sess: Any, feeds: Dict[str, np.ndarray], which: str) -> List[np.ndarray]:
+def _run(sess: Any, feeds: dict[str, np.ndarray], which: str) -> list[np.ndarray]:
     """One run; onnxruntime's refusal of these inputs is the user's to fix, not a bug here."""
     names = {i.name for i in sess.get_inputs()}
     try:
@@ -131,24 +131,24 @@ def _run(sess: Any, feeds: Dict[str, np.ndarray], which: str) -> List[np.ndarray
 def verify(
     original: ModelLike,
     candidate: ModelLike,
-    options: Optional[VerifyOptions] = None,
+    options: VerifyOptions | None = None,
     *,
-    providers: Optional[Sequence[str]] = None,
-    rtol: Optional[float] = None,
-    atol: Optional[float] = None,
-    samples: Optional[int] = None,
-    seed: Optional[int] = None,
-    dims: Optional[Mapping[str, int]] = None,
-    input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    providers: Sequence[str] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    samples: int | None = None,
+    seed: int | None = None,
+    dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     inputs: InputsLike = None,
-    per_layer: Optional[bool] = None,
-    graph_optimization: Optional[str] = None,
-    allow_tf32: Optional[bool] = None,
-    max_input_bytes: Optional[int] = None,
-    baseline: Optional[bool] = None,
-    save_inputs: Optional[Union[str, os.PathLike[str]]] = None,
-    save_outputs: Optional[Union[str, os.PathLike[str]]] = None,
-    progress: Optional[Callable[[int], None]] = None,
+    per_layer: bool | None = None,
+    graph_optimization: str | None = None,
+    allow_tf32: bool | None = None,
+    max_input_bytes: int | None = None,
+    baseline: bool | None = None,
+    save_inputs: str | os.PathLike[str] | None = None,
+    save_outputs: str | os.PathLike[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Run ``original`` (CPU, optimizations off) and ``candidate`` (each provider) on the same inputs
     and compare every output by name. Returns a :class:`VerifyReport`, true when equivalent.
@@ -187,7 +187,7 @@ def verify(
     output_names = [out.name for out in ref_model.graph.output]
     output_set = set(output_names)
     candidate_outputs = [out.name for out in cand_model.graph.output]
-    layer_names: List[str] = []
+    layer_names: list[str] = []
     orig_model = ref_model
     if o.per_layer:
         # The candidate with more outputs declared may load where the candidate as written does not
@@ -224,12 +224,12 @@ def verify(
         report.notes.append(f"the candidate has outputs the original has not, not compared: {', '.join(extra)}")
     elif candidate_outputs != output_names and set(candidate_outputs) == output_set:
         report.notes.append("the candidate lists its outputs in another order (compared by name)")
-    stats: Dict[Tuple[str, str], ErrorStats] = {}
-    floors: Dict[str, ErrorStats] = {}
+    stats: dict[tuple[str, str], ErrorStats] = {}
+    floors: dict[str, ErrorStats] = {}
     layer_set = set(layer_names)
-    saved_inputs: List[Dict[str, np.ndarray]] = []
-    saved_outputs: Dict[str, List[np.ndarray]] = {}
-    held: Set[str] = set()  # outputs whose reference held values, finite or not
+    saved_inputs: list[dict[str, np.ndarray]] = []
+    saved_outputs: dict[str, list[np.ndarray]] = {}
+    held: set[str] = set()  # outputs whose reference held values, finite or not
     with ExitStack() as stack:
         ref = make_session(session_source(ref_model, ref_path, o.per_layer, stack))
         base = (
@@ -249,7 +249,7 @@ def verify(
         if not common & output_set:
             raise BnfoldError("the two models have no output name in common: they are not two versions of one model")
         for k, feeds in enumerate(_feeds(ref_model, o)):
-            ref_vals = dict(zip(ref_outputs, _run(ref, feeds, "the original")))
+            ref_vals = dict(zip(ref_outputs, _run(ref, feeds, "the original"), strict=False))
             held.update(name for name, value in ref_vals.items() if value.size)
             if o.save_inputs:
                 saved_inputs.append(feeds)
@@ -257,13 +257,15 @@ def verify(
                 for name, value in ref_vals.items():
                     saved_outputs.setdefault(f"reference/{name}", []).append(value)
             if base is not None:
-                for name, value in zip([x.name for x in base.get_outputs()], _run(base, feeds, "the original")):
+                for name, value in zip(
+                    [x.name for x in base.get_outputs()], _run(base, feeds, "the original"), strict=False
+                ):
                     if name in ref_vals:
                         floor = floors.setdefault(name, new_stats(name, ref_vals[name].dtype, "floor", None, None))
                         accumulate(floor, ref_vals[name], value, k)
             for provider, sess in cands:
                 tf32 = o.allow_tf32 and provider == "CUDAExecutionProvider"
-                got = dict(zip([x.name for x in sess.get_outputs()], _run(sess, feeds, "the candidate")))
+                got = dict(zip([x.name for x in sess.get_outputs()], _run(sess, feeds, "the candidate"), strict=False))
                 for name, value in ref_vals.items():
                     key = (name, provider)
                     if key not in stats:

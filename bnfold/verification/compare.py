@@ -20,7 +20,7 @@ The thresholds come from measurements on calibrated networks (README, "How verif
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def threshold(dtype: np.dtype, tf32: bool = False) -> float:
 
 
 def new_stats(
-    name: str, dtype: np.dtype, provider: str, rtol: Optional[float], atol: Optional[float], tf32: bool = False
+    name: str, dtype: np.dtype, provider: str, rtol: float | None, atol: float | None, tf32: bool = False
 ) -> ErrorStats:
     if rtol is None and atol is None:
         return ErrorStats(name, provider=provider, criterion="scaled", threshold=threshold(dtype, tf32))
@@ -116,7 +116,7 @@ def scaled_error(stats: ErrorStats) -> float:
     return 0.0 if stats.max_abs == 0 else float("inf")
 
 
-def channel_error(stats: ErrorStats) -> Tuple[float, Optional[int]]:
+def channel_error(stats: ErrorStats) -> tuple[float, int | None]:
     """The worst channel's error, and which channel; the tensor's own error without channels."""
     if stats.channel_diff is None or stats.channel_ref is None:
         return scaled_error(stats), None
@@ -127,9 +127,9 @@ def channel_error(stats: ErrorStats) -> Tuple[float, Optional[int]]:
     return float(e[c]), c
 
 
-def judge_outputs(outputs: Sequence[ErrorStats], floors: Sequence[Optional[float]]) -> None:
+def judge_outputs(outputs: Sequence[ErrorStats], floors: Sequence[float | None]) -> None:
     """Set each output's error, bound and verdict (``floors``: the baseline's error per output)."""
-    for stats, floor in zip(outputs, floors):
+    for stats, floor in zip(outputs, floors, strict=False):
         stats.error = scaled_error(stats)
         stats.baseline_error = floor
         if stats.criterion == "scaled":

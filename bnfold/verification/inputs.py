@@ -4,7 +4,7 @@ the user gives (.npz)."""
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -14,19 +14,19 @@ from ..io.arrays import read_npz
 from ..proto import np_dtype
 
 DEFAULT_DIM = 1
-Dim = Union[int, str, None]
-Spec = Tuple[str, np.dtype, List[Dim]]
+Dim = int | str | None
+Spec = tuple[str, np.dtype, list[Dim]]
 
 
-def input_specs(model: onnx.ModelProto) -> List[Spec]:
+def input_specs(model: onnx.ModelProto) -> list[Spec]:
     """(name, dtype, dims) of each graph input a caller must feed (initializers excluded)."""
     inits = {t.name for t in model.graph.initializer}
-    specs: List[Spec] = []
+    specs: list[Spec] = []
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims: List[Dim] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        dims: list[Dim] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
         try:
             dtype = np_dtype(t.elem_type)
         except ValueError:
@@ -37,7 +37,7 @@ def input_specs(model: onnx.ModelProto) -> List[Spec]:
 
 def resolve_shape(
     name: str, dims: Sequence[Dim], dim_sizes: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
-) -> Tuple[int, ...]:
+) -> tuple[int, ...]:
     if name in shapes:
         return tuple(int(d) for d in shapes[name])
     out = []
@@ -49,7 +49,7 @@ def resolve_shape(
     return tuple(out)
 
 
-def random_input(rng: np.random.Generator, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
+def random_input(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if dtype == np.bool_:
         return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a numpy scalar otherwise
     if dtype.kind in "iu":
@@ -78,7 +78,7 @@ def synthesized(
     dim_sizes: Mapping[str, int],
     shapes: Mapping[str, Sequence[int]],
     budget: int,
-) -> Iterator[Dict[str, np.ndarray]]:
+) -> Iterator[dict[str, np.ndarray]]:
     """Seeded random samples; their size is checked against ``budget`` before anything is made."""
     specs = input_specs(model)
     unknown = sorted(set(shapes) - {n for n, _, _ in specs})
@@ -106,8 +106,8 @@ def synthesized(
 
 
 def load_inputs(
-    inputs: Union[str, os.PathLike[str], Sequence[Union[str, os.PathLike[str]]]], budget: int
-) -> List[Dict[str, np.ndarray]]:
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], budget: int
+) -> list[dict[str, np.ndarray]]:
     """The arrays of one or several .npz files, keyed by input name (each file one or more samples),
     all of them together within ``budget`` bytes (:func:`bnfold.io.arrays.read_npz`)."""
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -118,7 +118,7 @@ def load_inputs(
     return out
 
 
-def given_samples(model: onnx.ModelProto, files: List[Dict[str, np.ndarray]]) -> Iterator[Dict[str, np.ndarray]]:
+def given_samples(model: onnx.ModelProto, files: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
     """Samples from arrays the user gave, checked against the graph inputs: the same dtype, the
     same rank (or one more: a leading axis of samples), and the static dimensions."""
     specs = input_specs(model)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import onnx
 
@@ -34,7 +35,7 @@ def ort() -> Any:
     return onnxruntime
 
 
-def check_providers(names: Sequence[str]) -> List[str]:
+def check_providers(names: Sequence[str]) -> list[str]:
     """Map 'cpu'/'cuda' to onnxruntime providers; fail clearly when one is not available."""
     from ..runtime import conflict
 
@@ -60,7 +61,7 @@ def check_providers(names: Sequence[str]) -> List[str]:
 
 
 def make_session(
-    source: Union[str, bytes], provider: str = "CPUExecutionProvider", level: str = "disable", tf32: bool = False
+    source: str | bytes, provider: str = "CPUExecutionProvider", level: str = "disable", tf32: bool = False
 ) -> Any:
     rt = ort()
     opts = rt.SessionOptions()
@@ -68,7 +69,7 @@ def make_session(
     # Fatal messages only: a run or load that fails raises, and bnfold says so in one line; at the
     # error level onnxruntime would also print its own lines of the same failure to stderr.
     opts.log_severity_level = 4
-    providers: List[Any] = [provider]
+    providers: list[Any] = [provider]
     if provider == "CUDAExecutionProvider":
         providers = [(provider, {"use_tf32": int(tf32)}), "CPUExecutionProvider"]
     try:
@@ -88,7 +89,7 @@ def _has_external(model: onnx.ModelProto) -> bool:
     return any(external_location(t) is not None for t in model.graph.initializer)
 
 
-def session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool, stack: ExitStack) -> Union[str, bytes]:
+def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, stack: ExitStack) -> str | bytes:
     """What onnxruntime loads: the file itself when untouched, else the bytes, or (with external data,
     or weights left in the input file) a temporary copy whose data files are linked beside it. Each
     data file is validated first (inside the model's folder) and linked under a name of our own, so
@@ -99,12 +100,12 @@ def session_source(model: onnx.ModelProto, path: Optional[Path], changed: bool, 
         return model.SerializeToString()
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
     source = Source(path.parent, model_file=path)
-    linked: Dict[Path, str] = {}
+    linked: dict[Path, str] = {}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     tensors = [t for t in copy.graph.initializer if external_location(t) is not None]
     places = [source.location(t).path for t in tensors]  # all validated before anything is linked
-    for t, real in zip(tensors, places):
+    for t, real in zip(tensors, places, strict=False):
         name = linked.get(real)
         if name is None:
             name = linked[real] = f"data{len(linked)}.bin"
