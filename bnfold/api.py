@@ -16,7 +16,7 @@ from .fold import apply, plan_model, stats
 from .io.load import ModelLike, check_model, checker_problem, file_size, open_model
 from .io.save import save
 from .io.tensors import Source
-from .options import FOLD_OPTIONS, VerifyOptions
+from .options import FOLD_OPTIONS, PathLike, VerifyOptions
 from .proto import all_nodes, external_location, initializers, is_batchnorm
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
 
@@ -130,7 +130,7 @@ def _fold(
 
 def fold(
     model: ModelLike,
-    output: str | os.PathLike | None = None,
+    output: PathLike | None = None,
     *,
     dry_run: bool = False,
     lower_standalone: bool = False,
@@ -177,8 +177,8 @@ def fold(
 
 
 def fold_file(
-    model: str | os.PathLike,
-    output: str | os.PathLike | None = None,
+    model: PathLike,
+    output: PathLike | None = None,
     *,
     dry_run: bool = False,
     lower_standalone: bool = False,

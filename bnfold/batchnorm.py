@@ -85,5 +85,5 @@ def batchnorm_inference(
         raise TypeError(f"BatchNormalization-{opset} needs parameters of the input's dtype {x.dtype}")
     shape = _param_shape(x.ndim, params[0], bool(spatial))
     s, t = scale_shift(params[0], params[1], params[2], params[3], epsilon=epsilon)
-    y = x.astype(np.float64) * s.reshape(shape) + t.reshape(shape)
+    y: np.ndarray = x.astype(np.float64) * s.reshape(shape) + t.reshape(shape)
     return y.astype(x.dtype)

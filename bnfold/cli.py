@@ -366,7 +366,8 @@ def _batch(
     for e in report.entries:
         if e.error is not None:  # the message names the file already when it is about the file
             click.echo(f"Error: {e.error if e.input in e.error else e.input + ': ' + e.error}", err=True)
-    return report.exit_code
+    code: int = report.exit_code
+    return code
 
 
 @cli.command(short_help="Fold BatchNormalization into the layers next to it.")
@@ -415,6 +416,7 @@ def _batch(
 @click.pass_context
 def fold(
     ctx: click.Context,
+    /,
     models: list[Path],
     output: Path | None,
     dry_run: bool,

@@ -87,7 +87,8 @@ def _constant_of_shape(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.n
 
 
 def _reshape(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
-    data, shape = ops[0].value, _int_list(ops[1].value)
+    data: np.ndarray = ops[0].value
+    shape = _int_list(ops[1].value)
     if not attr(node, "allowzero", 0):
         shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return data.reshape(shape)
@@ -96,7 +97,8 @@ def _reshape(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | N
 def _axes(node: onnx.NodeProto, ops: list[Any], opset: int, since: int) -> list[int] | None:
     if opset >= since:
         return _int_list(ops[1].value) if len(ops) > 1 and ops[1].value is not None else None
-    return attr(node, "axes")
+    axes: list[int] | None = attr(node, "axes")
+    return axes
 
 
 def _unsqueeze(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
@@ -104,14 +106,15 @@ def _unsqueeze(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray |
     if axes is None:
         return None
     rank = data.ndim + len(axes)
-    out = data
+    out: np.ndarray = data
     for a in sorted(a % rank for a in axes):
         out = np.expand_dims(out, a)
     return out
 
 
 def _squeeze(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
-    data, axes = ops[0].value, _axes(node, ops, opset, 13)
+    data: np.ndarray = ops[0].value
+    axes = _axes(node, ops, opset, 13)
     return np.squeeze(data) if axes is None else np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
 
 
@@ -122,7 +125,7 @@ def _expand(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | No
 
 
 def _slice(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
-    data = ops[0].value
+    data: np.ndarray = ops[0].value
     if opset < 10:
         starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
     else:
@@ -145,9 +148,11 @@ def _concat(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | No
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    quotient: np.ndarray = a / b
     if a.dtype.kind in "iu":
-        return (np.trunc(a / b)).astype(a.dtype)  # ONNX integer Div truncates toward zero
-    return a / b
+        truncated: np.ndarray = np.trunc(quotient)
+        return truncated.astype(a.dtype)  # ONNX integer Div truncates toward zero
+    return quotient
 
 
 def _same_dtype(fn: Callable[..., Any]) -> Evaluator:

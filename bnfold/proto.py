@@ -207,7 +207,8 @@ BFLOAT16 = onnx.TensorProto.BFLOAT16
 def _bfloat16() -> np.dtype:
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16)
+    dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
 def tensor_type(dtype: np.dtype) -> int:

@@ -71,7 +71,8 @@ def _conv(scope: Scope, node: onnx.NodeProto) -> Consumer | Reason:
     idx = groups[:, None] * per_group + np.arange(per_group)[None, :]  # (M, C/group)
 
     def factor(W: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return s[idx].reshape(idx.shape + (1,) * (W.ndim - 2))
+        picked: np.ndarray = s[idx]
+        return picked.reshape(idx.shape + (1,) * (W.ndim - 2))
 
     def rewrite(W: np.ndarray, B: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shift = (W * factor(W, t)).reshape(m, -1).sum(axis=1)

@@ -90,7 +90,8 @@ def _new_biases(scope: Scope, chains: Sequence[Chain]) -> np.ndarray:
         if old is not None:
             b[k] = old  # (C,): _stackable saw to it
     with np.errstate(all="ignore"):
-        return scale * b * s + t + 0.0
+        out: np.ndarray = scale * b * s + t + 0.0
+    return out
 
 
 def _scaled(w: np.ndarray, factor: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

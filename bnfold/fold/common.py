@@ -251,8 +251,10 @@ def scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
     the whole weight (numpy casts in buffered chunks)."""
     if w.dtype in (np.float16, np.float32, np.float64):
         out = np.empty(np.broadcast_shapes(w.shape, factor.shape), dtype=w.dtype)
-        return np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
-    return (w.astype(np.float64) * factor).astype(w.dtype)  # bfloat16: numpy has no such loop
+        np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
+        return out
+    wide: np.ndarray = w.astype(np.float64) * factor
+    return wide.astype(w.dtype)  # bfloat16: numpy has no such loop
 
 
 def channel_vector(value: np.ndarray, rank: int | None, channels: int, axis: int = 1) -> np.ndarray | None:

@@ -219,7 +219,7 @@ def _conv_transpose(scope: Scope, node: onnx.NodeProto) -> Target | Reason:
     def scale(W: np.ndarray, s: np.ndarray) -> np.ndarray:
         # Weight layout (C_in, C_out/group, k...): output channel g*C_out/group + j lives in the rows
         # of group g, column j.
-        rows = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
+        rows: np.ndarray = s.reshape(group, per_group)[np.arange(c_in) // (c_in // group)]
         return rows.reshape(rows.shape + (1,) * (W.ndim - 2))
 
     return Target("ConvTranspose", per_group * group, w.ndim, 1, 2, scale, channel_axis=1)
@@ -325,7 +325,7 @@ def noop_input(scope: Scope, node: onnx.NodeProto) -> str | None:
     inference mode whose mask is not read, a Cast to the type it already has. Else None."""
     if node.domain not in ONNX_DOMAINS or not node.input or not node.input[0] or len(node.output) < 1:
         return None
-    x = node.input[0]
+    x: str = node.input[0]
     if node.op_type == "Identity":
         return x
     if node.op_type == "Dropout":

@@ -16,6 +16,7 @@ cast that loses more than the dtype's own rounding (subnormal results).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ def finfo(dtype: np.dtype) -> tuple[float, float, float]:
     except (TypeError, ValueError):
         import ml_dtypes
 
-        info = ml_dtypes.finfo(dtype)
+        info = ml_dtypes.finfo(dtype)  # type: ignore[no-untyped-call]  # ml_dtypes ships no annotations for it
     return float(info.max), float(info.tiny), float(info.eps) / 2
 
 
@@ -117,7 +118,7 @@ class _Pass:
 WeightRanges = _Pass  # what check_weight found, for weight_hazards
 
 
-def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
+def _chunks(w: np.ndarray, factor: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     rows = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(w.shape[1:]))))
     full = factor.ndim == w.ndim and factor.shape[0] == w.shape[0] and w.shape[0] > 1
     for start in range(0, max(w.shape[0], 1), rows):
@@ -127,7 +128,8 @@ def _chunks(w: np.ndarray, factor: np.ndarray):  # type: ignore[no-untyped-def]
 
 def largest_magnitude(w: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """max |w| over ``axes``, in float64, without an absolute copy of ``w`` (NaN stays NaN)."""
-    return np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)
+    largest: np.ndarray = np.maximum(w.max(axis=axes), -w.min(axis=axes))
+    return largest.astype(np.float64)
 
 
 def ordinary_scales(smallest: Any, largest: Any) -> Any:

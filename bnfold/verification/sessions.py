@@ -97,7 +97,8 @@ def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, sta
     if path is not None and not changed:
         return str(path)
     if path is None or not _has_external(model):
-        return model.SerializeToString()
+        data: bytes = model.SerializeToString()
+        return data
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
     source = Source(path.parent, model_file=path)
     linked: dict[Path, str] = {}
