@@ -30,13 +30,15 @@ _WHERE = {
     "InspectReport": "report",
     "VerifyReport": "report",
     "VerifyOptions": "options",
+    "FoldOptions": "options",
+    "OptionError": "errors",
 }
 
 if TYPE_CHECKING:
     from .api import fold, fold_file, fold_many, inspect
     from .batchnorm import TrainingModeError, batchnorm_inference
-    from .errors import BnfoldError
-    from .options import VerifyOptions
+    from .errors import BnfoldError, OptionError
+    from .options import FoldOptions, VerifyOptions
     from .report import REASONS, BatchReport, Code, FoldReport, InspectReport, VerifyReport
     from .verification import verify
 
@@ -73,8 +75,10 @@ __all__ = [
     "BatchReport",
     "BnfoldError",
     "Code",
+    "FoldOptions",
     "FoldReport",
     "InspectReport",
+    "OptionError",
     "TrainingModeError",
     "VerifyOptions",
     "VerifyReport",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,14 +10,23 @@ from typing import Any, cast
 
 import onnx
 
-from .errors import BnfoldError, Terminated, enough_memory, handle_termination, model_text, os_problem, quiet_numpy
-from .fold import apply, plan_model, stats
+from .errors import (
+    BnfoldError,
+    OptionError,
+    Terminated,
+    enough_memory,
+    handle_termination,
+    model_text,
+    os_problem,
+    quiet_numpy,
+)
+from .fold import FoldPlan, apply, plan_model, stats
 from .io.load import ModelLike, check_model, checker_problem, file_size, open_model
 from .io.save import save
 from .io.tensors import Source
-from .options import FOLD_OPTIONS, PathLike, VerifyOptions
+from .options import FoldOptions, PathLike, VerifyOptions
 from .proto import all_nodes, external_location, initializers, is_batchnorm
-from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport
+from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport, ModelStats
 
 
 def _open(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, Source]:
@@ -65,47 +73,23 @@ def _check_output(output: Path, path: Path | None, source: Source, in_place: boo
     if {out, out.with_name(out.name + ".data"), out.with_name(out.name + ".1.data")} & protected:
         raise BnfoldError(
             f"{output}: writing there would overwrite the input model or its external data; "
-            "choose another output path (or pass --in-place to replace the input)"
+            "choose another output path (or in_place, --in-place, to replace the input)"
         )
 
 
-@model_text()
-@enough_memory("to fold this model", "close other programs, or fold on a machine with more memory")
-def _fold(
-    model: ModelLike,
-    output: str | os.PathLike[str] | None,
-    dry_run: bool,
-    lower_standalone: bool,
-    external_data: bool | None,
-    in_place: bool,
-    in_memory: bool = False,
-    strict: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-    check: bool = False,
-) -> tuple[onnx.ModelProto, FoldReport, Source]:
-    """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
-    that what is returned is what was written even when the output replaces the input."""
-    proto, path, source = _open(model)
-    if output is not None:
-        _check_output(Path(output), path, source, in_place)
-    before = stats(proto, file_size(path, source) if path is not None else None)
+def _plan(proto: onnx.ModelProto, source: Source, o: FoldOptions, apply_it: bool) -> FoldPlan:
+    """Plan (and with ``apply_it``, apply) with numpy quiet and the collector paused."""
     with quiet_numpy(), _collector_paused():
-        plan = plan_model(
-            proto,
-            source,
-            lower_standalone=lower_standalone,
-            strict=strict,
-            affine=affine,
-            reparameterize=reparameterize,
-        )
-        if not dry_run:
+        plan = plan_model(proto, source, o)
+        if apply_it:
             apply(proto, plan, source)
-            if in_memory:
-                source.materialize(proto)
-    report = FoldReport(
+    return plan
+
+
+def _report(plan: FoldPlan, before: ModelStats, after: ModelStats, path: Path | None, dry_run: bool) -> FoldReport:
+    return FoldReport(
         before=before,
-        after=stats(proto, before.bytes if dry_run else 0),
+        after=after,
         folded=list(plan.folded),
         left=list(plan.left),
         absorbed=list(plan.absorbed),
@@ -114,62 +98,53 @@ def _fold(
         warnings=[h.to_dict() for h in plan.warnings],
         affine=list(plan.affine),
     )
+
+
+@model_text()
+@enough_memory("to fold this model", "close other programs, or fold on a machine with more memory")
+def _fold(
+    model: ModelLike, output: PathLike | None, o: FoldOptions, in_memory: bool = False
+) -> tuple[onnx.ModelProto, FoldReport, Source]:
+    """Open, plan, apply, save. ``in_memory`` gives the result its weights before it is written, so
+    that what is returned is what was written even when the output replaces the input."""
+    proto, path, source = _open(model)
+    if output is not None:
+        _check_output(Path(output), path, source, o.in_place)
+    before = stats(proto, file_size(path, source) if path is not None else None)
+    plan = _plan(proto, source, o, not o.dry_run)
+    if in_memory and not o.dry_run:
+        source.materialize(proto)
+    report = _report(plan, before, stats(proto, before.bytes if o.dry_run else 0), path, o.dry_run)
     checked: dict[str, str | None] = {}
-    if check:
+    if o.check:
         checked["input"] = checker_problem(path if path is not None else cast(onnx.ModelProto, model))
         report.checker = checked
-    if output is not None and not dry_run:
-        report.after.bytes = save(proto, output, source=source, external=external_data)
+    if output is not None and not o.dry_run:
+        report.after.bytes = save(proto, output, source=source, external=o.external_data)
         report.output = str(output)
-        if check:
+        if o.check:
             checked["output"] = checker_problem(Path(output))
-    elif check and not dry_run and in_memory:
+    elif o.check and not o.dry_run and in_memory:
         checked["output"] = checker_problem(proto)
     return proto, report, source
 
 
 def fold(
-    model: ModelLike,
-    output: PathLike | None = None,
-    *,
-    dry_run: bool = False,
-    lower_standalone: bool = False,
-    external_data: bool | None = None,
-    in_place: bool = False,
-    strict: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-    check: bool = False,
+    model: ModelLike, output: PathLike | None = None, options: FoldOptions | None = None, **overrides: Any
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every inference BatchNormalization of ``model`` that can fold without changing meaning.
 
     ``model`` is a path or an ``onnx.ModelProto`` (never modified: the fold works on a copy). With
-    ``output``, the folded model is also written there atomically; ``external_data`` forces (True)
-    or forbids (False) an external data file beside it (default: as the input had, or when over
-    2 GB). ``lower_standalone`` turns BNs that fold nowhere into Mul+Add; ``strict`` leaves a BN
-    whose fold has a hazard (see :mod:`bnfold.fold.safety`) with that hazard as its reason;
-    ``affine=False`` leaves per-channel Mul/Add chains without a BN alone; ``reparameterize=False``
-    leaves the identity-branch BNs of RepVGG-style blocks. ``check`` runs
-    ``onnx.checker.check_model(full_check=True)`` on the input and the result, and reports both in
-    ``report.checker``. Returns the folded model,
-    with its weights in memory (or in the external data file it was written with), and a
+    ``output``, the folded model is also written there atomically. ``options`` is a
+    :class:`FoldOptions` (default: its defaults); keyword arguments named as its fields
+    (``strict=True``, ``external_data=False``, ...) override it. Returns the folded model, with its
+    weights in memory (or in the external data file it was written with), and a
     :class:`FoldReport` naming each folded BN and giving a reason for each BN left alone.
     For large models, :func:`fold_file` does the same without holding the weights in memory.
     """
-    proto, report, _source = _fold(
-        model,
-        output,
-        dry_run,
-        lower_standalone,
-        external_data,
-        in_place,
-        in_memory=True,
-        strict=strict,
-        affine=affine,
-        reparameterize=reparameterize,
-        check=check,
-    )
-    if output is None and not dry_run:
+    o = FoldOptions.of(options, **overrides)
+    proto, report, _source = _fold(model, output, o, in_memory=True)
+    if output is None and not o.dry_run:
         report.after.bytes = proto.ByteSize() + sum(
             int(loc.get("length", 0) or 0) for t in initializers(proto) if (loc := external_location(t))
         )
@@ -177,36 +152,17 @@ def fold(
 
 
 def fold_file(
-    model: PathLike,
-    output: PathLike | None = None,
-    *,
-    dry_run: bool = False,
-    lower_standalone: bool = False,
-    external_data: bool | None = None,
-    in_place: bool = False,
-    strict: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-    check: bool = False,
+    model: PathLike, output: PathLike | None = None, options: FoldOptions | None = None, **overrides: Any
 ) -> FoldReport:
-    """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it),
-    streaming: weights are read from their files only where they change, and written one at a time.
-    Options as for :func:`fold`. Returns the :class:`FoldReport`."""
+    """Fold the model file ``model`` into ``output`` (default: ``MODEL_folded.onnx`` beside it, or
+    ``model`` itself with ``in_place``), streaming: weights are read from their files only where
+    they change, and written one at a time. Options as for :func:`fold`. Returns the
+    :class:`FoldReport`."""
+    o = FoldOptions.of(options, **overrides)
     path = Path(model)
     if output is None:
-        output = path if in_place else default_output(path)
-    return _fold(
-        path,
-        None if dry_run else output,
-        dry_run,
-        lower_standalone,
-        external_data,
-        in_place,
-        strict=strict,
-        affine=affine,
-        reparameterize=reparameterize,
-        check=check,
-    )[1]
+        output = path if o.in_place else default_output(path)
+    return _fold(path, None if o.dry_run else output, o)[1]
 
 
 def _op_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -222,28 +178,14 @@ def _op_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[st
 
 
 @model_text()
-def inspect(
-    model: ModelLike,
-    *,
-    strict: bool = False,
-    lower_standalone: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-) -> InspectReport:
+def inspect(model: ModelLike, options: FoldOptions | None = None, **overrides: Any) -> InspectReport:
     """Facts about ``model`` and every BatchNormalization in it: its neighbours, and whether it
-    folds (and how) or why not, and the hazards of the folds: the decisions ``fold`` would take with
-    the same options, nothing written."""
+    folds (and how) or why not, and the hazards of the folds: the decisions :func:`fold` would take
+    with the same options (a :class:`FoldOptions`, or keywords named as its fields), nothing written."""
+    o = FoldOptions.of(options, **overrides)
     proto, path, source = _open(model)
     producers, readers = _op_types(proto)
-    with quiet_numpy(), _collector_paused():
-        plan = plan_model(
-            proto,
-            source,
-            strict=strict,
-            lower_standalone=lower_standalone,
-            affine=affine,
-            reparameterize=reparameterize,
-        )
+    plan = _plan(proto, source, o, False)
     infos = []
     for f in plan.folded:
         infos.append(BatchNormInfo(f.name, f.output, None, [], True, None, "", f"{f.into_op} {f.into}", f.direction))
@@ -275,19 +217,19 @@ def inspect(
 
 
 def _fold_one(
-    model: str, output: str, options: dict[str, Any], verify: VerifyOptions | None, keep_failed: bool
+    model: str, output: str, options: FoldOptions, verify: VerifyOptions | None, keep_failed: bool
 ) -> BatchEntry:
     """Fold (and verify) one model of a batch; never raises for a user error: the batch goes on."""
     entry = BatchEntry(model, output)
     try:
-        entry.fold = fold_file(model, output, **options)
+        entry.fold = fold_file(model, output, options)
         if entry.fold.checker_regressed:
             entry.error, entry.exit_code = (
                 "internal error: the folded model fails onnx.checker where the input passed",
                 3,
             )
             return entry
-        if verify is not None and not options.get("dry_run"):
+        if verify is not None and not options.dry_run:
             from .verification import verify as run_verify
 
             entry.verify = run_verify(model, output, _for_model(verify, model))
@@ -441,39 +383,36 @@ def _run_pool(
 
 
 def fold_many(
-    models: Sequence[str | os.PathLike[str]],
-    outdir: str | os.PathLike[str],
+    models: Sequence[PathLike],
+    outdir: PathLike,
+    options: FoldOptions | None = None,
     *,
     jobs: int = 1,
-    dry_run: bool = False,
-    lower_standalone: bool = False,
-    external_data: bool | None = None,
     verify: VerifyOptions | None = None,
     keep_failed: bool = True,
-    strict: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-    check: bool = False,
     progress: Callable[[str], None] | None = None,
+    **overrides: Any,
 ) -> BatchReport:
     """Fold each model into ``outdir`` (created if needed) under its own file name, ``jobs`` at a
-    time in worker processes; with ``verify``, check each against its original. A model that fails
+    time in worker processes; with ``verify`` (a :class:`VerifyOptions`), check each against its
+    original. Fold options as for :func:`fold` (``in_place`` does not apply). A model that fails
     does not stop the others. ``keep_failed=False`` removes outputs that fail verification.
     ``progress`` is called with each model's name as it finishes."""
+    o = FoldOptions.of(options, **overrides)
+    if o.in_place:
+        raise OptionError("in_place", "folds one model at a time; fold_many writes into a folder")
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise BnfoldError(f"{out}: exists and is not a folder; several models need a folder for their outputs")
     names = [Path(m).name for m in models]
     if len(set(names)) != len(names):
         raise BnfoldError("two input models have the same file name; they would overwrite each other in the folder")
-    if not dry_run:
+    if not o.dry_run:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BnfoldError(f"{out}: cannot create the folder ({exc.strerror})") from None
     tasks = [(str(m), str(out / Path(m).name)) for m in models]
-    given = dict(locals())
-    options = {name: given[name] for name in FOLD_OPTIONS}
     results: dict[str, BatchEntry] = {}
 
     def done(entry: BatchEntry) -> None:
@@ -482,8 +421,8 @@ def fold_many(
             progress(Path(entry.input).name)
 
     if jobs > 1 and len(tasks) > 1:
-        _run_pool(tasks, jobs, (options, verify, keep_failed), done)
+        _run_pool(tasks, jobs, (o, verify, keep_failed), done)
     else:
-        for i, o in tasks:
-            done(_fold_one(i, o, options, verify, keep_failed))
+        for model, output in tasks:
+            done(_fold_one(model, output, o, verify, keep_failed))
     return BatchReport(str(out), [results[i] for i, _ in tasks])

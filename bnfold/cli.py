@@ -8,35 +8,48 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
-from .errors import BnfoldError, Terminated, handle_termination, os_problem
-from .options import FOLD_OPTIONS, PROVIDERS, VerifyOptions
+from .errors import BnfoldError, OptionError, Terminated, handle_termination, os_problem
+from .options import PROVIDERS, FoldOptions, Options, VerifyOptions, flag_of
 from .report import FAIL, OK, WARN, Line
+
+if TYPE_CHECKING:  # the API's types; the modules themselves are imported when a command runs
+    from .report import BatchReport, FoldReport, InspectReport, VerifyReport
 
 # The API (onnx, numpy) is imported when a command runs, not at start-up: shell completion stays fast.
 
 
-def fold_file(*args: Any, **kwargs: Any) -> Any:
+def fold_file(model: Path, output: Path, options: FoldOptions) -> FoldReport:
     from .api import fold_file as run
 
-    return run(*args, **kwargs)
+    return run(model, output, options)
 
 
-def fold_many(*args: Any, **kwargs: Any) -> Any:
+def fold_many(
+    models: list[Path],
+    outdir: Path,
+    options: FoldOptions,
+    verify: VerifyOptions | None,
+    keep_failed: bool,
+    jobs: int,
+    progress: Callable[[str], None],
+) -> BatchReport:
     from .api import fold_many as run
 
-    return run(*args, **kwargs)
+    return run(models, outdir, options, jobs=jobs, verify=verify, keep_failed=keep_failed, progress=progress)
 
 
-def inspect_model(*args: Any, **kwargs: Any) -> Any:
+def inspect_model(model: Path, options: FoldOptions) -> InspectReport:
     from .api import inspect as run
 
-    return run(*args, **kwargs)
+    return run(model, options)
 
 
 def default_output(path: Path) -> Path:
@@ -115,6 +128,8 @@ class BnfoldGroup(click.Group):
         except Terminated:
             click.echo("Terminated: nothing half-written was left behind.", err=True)
             ctx.exit(143)
+        except OptionError as exc:  # the API names its parameter; here the flag that sets it
+            raise UserError(exc.named(cli_flag(exc.option))) from None
         except BnfoldError as exc:
             raise UserError(str(exc)) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -147,118 +162,77 @@ def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
-def _verify_options(o: dict[str, Any]) -> VerifyOptions:
+def _sizes(values: Sequence[str], flag: str, parse: Callable[[str], Any]) -> dict[str, Any]:
     try:
-        dims = {k: int(v) for k, v in _pairs(o["dim"], "--dim").items()}
-        shapes = {k: [int(d) for d in v.split(",")] for k, v in _pairs(o["input_shape"], "--input-shape").items()}
+        return {k: parse(v) for k, v in _pairs(values, flag).items()}
     except ValueError:
-        raise click.BadParameter("sizes must be integers", param_hint="--dim/--input-shape") from None
-    return VerifyOptions(
-        providers=tuple(p for p in o["providers"].split(",") if p.strip()),
-        rtol=o["rtol"],
-        atol=o["atol"],
-        samples=o["samples"],
-        seed=o["seed"],
-        dims=dims,
-        input_shapes=shapes,
-        inputs=tuple(o["inputs"]) or None,
-        max_input_bytes=o["max_input_bytes"],
-        baseline=o["baseline"],
-        save_inputs=o["save_inputs"],
-        save_outputs=o["save_outputs"],
-        per_layer=o["per_layer"],
-        graph_optimization=o["graph_optimization"],
-        allow_tf32=o["allow_tf32"],
-    )
+        raise click.BadParameter("sizes must be integers", param_hint=flag) from None
 
 
-_DEFAULTS = VerifyOptions()
-AFFINE = click.option(
-    "--affine/--no-affine",
-    default=True,
-    show_default=True,
-    help="Also fold per-channel Mul/Add/Sub/Div by constants that follow a layer, without a BN.",
-)
-REPARAMETERIZE = click.option(
-    "--reparameterize/--no-reparameterize",
-    default=True,
-    show_default=True,
-    help="Fold the identity-branch BN of RepVGG/MobileOne blocks into a sibling Conv, where exact.",
-)
-STRICT = click.option(
-    "--strict", is_flag=True, help="Refuse every fold with a hazard (the BN stays, the hazard its reason)."
-)
-VERIFY_OPTIONS = [
-    click.option(
-        "--providers",
-        default=",".join(_DEFAULTS.providers),
-        show_default=True,
-        shell_complete=_complete_providers,
-        help="Comma-separated: cpu, cuda.",
-    ),
-    click.option(
-        "--rtol",
-        type=float,
-        default=None,
-        help="Judge elementwise with this relative tolerance (instead of the scaled error).",
-    ),
-    click.option(
-        "--atol",
-        type=float,
-        default=None,
-        help="Judge elementwise with this absolute tolerance (instead of the scaled error).",
-    ),
-    click.option(
-        "--baseline/--no-baseline",
-        default=_DEFAULTS.baseline,
-        show_default=True,
-        help="Also run onnxruntime's own BN fusion of the original: the noise floor the bound adapts to.",
-    ),
-    click.option("--save-inputs", type=click.Path(), default=None, help="Write the inputs used (.npz)."),
-    click.option("--save-outputs", type=click.Path(), default=None, help="Write every output compared (.npz)."),
-    click.option(
-        "--samples",
-        type=click.IntRange(min=1),
-        default=_DEFAULTS.samples,
-        show_default=True,
-        help="Random input samples to compare.",
-    ),
-    click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the random inputs."),
-    click.option(
-        "--dim", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dimension (default 1). Repeatable."
-    ),
-    click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Full shape of one input. Repeatable."),
-    click.option(
-        "--inputs",
-        type=click.Path(dir_okay=False),
-        multiple=True,
-        help="Use these arrays (.npz keyed by input name; a leading axis holds several samples). Repeatable.",
-    ),
-    click.option(
-        "--max-input-bytes",
-        type=click.IntRange(min=1),
-        default=_DEFAULTS.max_input_bytes,
-        show_default=True,
-        help="Refuse inputs larger than this (one synthesized sample, or all --inputs arrays).",
-    ),
-    click.option(
-        "--per-layer", is_flag=True, help="Also compare every BatchNormalization output; name the first that diverges."
-    ),
-    click.option(
-        "--graph-optimization",
-        type=click.Choice(["disable", "basic", "extended", "all"]),
-        default="disable",
-        show_default=True,
-        help="onnxruntime optimization level for the candidate (the reference always runs with none).",
-    ),
-    click.option("--allow-tf32", is_flag=True, help="On CUDA, allow TF32 math (tolerances widened to match)."),
-]
+# What the command line gives for a field, as the field takes it (the others are taken as they come).
+FROM_CLI: dict[str, Callable[[Any], Any]] = {
+    "dims": lambda v: _sizes(v, "--dim", int),
+    "input_shapes": lambda v: _sizes(v, "--input-shape", lambda d: [int(x) for x in d.split(",")]),
+    "inputs": lambda v: tuple(v) or None,
+}
+KINDS: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "path": click.Path(),
+    "file": click.Path(dir_okay=False),
+}
 
 
-def verify_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(VERIFY_OPTIONS):
-        f = option(f)
-    return f
+def _flag(f: Field[Any], help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of an options field, from its declaration (bnfold.options.option)."""
+    spec = dict(f.metadata["cli"])
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    kw: dict[str, Any] = {"help": help or f.metadata["help"]}
+    kind, choices = spec.get("kind"), spec.get("choices")
+    if spec.get("multiple"):
+        kw.update(multiple=True, metavar=spec.get("metavar"), type=KINDS.get(kind or "str"))
+    elif kind is None and choices is None:  # a boolean: a flag, or a --x/--no-x pair
+        kw.update({"default": default, "show_default": True} if "/" in spec.get("flag", "") else {"is_flag": True})
+    else:
+        if choices:
+            kw["type"] = click.Choice(choices)
+        else:
+            kw["type"] = click.IntRange(min=spec["min"]) if "min" in spec else KINDS[str(kind)]
+        kw["default"] = spec.get("default_text", default)
+        kw["show_default"] = default is not None
+    if spec.get("complete") == "providers":
+        kw["shell_complete"] = _complete_providers
+    return click.option(spec.get("flag") or flag_of(f), f.name, **kw)
+
+
+def options_of(cls: type[Any], *names: str, **helps: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command with the flags of ``cls``'s fields (``names``, or all), in order; ``helps``
+    replaces a field's help text where a command means it differently."""
+    by_name = {f.name: f for f in fields(cls)}
+    chosen = [by_name[name] for name in names] if names else list(by_name.values())
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(chosen):
+            command = _flag(f, helps.get(f.name))(command)
+        return command
+
+    return decorate
+
+
+def _take(cls: type[Options], values: dict[str, Any]) -> Options:
+    """The options ``cls`` given on the command line: its fields are taken out of ``values``."""
+    given = {f.name: values.pop(f.name) for f in fields(cls) if f.name in values}
+    return cls(**{name: FROM_CLI.get(name, lambda v: v)(value) for name, value in given.items()})
+
+
+def cli_flag(option: str) -> str:
+    """The flag that sets an API option (a field of FoldOptions or VerifyOptions)."""
+    for cls in (FoldOptions, VerifyOptions):
+        for f in fields(cls):
+            if f.name == option:
+                return flag_of(f)
+    return "--" + option.replace("_", "-")
 
 
 class _Progress:
@@ -293,7 +267,7 @@ def _progress(length: int, label: str) -> _Progress:
     return _Progress(length, label)
 
 
-def _run_verify(original: Path, candidate: Path, options: VerifyOptions) -> Any:
+def _run_verify(original: Path, candidate: Path, options: VerifyOptions) -> VerifyReport:
     from .verification import verify  # imports onnxruntime: only when a command verifies
 
     with _progress(options.samples, "verifying") as bar:
@@ -342,23 +316,17 @@ def _dump(doc: Any) -> None:
 def _batch(
     models: list[Path],
     outdir: Path,
-    jobs: int,
-    options: dict[str, Any],
+    options: FoldOptions,
     verify: VerifyOptions | None,
     keep_failed: bool,
+    jobs: int,
     as_json: bool,
     quiet: bool,
 ) -> int:
+    if options.in_place:
+        raise UserError("--in-place folds one model at a time")
     with _progress(len(models), "folding") as bar:
-        report = fold_many(
-            models,
-            outdir,
-            jobs=jobs,
-            verify=verify,
-            keep_failed=keep_failed,
-            progress=lambda name: bar.update(1, name),
-            **options,
-        )
+        report = fold_many(models, outdir, options, verify, keep_failed, jobs, lambda name: bar.update(1, name))
     if as_json:
         click.echo(report.to_json())
     elif not quiet:
@@ -370,6 +338,43 @@ def _batch(
     return code
 
 
+def _verification(
+    ctx: click.Context, values: dict[str, Any], do_verify: bool, fold: FoldOptions
+) -> VerifyOptions | None:
+    """The verification fold --verify asks for (None without it: its flags are then refused)."""
+    given = [
+        f for f in fields(VerifyOptions) if ctx.get_parameter_source(f.name) not in (ParameterSource.DEFAULT, None)
+    ]
+    keep = ctx.get_parameter_source("keep_failed") not in (ParameterSource.DEFAULT, None)
+    if (given or keep) and not do_verify:
+        flags = ", ".join([flag_of(f) for f in given] + (["--keep-failed/--remove-failed"] if keep else []))
+        raise UserError(f"{flags} only applies with --verify")
+    verify = _take(VerifyOptions, values)
+    if not do_verify or fold.dry_run:
+        return None
+    if fold.in_place:
+        raise UserError("--verify needs the original: it cannot be combined with --in-place")
+    _check_providers(verify)  # before anything is written
+    return verify
+
+
+def _fold_and_verify(
+    model: Path, output: Path | None, options: FoldOptions, verify: VerifyOptions | None, keep_failed: bool
+) -> tuple[FoldReport, VerifyReport | None]:
+    out_path = output or (model if options.in_place else default_output(model))
+    if verify is not None:
+        _check_save_paths(verify, model, out_path)  # before anything is written
+    report = fold_file(model, out_path, options)
+    result = None
+    if verify is not None:
+        result = _run_verify(model, out_path, verify)
+        if not result and not keep_failed:
+            from .api import remove_output
+
+            remove_output(out_path)
+    return report, result
+
+
 @cli.command(short_help="Fold BatchNormalization into the layers next to it.")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -379,25 +384,7 @@ def _batch(
     default=None,
     help="Output file; with several MODELS (or an existing folder, or a path ending in /), a folder.",
 )
-@click.option("--dry-run", is_flag=True, help="Decide and report, write nothing.")
-@click.option(
-    "--lower-standalone", is_flag=True, help="Turn BNs that can fold nowhere into Mul + Add by per-channel constants."
-)
-@click.option(
-    "--external-data/--no-external-data",
-    default=None,
-    help="Write weights to OUT.data beside the output, or inline (default: as the input, or external over 2 GB).",
-)
-@click.option("--in-place", is_flag=True, help="Allow the output to replace MODEL (still written atomically).")
-@STRICT
-@AFFINE
-@REPARAMETERIZE
-@click.option(
-    "--check",
-    is_flag=True,
-    help="Run onnx.checker (full_check) on the input and the output, and report both (costs about a "
-    "quarter of a fold).",
-)
+@options_of(FoldOptions)
 @click.option(
     "-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel (batch)."
 )
@@ -412,27 +399,19 @@ def _batch(
     show_default=True,
     help="With --verify: keep or remove an output that fails verification.",
 )
-@verify_options
+@options_of(VerifyOptions)
 @click.pass_context
 def fold(
     ctx: click.Context,
     /,
     models: list[Path],
     output: Path | None,
-    dry_run: bool,
-    lower_standalone: bool,
-    external_data: bool | None,
-    in_place: bool,
-    strict: bool,
-    affine: bool,
-    reparameterize: bool,
-    check: bool,
     jobs: int,
     as_json: bool,
     quiet: bool,
     do_verify: bool,
     keep_failed: bool,
-    **verify_opts: Any,
+    **values: Any,
 ) -> None:
     """Fold every inference BatchNormalization of MODEL that can fold without changing meaning.
 
@@ -443,42 +422,16 @@ def fold(
     Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
     3 internal error.
     """
-    params = dict(locals())  # the fold options among them go to the API as they are
-    given = [
-        k
-        for k in [*verify_opts, "keep_failed"]
-        if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)
-    ]
-    if given and not do_verify:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UserError(f"{flags} only applies with --verify")
-    verify = _verify_options(verify_opts) if do_verify and not dry_run else None
-    if verify is not None:
-        if in_place:
-            raise UserError("--verify needs the original: it cannot be combined with --in-place")
-        _check_providers(verify)  # before anything is written
-    options: dict[str, Any] = {name: value for name, value in params.items() if name in FOLD_OPTIONS}
+    options = _take(FoldOptions, values)
+    verify = _verification(ctx, values, do_verify, options)
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
     if batch:
         if output is None:
             raise UserError("several models need -o FOLDER for their outputs")
         if output.exists() and not output.is_dir():
             raise UserError(f"-o {output}: several models need a folder, and this is a file")
-        if in_place:
-            raise UserError("--in-place folds one model at a time")
-        sys.exit(_batch(list(models), output, jobs, options, verify, keep_failed, as_json, quiet))
-    model = models[0]
-    out_path = output or (model if in_place else default_output(model))
-    if verify is not None:
-        _check_save_paths(verify, model, out_path)  # before anything is written
-    report = fold_file(model, out_path, in_place=in_place, **options)
-    result = None
-    if verify is not None:
-        result = _run_verify(model, out_path, verify)
-        if not result and not keep_failed:
-            from .api import remove_output
-
-            remove_output(out_path)
+        sys.exit(_batch(list(models), output, options, verify, keep_failed, jobs, as_json, quiet))
+    report, result = _fold_and_verify(models[0], output, options, verify, keep_failed)
     if as_json:
         _dump(report.to_dict() if result is None else {"fold": report.to_dict(), "verify": result.to_dict()})
     elif not quiet:
@@ -509,19 +462,19 @@ def _check_providers(options: VerifyOptions) -> None:
 @cli.command(short_help="Show every BatchNormalization of a model: folds how, or stays why.")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
-@STRICT
-@AFFINE
-@REPARAMETERIZE
-@click.option("--lower-standalone", is_flag=True, help="Decide as fold --lower-standalone would.")
-def inspect(
-    model: Path, as_json: bool, strict: bool, affine: bool, reparameterize: bool, lower_standalone: bool
-) -> None:
+@options_of(
+    FoldOptions,
+    "strict",
+    "affine",
+    "reparameterize",
+    "lower_standalone",
+    lower_standalone="Decide as fold --lower-standalone would.",
+)
+def inspect(model: Path, as_json: bool, **values: Any) -> None:
     """Show MODEL's facts and every BatchNormalization in it: its neighbours, and whether it folds
     (and how) or why not, and the hazards of the folds. The decisions are exactly those `bnfold fold`
     takes with the same options; nothing is written."""
-    report = inspect_model(
-        model, strict=strict, lower_standalone=lower_standalone, affine=affine, reparameterize=reparameterize
-    )
+    report = inspect_model(model, _take(FoldOptions, values))
     if as_json:
         click.echo(report.to_json())
     else:
@@ -533,15 +486,15 @@ def inspect(
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells.")
-@verify_options
-def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **verify_opts: Any) -> None:
+@options_of(VerifyOptions)
+def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **values: Any) -> None:
     """Check that CANDIDATE computes what ORIGINAL computes, through onnxruntime.
 
     ORIGINAL runs on the CPU with every graph optimization off; CANDIDATE runs on each provider.
     Outputs are matched by name. Exit codes: 0 equivalent within tolerance, 1 not equivalent,
     2 bad input, usage, or a provider that is not available.
     """
-    result = _run_verify(original, candidate, _verify_options(verify_opts))
+    result = _run_verify(original, candidate, _take(VerifyOptions, values))
     if as_json:
         click.echo(result.to_json())
     elif not quiet:

@@ -16,6 +16,19 @@ def os_problem(exc: OSError) -> str:
     return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
+class OptionError(BnfoldError):
+    """An option's value is refused. ``option`` is the API's name of it (a field of FoldOptions or
+    VerifyOptions, a keyword argument); the CLI says its flag instead (:meth:`named`)."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option}: {problem}")
+        self.option, self.problem = option, problem
+
+    def named(self, name: str) -> str:
+        """The message with the option called ``name`` (a CLI flag)."""
+        return f"{name}: {self.problem}"
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: raised like KeyboardInterrupt, so that every cleanup on the way runs."""
 

@@ -85,7 +85,7 @@ def apply(model: onnx.ModelProto, plan: FoldPlan, store: TensorStore) -> None:
     """Rewrite ``model`` in place as ``plan`` (made by ``plan_model`` for this model) decided."""
     env = plan.env
     if env is None or env.taken.model is not model or env.store is not store:
-        env = model_env(model, store, False)  # a plan made for a copy, or with another store
+        env = model_env(model, store)  # a plan made for a copy, or with another store
     _apply_graph(model.graph, plan.main, env, TypeLookup(model), None, model.ir_version < 4, env.opset)
     for fn, fn_plan in zip(model.functions, plan.functions, strict=False):
         _apply_function(fn, fn_plan, env)

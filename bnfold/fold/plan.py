@@ -16,6 +16,7 @@ import onnx
 
 from ..constants import Constants
 from ..graph import GraphIndex, TensorStore
+from ..options import FoldOptions
 from ..proto import ONNX_DOMAINS, model_names, node_label, opset_of, subgraphs
 from ..report import Code, FoldedBN, LeftBN, Reason
 from ..shapes import TypeLookup
@@ -92,10 +93,23 @@ class Env:
     store: TensorStore
     opset: int
     taken: ModelNames
-    lower_standalone: bool
-    strict: bool = False
-    affine: bool = True
-    reparameterize: bool = True
+    options: FoldOptions = field(default_factory=FoldOptions)
+
+    @property
+    def strict(self) -> bool:
+        return self.options.strict
+
+    @property
+    def affine(self) -> bool:
+        return self.options.affine
+
+    @property
+    def reparameterize(self) -> bool:
+        return self.options.reparameterize
+
+    @property
+    def lower_standalone(self) -> bool:
+        return self.options.lower_standalone
 
 
 def make_scope(
@@ -348,30 +362,16 @@ def function_graph(fn: onnx.FunctionProto) -> tuple[onnx.GraphProto, TypeLookup,
     return graph, TypeLookup(onnx.helper.make_model(graph, opset_imports=imports)), opset
 
 
-def model_env(
-    model: onnx.ModelProto,
-    store: TensorStore,
-    lower_standalone: bool,
-    strict: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-) -> Env:
-    return Env(store, opset_of(model), ModelNames(model), lower_standalone, strict, affine, reparameterize)
+def model_env(model: onnx.ModelProto, store: TensorStore, options: FoldOptions | None = None) -> Env:
+    return Env(store, opset_of(model), ModelNames(model), options or FoldOptions())
 
 
-def plan_model(
-    model: onnx.ModelProto,
-    store: TensorStore,
-    *,
-    lower_standalone: bool = False,
-    strict: bool = False,
-    affine: bool = True,
-    reparameterize: bool = True,
-) -> FoldPlan:
-    """Every decision for ``model``, which is not modified. ``strict`` refuses folds with hazards;
-    ``affine`` folds per-channel Mul/Add/Sub/Div chains that hold no BN; ``reparameterize`` folds
-    the identity-branch BN of RepVGG-style blocks into a sibling Conv."""
-    env = model_env(model, store, lower_standalone, strict, affine, reparameterize)
+def plan_model(model: onnx.ModelProto, store: TensorStore, options: FoldOptions | None = None) -> FoldPlan:
+    """Every decision for ``model``, which is not modified, with ``options`` (:class:`FoldOptions`:
+    ``strict`` refuses folds with hazards, ``affine`` folds per-channel Mul/Add/Sub/Div chains that
+    hold no BN, ``reparameterize`` folds the identity-branch BN of RepVGG-style blocks into a sibling
+    Conv, ``lower_standalone`` turns the BNs left into Mul+Add; the others are not the plan's)."""
+    env = model_env(model, store, options)
     notes = _Notes()
     types = TypeLookup(model)
     main_scope = make_scope(model.graph, env, types, None, lists_initializers=model.ir_version < 4, where="main graph")

@@ -64,7 +64,7 @@ def _check_budget(path: Path, nbytes: float, budget: int) -> None:
     if nbytes > budget:
         raise BnfoldError(
             f"{path}: its arrays would take {nbytes / 2**20:,.0f} MiB, over the {budget / 2**20:,.0f} MiB allowed; "
-            "raise the limit with --max-input-bytes"
+            "raise max_input_bytes (--max-input-bytes)"
         )
 
 

@@ -25,7 +25,7 @@ from ..errors import BnfoldError, enough_memory, model_text
 from ..io.arrays import write_npz
 from ..io.load import ModelLike, open_model
 from ..io.save import check_destination
-from ..options import PROVIDERS, InputsLike, VerifyOptions
+from ..options import PROVIDERS, VerifyOptions
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
 from ..shapes import inconsistency
@@ -46,7 +46,7 @@ __all__ = [
     "verify",
 ]
 
-MEMORY_HINT = "use smaller sizes for the dynamic dimensions (--dim, --input-shape) or fewer --samples"
+MEMORY_HINT = "use smaller dynamic dimensions (dims, input_shapes: --dim, --input-shape) or fewer samples"
 
 
 def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set[Path]]:
@@ -127,55 +127,26 @@ def _run(sess: Any, feeds: dict[str, np.ndarray], which: str) -> list[np.ndarray
 
 
 @model_text()
-@enough_memory("to verify", "use smaller sizes for the dynamic dimensions (--dim, --input-shape) or fewer --samples")
+@enough_memory("to verify", MEMORY_HINT)
 def verify(
     original: ModelLike,
     candidate: ModelLike,
     options: VerifyOptions | None = None,
     *,
-    providers: Sequence[str] | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int | None = None,
-    seed: int | None = None,
-    dims: Mapping[str, int] | None = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    inputs: InputsLike = None,
-    per_layer: bool | None = None,
-    graph_optimization: str | None = None,
-    allow_tf32: bool | None = None,
-    max_input_bytes: int | None = None,
-    baseline: bool | None = None,
-    save_inputs: str | os.PathLike[str] | None = None,
-    save_outputs: str | os.PathLike[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    **overrides: Any,
 ) -> VerifyReport:
     """Run ``original`` (CPU, optimizations off) and ``candidate`` (each provider) on the same inputs
     and compare every output by name. Returns a :class:`VerifyReport`, true when equivalent.
 
-    Options come from ``options`` (default :class:`VerifyOptions`), overridden by the keyword
-    arguments given. ``per_layer`` also compares every BatchNormalization output of the original
-    (names survive folding) and names the first that diverges. ``progress`` is called with the
-    number of samples done after each one. User errors raise :class:`bnfold.BnfoldError`.
+    Options come from ``options`` (default :class:`VerifyOptions`), overridden by keyword arguments
+    named as its fields (``samples=5``, ``per_layer=True``, ...). ``per_layer`` also compares every
+    BatchNormalization output of the original (names survive folding) and names the first that
+    diverges. ``progress`` is called with the number of samples done after each one. User errors
+    raise :class:`bnfold.BnfoldError` (:class:`bnfold.errors.OptionError` for an option's value,
+    naming the option).
     """
-    o = VerifyOptions.of(
-        options,
-        providers=providers if providers is None or isinstance(providers, str) else tuple(providers),
-        rtol=rtol,
-        atol=atol,
-        samples=samples,
-        seed=seed,
-        dims=dims,
-        input_shapes=input_shapes,
-        inputs=inputs,
-        per_layer=per_layer,
-        graph_optimization=graph_optimization,
-        allow_tf32=allow_tf32,
-        max_input_bytes=max_input_bytes,
-        baseline=baseline,
-        save_inputs=save_inputs,
-        save_outputs=save_outputs,
-    )
+    o = VerifyOptions.of(options, **overrides)
     provider_names = check_providers(o.providers)
     ref_model, ref_path, ref_files = _proto_and_path(original)
     cand_model, cand_path, cand_files = _proto_and_path(candidate)
@@ -293,7 +264,7 @@ def verify(
                 f"nothing was compared for {names}: every value is inf or NaN in both models "
                 "(an uncalibrated network, or inputs outside its range?)"
             )
-        raise BnfoldError(f"nothing was compared for {names} (no elements): check the input shapes and --dim")
+        raise BnfoldError(f"nothing was compared for {names} (no elements): check the input shapes and dims (--dim)")
     judge_outputs(
         report.outputs, [compare.scaled_error(floors[s.name]) if s.name in floors else None for s in report.outputs]
     )

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import BnfoldError
+from ..errors import BnfoldError, OptionError
 from ..io.arrays import read_npz
 from ..proto import np_dtype
 
@@ -56,7 +56,7 @@ def random_input(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ..
         return rng.integers(0, 3, size=shape).astype(dtype)  # small values are valid indices, counts, axes
     if dtype.kind == "f" or dtype.name == "bfloat16":
         return rng.standard_normal(shape).astype(np.float32).astype(dtype)
-    raise BnfoldError(f"cannot synthesize inputs of type {dtype}: pass them with --inputs FILE.npz")
+    raise BnfoldError(f"cannot synthesize inputs of type {dtype}: give them as inputs (--inputs FILE.npz)")
 
 
 def _nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
@@ -67,7 +67,7 @@ def check_budget(what: str, nbytes: float, budget: int) -> None:
     if nbytes > budget:
         raise BnfoldError(
             f"{what} would take {nbytes / 2**20:,.0f} MiB, over the {budget / 2**20:,.0f} MiB allowed; "
-            "check the shapes, or raise the limit with --max-input-bytes"
+            "check the shapes, or raise max_input_bytes (--max-input-bytes)"
         )
 
 
@@ -83,21 +83,21 @@ def synthesized(
     specs = input_specs(model)
     unknown = sorted(set(shapes) - {n for n, _, _ in specs})
     if unknown:
-        raise BnfoldError(f"--input-shape names {', '.join(unknown)}, which the model does not take as input(s)")
+        raise OptionError("input_shapes", f"names {', '.join(unknown)}, which the model does not take as input(s)")
     dynamic = {d for _, _, dims in specs for d in dims if isinstance(d, str)}
     extra = sorted(set(dim_sizes) - dynamic)
     if extra:
         known = ", ".join(sorted(dynamic)) or "none"
-        raise BnfoldError(f"--dim names {', '.join(extra)}, not a dynamic dimension of the model (it has: {known})")
+        raise OptionError("dims", f"names {', '.join(extra)}, not a dynamic dimension of the model (it has: {known})")
     resolved = []
     for name, dtype, dims in specs:
         shape = resolve_shape(name, dims, dim_sizes, shapes)
         if name in shapes and len(shape) != len(dims) and dims:
-            raise BnfoldError(f"--input-shape {name}: {len(shape)} dimension(s), but the input has rank {len(dims)}")
+            raise OptionError("input_shapes", f"{name}: {len(shape)} dimension(s), but the input has rank {len(dims)}")
         static = [(k, d) for k, d in enumerate(dims) if isinstance(d, int) and d > 0]
         wrong = [k for k, d in static if k < len(shape) and shape[k] != d]
         if wrong:
-            raise BnfoldError(f"--input-shape {name}={','.join(map(str, shape))} contradicts its static shape {dims}")
+            raise OptionError("input_shapes", f"{name}={','.join(map(str, shape))} contradicts its static shape {dims}")
         resolved.append((name, dtype, shape))
     check_budget("one sample of inputs", sum(_nbytes(dt, sh) for _, dt, sh in resolved), budget)
     rng = np.random.default_rng(seed)
