@@ -593,7 +593,7 @@ def test_a_file_limit_is_one_line(tmp_path, demo_pair):
 
 
 def test_memory_running_out_in_verify_is_one_line_with_a_hint(demo_pair, monkeypatch):
-    import bnfold.verification as verification
+    import bnfold.verification.stages as verification
 
     def no_memory(*args, **kwargs):
         raise MemoryError()

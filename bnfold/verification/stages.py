@@ -1,0 +1,314 @@
+"""verify as stages, each a function of its own: :func:`prepare` (load, screen, decide what is
+compared and how), :func:`run` (the sessions, sample by sample), :func:`judge` (the criteria), and
+:func:`save` (the arrays asked for)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import BnfoldError
+from ..io.arrays import write_npz
+from ..io.load import ModelLike, open_model
+from ..io.save import check_destination
+from ..options import PROVIDERS, VerifyOptions
+from ..proto import is_batchnorm
+from ..report import ErrorStats, VerifyReport
+from ..shapes import inconsistency
+from . import compare
+from .compare import accumulate, judge_layers, judge_outputs, new_stats
+from .inputs import given_samples, load_inputs, synthesized
+from .sessions import check_providers, make_session, session_source
+
+MEMORY_HINT = "use smaller dynamic dimensions (dims, input_shapes: --dim, --input-shape) or fewer samples"
+
+
+@dataclass
+class Prepared:
+    """What is compared and how, decided before anything runs."""
+
+    options: VerifyOptions
+    providers: list[str]  # onnxruntime's names
+    reference: onnx.ModelProto  # the original, with the BN outputs compared per layer declared as outputs
+    original: onnx.ModelProto  # the original as written (onnxruntime's own fusion of it is the floor)
+    original_path: Path | None
+    candidate: onnx.ModelProto
+    candidate_path: Path | None
+    outputs: list[str]  # the original's outputs, compared by name
+    layers: list[str]  # BN outputs compared with per_layer
+    report: VerifyReport
+
+
+@dataclass
+class Tally:
+    """What the runs gathered."""
+
+    stats: dict[tuple[str, str], ErrorStats] = field(default_factory=dict)  # (output, provider)
+    floors: dict[str, ErrorStats] = field(default_factory=dict)  # onnxruntime's fusion against the reference
+    held: set[str] = field(default_factory=set)  # outputs whose reference held values, finite or not
+    inputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # kept for save_inputs
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # kept for save_outputs
+
+
+# -- prepare -------------------------------------------------------------------------------------
+
+
+def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set[Path]]:
+    """The model, its path, and the resolved paths of its file and data files (never overwritten)."""
+    if isinstance(model, onnx.ModelProto):
+        return model, None, set()
+    proto, source = open_model(model)
+    path = Path(model)
+    return proto, path, {path.resolve()} | source.files()
+
+
+def check_save_paths(options: VerifyOptions, protected: Iterable[Path]) -> None:
+    """Refuse, before anything runs, save_inputs/save_outputs paths that would overwrite a model or
+    its data (``protected``), each other, a folder or something that is not a regular file."""
+    protected = set(protected)
+    saved = (("the saved inputs", options.save_inputs), ("the saved outputs", options.save_outputs))
+    paths = [(what, Path(p)) for what, p in saved if p]
+    for what, path in paths:
+        check_destination(path, protected, what)
+    if len(paths) == 2 and paths[0][1].resolve() == paths[1][1].resolve():
+        raise BnfoldError(f"{paths[0][1]}: the saved inputs and the saved outputs would go to the same file")
+
+
+def _bn_outputs(model: onnx.ModelProto) -> list[str]:
+    return [n.output[0] for n in model.graph.node if is_batchnorm(n)]
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str], types: Mapping[str, int]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 0), None))
+    return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference only names the dtypes of extra outputs; onnxruntime fills them in
+        inferred = model
+    g = inferred.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.output) + list(g.input)}
+
+
+def _layers(ref: onnx.ModelProto, cand: onnx.ModelProto, cand_path: Path | None, outputs: set[str]) -> list[str]:
+    """The BN outputs compared per layer: those both models compute and that are not outputs already.
+    The candidate must load as written first (with more outputs declared it may load where it does
+    not: an output's declared type replaces a stale value_info entry)."""
+    with ExitStack() as stack:
+        make_session(session_source(cand, cand_path, False, stack))
+    # A BN folded backward or lowered leaves no tensor of its own name: only names both have count.
+    produced = {name for n in cand.graph.node for name in n.output}
+    return [n for n in _bn_outputs(ref) if n in produced and n not in outputs]
+
+
+def _new_report(o: VerifyOptions, providers: list[str]) -> VerifyReport:
+    uses_cuda = "CUDAExecutionProvider" in providers
+    report = VerifyReport(
+        passed=False,
+        providers=providers,
+        samples=0,
+        seed=o.seed,
+        rtol=o.rtol,
+        atol=o.atol,
+        graph_optimization=o.graph_optimization,
+        tf32=o.allow_tf32 if uses_cuda else None,
+        baseline=o.baseline and o.rtol is None and o.atol is None,
+    )
+    if uses_cuda:
+        report.notes.append(
+            "TF32 is allowed on CUDA: float32 thresholds widened to match"
+            if o.allow_tf32
+            else "TF32 is off on CUDA, so differences are the fold's, not the math mode's"
+        )
+    return report
+
+
+def _note_outputs(report: VerifyReport, outputs: list[str], candidate_outputs: list[str]) -> None:
+    extra = [name for name in candidate_outputs if name not in set(outputs)]
+    if extra:
+        report.notes.append(f"the candidate has outputs the original has not, not compared: {', '.join(extra)}")
+    elif candidate_outputs != outputs and set(candidate_outputs) == set(outputs):
+        report.notes.append("the candidate lists its outputs in another order (compared by name)")
+
+
+def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prepared:
+    """Load both models, refuse what onnxruntime must not see, and decide what is compared."""
+    providers = check_providers(o.providers)
+    ref_model, ref_path, ref_files = _proto_and_path(original)
+    cand_model, cand_path, cand_files = _proto_and_path(candidate)
+    check_save_paths(o, ref_files | cand_files)
+    for which, model in (("the original", ref_model), ("the candidate", cand_model)):
+        problem = inconsistency(model)  # before onnxruntime sees it: some releases crash on such graphs
+        if problem:
+            raise BnfoldError(f"{which} is not a consistent graph: {problem}")
+    outputs = [out.name for out in ref_model.graph.output]
+    layers = _layers(ref_model, cand_model, cand_path, set(outputs)) if o.per_layer else []
+    reference, compared = ref_model, cand_model
+    if layers:
+        types = _elem_types(ref_model)
+        reference, compared = _with_outputs(ref_model, layers, types), _with_outputs(cand_model, layers, types)
+    report = _new_report(o, providers)
+    _note_outputs(report, outputs, [out.name for out in cand_model.graph.output])
+    return Prepared(o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report)
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def _short(provider: str) -> str:
+    return next((k for k, v in PROVIDERS.items() if v == provider), provider)
+
+
+def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[dict[str, np.ndarray]]:
+    if o.inputs is None:
+        return synthesized(model, o.samples, o.seed, o.dims, o.input_shapes, o.max_input_bytes)
+    if isinstance(o.inputs, Mapping):
+        return given_samples(model, [{k: np.asarray(v) for k, v in o.inputs.items()}])
+    return given_samples(model, load_inputs(o.inputs, o.max_input_bytes))
+
+
+def _run(sess: Any, feeds: dict[str, np.ndarray], which: str) -> dict[str, np.ndarray]:
+    """One run, by output name; onnxruntime's refusal of these inputs is the user's to fix, not a bug here."""
+    names = {i.name for i in sess.get_inputs()}
+    try:
+        values = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "Failed to allocate memory" in first:
+            first += f"; not enough memory: {MEMORY_HINT}"
+        raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}") from None
+    return dict(zip([x.name for x in sess.get_outputs()], values, strict=False))
+
+
+@dataclass
+class _Sessions:
+    reference: Any
+    baseline: Any  # onnxruntime's own fusion of the original, or None
+    candidates: list[tuple[str, Any]]  # (provider, session)
+
+
+def _sessions(p: Prepared, stack: ExitStack) -> _Sessions:
+    o = p.options
+    ref = make_session(session_source(p.reference, p.original_path, bool(p.layers), stack))
+    base = None
+    if p.report.baseline:
+        base = make_session(session_source(p.original, p.original_path, False, stack), level="basic")
+    cands = []
+    for provider in p.providers:
+        source = session_source(p.candidate, p.candidate_path, bool(p.layers), stack)
+        cands.append((provider, make_session(source, provider, o.graph_optimization, o.allow_tf32)))
+    common = {out.name for out in ref.get_outputs()} & {out.name for out in cands[0][1].get_outputs()}
+    if not common & set(p.outputs):
+        raise BnfoldError("the two models have no output name in common: they are not two versions of one model")
+    return _Sessions(ref, base, cands)
+
+
+def _floor(tally: Tally, ref_vals: dict[str, np.ndarray], base_vals: dict[str, np.ndarray], k: int) -> None:
+    for name, value in base_vals.items():
+        if name in ref_vals:
+            floor = tally.floors.setdefault(name, new_stats(name, ref_vals[name].dtype, "floor", None, None))
+            accumulate(floor, ref_vals[name], value, k)
+
+
+def _compare(
+    p: Prepared, tally: Tally, provider: str, ref_vals: dict[str, np.ndarray], got: dict[str, np.ndarray], k: int
+) -> None:
+    o, layers = p.options, set(p.layers)
+    tf32 = o.allow_tf32 and provider == "CUDAExecutionProvider"
+    for name, value in ref_vals.items():
+        key = (name, provider)
+        if key not in tally.stats:
+            tally.stats[key] = new_stats(name, value.dtype, _short(provider), o.rtol, o.atol, tf32)
+        if name not in got:
+            tally.stats[key].missing = True
+            continue
+        accumulate(tally.stats[key], value, got[name], k, channels=name in layers)
+        if o.save_outputs:
+            tally.outputs.setdefault(f"{_short(provider)}/{name}", []).append(got[name])
+
+
+def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray], k: int) -> None:
+    ref_vals = _run(s.reference, feeds, "the original")
+    tally.held.update(name for name, value in ref_vals.items() if value.size)
+    if p.options.save_inputs:
+        tally.inputs.append(feeds)
+    if p.options.save_outputs:
+        for name, value in ref_vals.items():
+            tally.outputs.setdefault(f"reference/{name}", []).append(value)
+    if s.baseline is not None:
+        _floor(tally, ref_vals, _run(s.baseline, feeds, "the original"), k)
+    for provider, sess in s.candidates:
+        _compare(p, tally, provider, ref_vals, _run(sess, feeds, "the candidate"), k)
+
+
+def run(p: Prepared, progress: Callable[[int], None] | None = None) -> Tally:
+    """Run the reference, the baseline and the candidate on each provider, one sample at a time,
+    gathering the error statistics. ``progress`` is called with the samples done after each."""
+    tally = Tally()
+    with ExitStack() as stack:
+        sessions = _sessions(p, stack)
+        for k, feeds in enumerate(_feeds(p.reference, p.options)):
+            _sample(p, sessions, tally, feeds, k)
+            p.report.samples = k + 1
+            if progress:
+                progress(k + 1)
+    return tally
+
+
+# -- judge and save ------------------------------------------------------------------------------
+
+
+def _nothing_compared(report: VerifyReport, held: set[str]) -> None:
+    empty = [
+        s.name
+        for s in report.outputs + report.layers
+        if not s.elements and not (s.missing or s.shape_mismatch) and not s.nonfinite_mismatches
+    ]
+    if not empty:
+        return
+    names = ", ".join(sorted(set(empty)))
+    if all(name in held for name in empty):  # values, all inf or NaN, at the same places in both
+        raise BnfoldError(
+            f"nothing was compared for {names}: every value is inf or NaN in both models "
+            "(an uncalibrated network, or inputs outside its range?)"
+        )
+    raise BnfoldError(f"nothing was compared for {names} (no elements): check the input shapes and dims (--dim)")
+
+
+def judge(p: Prepared, tally: Tally) -> VerifyReport:
+    """Apply the criteria (:mod:`.compare`) to what the runs gathered; the report says the verdict."""
+    report, stats = p.report, tally.stats
+    report.outputs = [stats[(n, q)] for n in p.outputs for q in p.providers if (n, q) in stats]
+    report.layers = [stats[(n, q)] for n in p.layers for q in p.providers if (n, q) in stats]
+    _nothing_compared(report, tally.held)
+    floors = [compare.scaled_error(tally.floors[s.name]) if s.name in tally.floors else None for s in report.outputs]
+    judge_outputs(report.outputs, floors)
+    for provider in p.providers:
+        judge_layers([s for s in report.layers if s.provider == _short(provider)])
+    bad_layers = [s.name for s in report.layers if not s.passed]
+    report.first_divergent_layer = bad_layers[0] if bad_layers else None
+    report.passed = all(s.passed for s in report.outputs + report.layers)
+    return report
+
+
+def save(p: Prepared, tally: Tally) -> None:
+    """Write the inputs and outputs asked for (paths checked in :func:`prepare`), a leading axis of
+    samples, as ``inputs`` reads them back; atomically."""
+    o = p.options
+    if o.save_inputs and tally.inputs:
+        write_npz(o.save_inputs, {n: np.stack([f[n] for f in tally.inputs]) for n in tally.inputs[0]})
+    if o.save_outputs and tally.outputs:
+        write_npz(o.save_outputs, {n: np.stack(v) for n, v in tally.outputs.items()})
