@@ -18,6 +18,8 @@ from ..report import Code, Reason
 from . import forward
 from .common import Affine, Scope, check_batchnorm, left_for, rewrite_layer
 from .forward import constant_weight, constant_weights
+from .planning import Notes, Planning
+from .safety import check_bias, check_weight, scale_hazards, weight_hazards
 
 # Left-alone reasons about the producer side: only those BNs may still fold backward.
 PRODUCER_REASONS = {
@@ -191,3 +193,55 @@ def apply(scope: Scope, fold: Backward) -> list[str]:
     )
     index.remove_node(fold.bn)  # after: while it reads x, a weight or bias that is x is not written in place
     return freed
+
+
+def vet(scope: Scope, b: Backward, strict: bool, notes: Notes) -> Reason | None:
+    """Refuse a backward fold whose weight or bias is unsafe in its dtype; note its hazards."""
+    consumer = scope.index.node(b.consumer)
+    w_name = consumer.input[1]
+    w = scope.constant(w_name)
+    if w is None:
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
+    found = check_weight(w_name, w, b.how.factor(w, b.affine.s), b.how.channel_axis)
+    if isinstance(found, Reason):
+        return found
+    bias_name = consumer.input[2] if len(consumer.input) > 2 and consumer.input[2] else ""
+    old_bias = scope.constant(bias_name) if bias_name else None
+    with np.errstate(all="ignore"):
+        _, new_b = b.how.rewrite(
+            w.astype(np.float64), None if old_bias is None else old_bias.astype(np.float64), b.affine.s, b.affine.t
+        )
+    problem = check_bias(f"bias of {node_label(consumer)}", np.asarray(new_b, dtype=np.float64), w.dtype)
+    if problem is not None:
+        return problem
+    bn = node_label(scope.index.node(b.bn))
+    return notes.verdict(scale_hazards(bn, b.affine.s) + weight_hazards(bn, w_name, w.dtype, found), strict)
+
+
+def vet_both(scope: Scope, chain: forward.Chain, b: Backward) -> Reason | None:
+    """Refuse a backward fold into a layer that also takes ``chain`` forward when the weight or bias
+    carrying both would be unsafe in its dtype (each fold alone was checked on the layer's weight)."""
+    problem = forward.unsafe(scope, chain, (lambda w: b.how.factor(w, b.affine.s), input_map(b)))
+    if not isinstance(problem, Reason):
+        return None
+    bns = ", ".join(node_label(scope.index.node(i)) for i in chain.bns) or "the BN after it"
+    layer = node_label(scope.index.node(chain.producer))
+    return Reason(problem.code, f"{problem.message} (with {bns} folded into {layer} too)")
+
+
+def plan_step(p: Planning) -> None:
+    """BNs no forward fold took, folded into the layer after them, checked on their own and together
+    with a forward fold (or a Concat split's part) the same layer takes."""
+    backs, p.left = plan(p.scope, p.left)
+    forward_into = {c.producer: c for c in p.chains} | {ch.producer: ch for c in p.splits for ch in c.branches}
+    for b in backs:
+        both = forward_into.get(b.consumer)
+        reason = None if both is None else vet_both(p.scope, both, b)
+        reason = reason or vet(p.scope, b, p.strict, p.notes)
+        if reason is None:
+            p.backs.append(b)
+        else:
+            p.left[b.bn] = reason
+    for b in p.backs:
+        consumer = p.scope.index.node(b.consumer)
+        p.folded(b.bn, node_label(consumer), consumer.op_type, "backward")

@@ -21,14 +21,53 @@ own error element by element, and large weights gain nothing from it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, cast
 
 import numpy as np
+import onnx
 
 from .common import Scope, scaled
-from .forward import Chain, bias_input
 from .safety import finfo, flushed_channels, inflated, largest_magnitude, medians, ordinary_scales
+
+
+class Layer(Protocol):
+    """What the batch reads of a forward.Target (this module does not import forward, which calls it)."""
+
+    @property
+    def weight_slot(self) -> int: ...
+    @property
+    def bias_slot(self) -> int: ...
+    @property
+    def channel_axis(self) -> int: ...
+    @property
+    def bias_scale(self) -> float: ...
+    @property
+    def factor(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]: ...
+
+
+class Chain(Protocol):
+    """What the batch reads of a forward.Chain."""
+
+    @property
+    def producer(self) -> int: ...
+    @property
+    def s(self) -> np.ndarray | None: ...
+    @property
+    def t(self) -> np.ndarray | None: ...
+    @property
+    def summed(self) -> int: ...
+    @property
+    def identity(self) -> Any: ...
+    @property
+    def target(self) -> Layer: ...
+
+
+def bias_input(node: onnx.NodeProto, target: Layer) -> str:
+    """The name of the layer's bias input ("" when it has none)."""
+    slot = target.bias_slot
+    return node.input[slot] if slot > 0 and len(node.input) > slot else ""
+
 
 SMALL_BYTES = 1 << 16  # weights up to this size are stacked
 STACK_BYTES = 8 << 20  # float64 bytes of one stack of weights at most

@@ -18,6 +18,7 @@ from ..proto import ONNX_DOMAINS, attr, node_label
 from ..report import Code, Reason
 from . import backward, forward
 from .common import Scope, check_batchnorm, left_for
+from .planning import Planning
 
 # Left-alone reasons about the producer side that a Concat producer explains.
 PRODUCER_REASONS = {Code.UNSUPPORTED_PRODUCER}
@@ -133,3 +134,18 @@ def apply(scope: Scope, fold: ConcatFold, before: dict[int, backward.Backward]) 
     index.remove_node(fold.bn)
     index.replace_node(fold.concat, node)
     return freed
+
+
+def plan_step(p: Planning) -> None:
+    """BNs after a Concat, split into the branches' layers when every branch's part is safe."""
+    index = p.scope.index
+    splits, p.left = plan(p.scope, p.left)
+    for c in splits:
+        reason = next((r for ch in c.branches if (r := forward.vet(p.scope, ch, p.strict, p.notes)) is not None), None)
+        if reason is not None:
+            p.left[c.bn] = reason
+            continue
+        p.splits.append(c)
+        node = index.node(c.concat)
+        into = f"{node_label(node)} ({', '.join(node_label(index.node(ch.producer)) for ch in c.branches)})"
+        p.folded(c.bn, into, "Concat", "split")

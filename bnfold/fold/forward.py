@@ -19,8 +19,11 @@ import onnx
 from ..graph import Deferred, Value
 from ..proto import ONNX_DOMAINS, attr, is_batchnorm, node_label, str_attr
 from ..report import Code, Reason
+from . import batch
+from .batch import bias_input
 from .common import Affine, Identity, Scope, channel_vector, check_batchnorm, is_float, rewrite_layer, scaled
-from .safety import UNKNOWN_SUM
+from .planning import Notes, Planning
+from .safety import UNKNOWN_SUM, WeightRanges, check_bias, check_gain, check_weight, scale_hazards, weight_hazards
 
 DEFER_BYTES = 1 << 20  # folded weights larger than this are computed when written
 
@@ -621,12 +624,6 @@ def _extend(
 # -- rewriting ----------------------------------------------------------------------------------
 
 
-def bias_input(node: onnx.NodeProto, target: Target) -> str:
-    """The name of the producer's bias input ("" when it has none)."""
-    slot = target.bias_slot
-    return node.input[slot] if slot > 0 and len(node.input) > slot else ""
-
-
 def new_bias(scope: Scope, node: onnx.NodeProto, chain: Chain) -> np.ndarray:
     """The chain's folded bias in float64: ``bias_scale * b * s + t``."""
     target = chain.target
@@ -725,3 +722,97 @@ def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray, x: str
         bias_node=target.bias_node,
     )
     return freed
+
+
+# -- the family's step: plan, vet, note ---------------------------------------------------------
+
+
+def unsafe(
+    scope: Scope, chain: Chain, also: tuple[Callable[[np.ndarray], np.ndarray], InputMap] | None = None
+) -> Reason | tuple[str, np.dtype, WeightRanges]:
+    """Why the chain's folded weight or bias would be unsafe in its dtype, or what the weight's check
+    found: (its name, dtype, ranges). ``also``: a backward fold the same layer takes too, as (its
+    factor on the weight, its map of the float64 weight and bias)."""
+    assert chain.s is not None
+    target, node = chain.target, scope.index.node(chain.producer)
+    w_name = node.input[target.weight_slot]
+    w = scope.constant(w_name)
+    if w is None:
+        return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
+    factor = target.factor(w, chain.s)
+    both = factor if also is None else factor * also[0](w)
+    found = check_weight(w_name, w, both, target.channel_axis)
+    if isinstance(found, Reason):
+        return found
+    bias = new_bias(scope, node, chain)
+    if also is not None:
+        with np.errstate(all="ignore"):
+            _, bias = also[1](w.astype(np.float64) * factor, bias)
+    terms = w.size // max(target.channels, 1)  # products each output adds up, at most
+    problem = check_gain(w_name, found.after, w.dtype, terms, chain.summed) or check_bias(
+        f"bias of {node_label(node)}", np.asarray(bias, dtype=np.float64), w.dtype, chain.summed
+    )
+    if problem is None and chain.identity is not None:
+        with np.errstate(all="ignore"):
+            final = chain.identity.add_to(w.astype(np.float64) * factor)
+        problem = check_bias(f"weight '{w_name}' with the identity branch", final, w.dtype)
+    return problem or (w_name, w.dtype, found)
+
+
+def vet(scope: Scope, chain: Chain, strict: bool, notes: Notes) -> Reason | None:
+    """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards."""
+    found = unsafe(scope, chain)
+    if isinstance(found, Reason):
+        return found
+    w_name, dtype, ranges = found
+    assert chain.s is not None
+    bns = ", ".join(node_label(scope.index.node(i)) for i in chain.bns)
+    return notes.verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, dtype, ranges), strict)
+
+
+def foldable_prefix(scope: Scope, chain: Chain, strict: bool, notes: Notes) -> Chain | None:
+    """The longest part of a refused chain, from its producer on, that holds a BN and passes the check
+    on its own (Conv -> BN -> pool -> BN whose second BN's shift the pool would sum past the dtype:
+    the first BN still folds). The steps after it stay in the graph as they are. A part that ends
+    with a step that stays (a pool) is the same fold as the part before it, checked more strictly."""
+    prefix = chain.prefix
+    while prefix is not None and prefix.bns:
+        if prefix.steps[-1] not in prefix.kept and vet(scope, prefix, strict, notes) is None:
+            return prefix
+        prefix = prefix.prefix
+    return None
+
+
+def _note(p: Planning, chain: Chain) -> None:
+    index = p.scope.index
+    producer = index.node(chain.producer)
+    for i in chain.steps:
+        node = index.node(i)
+        if i in chain.bns:
+            passed = [index.node(k) for k in chain.kept if k < i]
+            through = f" (through {', '.join(f'{n.op_type} {node_label(n)}' for n in passed)})" if passed else ""
+            p.folded(i, node_label(producer) + through, chain.target.op)
+        elif i not in chain.kept:
+            p.notes.absorbed.append(f"{node.op_type} '{node_label(node)}'")
+    if not chain.bns:
+        ops = " + ".join(index.node(i).op_type for i in chain.steps if i not in chain.kept)
+        p.notes.affine.append(f"{ops} -> {chain.target.op} {node_label(producer)}")
+
+
+def plan_step(p: Planning) -> None:
+    """Forward folds: each BN (and affine op) into the layer before it, checked; a refused chain
+    keeps its longest foldable part."""
+    found = plan(p.scope, p.options.affine)
+    p.left.update(found.left)
+    cleared = batch.clear(p.scope, found.chains)  # no reason, no hazard: the per-fold check is skipped
+    for k, chain in enumerate(found.chains):
+        reason = None if k in cleared else vet(p.scope, chain, p.strict, p.notes)
+        if reason is None:
+            p.chains.append(chain)
+            continue
+        prefix = foldable_prefix(p.scope, chain, p.strict, p.notes)
+        if prefix is not None:
+            p.chains.append(prefix)
+        p.left.update((i, reason) for i in chain.bns if prefix is None or i not in prefix.bns)
+    for chain in p.chains:
+        _note(p, chain)

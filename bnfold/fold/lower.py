@@ -11,6 +11,7 @@ import onnx
 from ..proto import np_dtype
 from ..report import Code, Reason
 from .common import Affine, Scope, check_batchnorm
+from .planning import Planning
 
 # Reasons that say the BN is not a fixed affine map: those stay BatchNormalization.
 INTRINSIC = {
@@ -64,3 +65,11 @@ def apply(scope: Scope, low: Lowering) -> list[str]:
     index.remove_node(low.bn)
     index.insert_nodes(low.bn, [mul, add])
     return list(bn.input)
+
+
+def plan_step(p: Planning) -> None:
+    """BNs that fold nowhere, turned into Mul + Add by per-channel constants."""
+    lowered, p.left = plan(p.scope, p.left)
+    p.lowered.extend(lowered)
+    for low in lowered:
+        p.folded(low.bn, "Mul+Add", "Mul+Add", "lowered")

@@ -19,8 +19,9 @@ import onnx
 from ..proto import ONNX_DOMAINS, attr, node_label, str_attr
 from ..report import Code, Reason
 from .common import Affine, Identity, Scope, check_batchnorm, is_float
-from .forward import TARGETS, Chain
+from .forward import TARGETS, Chain, vet
 from .lower import INTRINSIC
+from .planning import Notes, Planning
 
 
 @dataclass(frozen=True)
@@ -222,3 +223,20 @@ def apply(scope: Scope, r: Reparam) -> list[str]:
         node = onnx.helper.make_node("Identity", [other], [add.output[0]], name=add.name)
         index.replace_node(r.add, node)
     return list(bn.input)
+
+
+def plan_step(p: Planning) -> None:
+    """Identity-branch BNs folded into a sibling Conv that no other fold uses; the sibling's forward
+    chain then carries the identity (the chains are kept in node order)."""
+    taken = {b.consumer for b in p.backs} | {ch.producer for c in p.splits for ch in c.branches}
+    found, p.left = plan(p.scope, p.left, list(p.chains), taken)
+    final = {c.producer: c for c in p.chains}
+    for rp in found:
+        reason = vet(p.scope, rp.chain, p.strict, Notes())  # its hazards are the sibling's, noted there
+        if reason is not None:
+            p.left[rp.bn] = reason
+            continue
+        final[rp.conv] = rp.chain
+        p.reparams.append(rp)
+        p.folded(rp.bn, node_label(p.scope.index.node(rp.conv)), "Conv", "identity")
+    p.chains = sorted(final.values(), key=lambda c: c.producer)
