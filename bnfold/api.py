@@ -307,6 +307,81 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
+class _Pool:
+    """Worker processes, each sent one model at a time (see :func:`_run_pool`)."""
+
+    def __init__(self, jobs: int, args: tuple[Any, ...]) -> None:
+        import multiprocessing
+
+        self.context = multiprocessing.get_context("spawn")
+        self.jobs, self.args = jobs, args
+        self.busy: dict[Any, tuple[Any, Any, tuple[str, str]]] = {}  # sentinel -> (process, conn, task)
+        self.idle: list[tuple[Any, Any]] = []
+        self.workers: list[tuple[Any, Any]] = []  # every one started
+
+    def start(self) -> tuple[Any, Any]:
+        ours, theirs = self.context.Pipe()
+        process = self.context.Process(target=_worker, args=(theirs, self.args), daemon=True)
+        self.workers.append((process, ours))
+        with _sigint_ignored():  # inherited: Ctrl-C reaches the parent, which stops the workers
+            process.start()
+        theirs.close()
+        return process, ours
+
+    def hand_out(self, pending: list[tuple[str, str]]) -> None:
+        """Send tasks to idle workers, or to new ones up to ``jobs``."""
+        while pending and (self.idle or len(self.busy) < self.jobs):
+            process, conn = self.idle.pop() if self.idle else self.start()
+            task = pending.pop()
+            try:
+                conn.send(task)
+            except OSError:  # it died while idle: its task goes to another
+                pending.append(task)
+                process.join()
+                continue
+            self.busy[process.sentinel] = (process, conn, task)
+
+    def collect(self, done: Callable[[BatchEntry], None]) -> None:
+        """Wait for a worker to answer or die; a dead one fails the model it held."""
+        from multiprocessing.connection import wait
+
+        by_conn = {conn: key for key, (_, conn, _) in self.busy.items()}
+        for ready in wait(list(self.busy) + list(by_conn)):
+            key = by_conn.get(ready, ready)
+            if key not in self.busy:
+                continue
+            process, conn, task = self.busy[key]
+            try:
+                entry = conn.recv() if conn.poll() else None
+            except (EOFError, OSError):
+                entry = None
+            del self.busy[key]  # after: an interrupt in recv leaves it busy, to be terminated
+            if entry is not None:
+                done(entry)
+                self.idle.append((process, conn))
+            else:
+                process.join()
+                done(_dead(*task))
+
+    def stop(self) -> None:
+        """Normally every worker is idle here and is told to stop; after an error or a signal, the
+        workers are stopped whatever they were doing."""
+        workers = [(p, c) for p, c in self.workers if p.pid is not None]  # a signal can come before start
+        for process, conn in workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            if self.busy:
+                process.terminate()
+        for process, conn in workers:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
+
+
 def _run_pool(
     tasks: list[tuple[str, str]], jobs: int, args: tuple[Any, ...], done: Callable[[BatchEntry], None]
 ) -> None:
@@ -316,70 +391,14 @@ def _run_pool(
     Workers are spawned, not forked: a forked worker can deadlock on a lock that a thread of the
     parent (onnxruntime's thread pools, after a verification) held at the moment of the fork.
     concurrent.futures is not used: after a worker died, its broken pool could hang (Python 3.13)."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    context = multiprocessing.get_context("spawn")
+    pool = _Pool(jobs, args)
     pending = list(reversed(tasks))
-    busy: dict[Any, tuple[Any, Any, tuple[str, str]]] = {}  # sentinel -> (process, conn, task)
-    idle: list[tuple[Any, Any]] = []
-    workers: list[tuple[Any, Any]] = []  # every one started
-
-    def start() -> tuple[Any, Any]:
-        ours, theirs = context.Pipe()
-        process = context.Process(target=_worker, args=(theirs, args), daemon=True)
-        workers.append((process, ours))
-        with _sigint_ignored():  # inherited: Ctrl-C reaches the parent, which stops the workers
-            process.start()
-        theirs.close()
-        return process, ours
-
     try:
-        while pending or busy:
-            while pending and (idle or len(busy) < jobs):
-                process, conn = idle.pop() if idle else start()
-                task = pending.pop()
-                try:
-                    conn.send(task)
-                except OSError:  # it died while idle: its task goes to another
-                    pending.append(task)
-                    process.join()
-                    continue
-                busy[process.sentinel] = (process, conn, task)
-            by_conn = {conn: key for key, (_, conn, _) in busy.items()}
-            for ready in wait(list(busy) + list(by_conn)):
-                key = by_conn.get(ready, ready)
-                if key not in busy:
-                    continue
-                process, conn, task = busy[key]
-                try:
-                    entry = conn.recv() if conn.poll() else None
-                except (EOFError, OSError):
-                    entry = None
-                del busy[key]
-                if entry is not None:
-                    done(entry)
-                    idle.append((process, conn))
-                else:
-                    process.join()
-                    done(_dead(*task))
+        while pending or pool.busy:
+            pool.hand_out(pending)
+            pool.collect(done)
     finally:
-        # Normally every worker is idle here and is told to stop; after an error or a signal, the
-        # workers are stopped whatever they were doing.
-        workers = [(p, c) for p, c in workers if p.pid is not None]  # a signal can come before start
-        for process, conn in workers:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-            if busy:
-                process.terminate()
-        for process, conn in workers:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            conn.close()
+        pool.stop()
 
 
 def fold_many(

@@ -125,6 +125,9 @@ class Reason:
 
 @dataclass
 class FoldedBN:
+    """A BN that folds: its node name and output, what it folds into (``into``, an ``into_op``), and
+    how (``direction``: forward, backward, split over a Concat, identity branch, or lowered)."""
+
     name: str
     output: str
     into: str
@@ -134,6 +137,9 @@ class FoldedBN:
 
 @dataclass
 class LeftBN:
+    """A BN left in the model: its node name and output, a reason code (:class:`Code`) and a
+    sentence that says why in the terms of this model."""
+
     name: str
     output: str
     reason: str
@@ -142,6 +148,9 @@ class LeftBN:
 
 @dataclass
 class ModelStats:
+    """Counts of a model: BatchNormalization nodes, nodes, initializers, and bytes (model and data
+    files; 0 where not known)."""
+
     batchnorms: int
     nodes: int
     initializers: int
@@ -150,6 +159,10 @@ class ModelStats:
 
 @dataclass
 class FoldReport:
+    """What a fold did: the model's counts before and after, every BN folded (``folded``) or left
+    (``left``, with reasons), the affine ops absorbed, the hazards of the folds made (``warnings``),
+    the input and output paths, and with ``check`` what onnx's checker said of each."""
+
     before: ModelStats
     after: ModelStats
     folded: list[FoldedBN] = field(default_factory=list)
@@ -164,9 +177,11 @@ class FoldReport:
     checker: dict[str, str | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The document as JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def _checker_failed(self, which: str) -> bool:
@@ -207,6 +222,7 @@ class FoldReport:
         return lines
 
     def render_lines(self) -> list[Line]:
+        """The human-readable report, as lines of styled spans."""
         b, a = self.before, self.after
         head = f"{self.input or '<model>'}"
         if self.output:
@@ -249,11 +265,15 @@ class FoldReport:
         return lines + self._checker_lines()
 
     def render_text(self) -> str:
+        """The human-readable report as plain text."""
         return plain(self.render_lines())
 
 
 @dataclass
 class BatchNormInfo:
+    """One BN as :func:`bnfold.inspect` sees it: its neighbours' op types, and whether it folds (into
+    what, which way) or why not."""
+
     name: str
     output: str
     producer: str | None
@@ -267,6 +287,9 @@ class BatchNormInfo:
 
 @dataclass
 class InspectReport:
+    """Facts about a model (IR, opsets, producer, size, external data files, counts) and every BN in
+    it (:class:`BatchNormInfo`), with the hazards of the folds that would be made."""
+
     path: str | None
     ir_version: int
     opsets: dict[str, int]
@@ -279,12 +302,15 @@ class InspectReport:
     warnings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The document as JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def render_lines(self) -> list[Line]:
+        """The human-readable report, as lines of styled spans."""
         foldable = sum(b.foldable for b in self.batchnorms)
         lines: list[Line] = [
             [
@@ -321,6 +347,7 @@ class InspectReport:
         return lines
 
     def render_text(self) -> str:
+        """The human-readable report as plain text."""
         return plain(self.render_lines())
 
 
@@ -382,6 +409,7 @@ class ErrorStats:
         return bool(self.error <= self.bound)
 
     def to_dict(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values."""
         keys = (
             "name",
             "provider",
@@ -413,6 +441,7 @@ class ErrorStats:
         return d
 
     def verdict(self) -> Span:
+        """The verdict column: ok, or what failed."""
         if self.missing:
             return "missing from the candidate", FAIL
         if self.shape_mismatch:
@@ -469,6 +498,7 @@ class VerifyReport:
         return "elementwise" if self.rtol is not None or self.atol is not None else "scaled"
 
     def to_dict(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values."""
         return {
             "passed": self.passed,
             "criterion": self.criterion,
@@ -487,9 +517,11 @@ class VerifyReport:
         }
 
     def to_json(self) -> str:
+        """The document as JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def render_lines(self) -> list[Line]:
+        """The human-readable report, as lines of styled spans."""
         verdict = ("verification PASSED", OK) if self.passed else ("verification FAILED", FAIL)
         providers = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
         lines: list[Line] = [[verdict, (f": {self.samples} sample(s), seed {self.seed}, on {providers}", PLAIN)]]
@@ -529,6 +561,7 @@ class VerifyReport:
         return lines
 
     def render_text(self) -> str:
+        """The human-readable report as plain text."""
         return plain(self.render_lines())
 
 
@@ -571,6 +604,7 @@ class BatchEntry:
         return "folded"
 
     def to_dict(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values."""
         d: dict[str, Any] = {
             "input": self.input,
             "output": self.output,
@@ -600,9 +634,11 @@ class BatchReport:
         return max((e.exit_code for e in self.entries), default=0)
 
     def count(self, status: str) -> int:
+        """How many models ended with ``status``."""
         return sum(e.status == status for e in self.entries)
 
     def summary(self) -> str:
+        """One line: how many models folded, were verified, failed."""
         parts = [f"{len(self.entries) - self.count('error')} of {len(self.entries)} model(s) folded"]
         if any(e.verify is not None for e in self.entries):
             parts.append(f"{self.count('verified')} verified")
@@ -612,6 +648,7 @@ class BatchReport:
         return ", ".join(parts) + f" (into {self.outdir})"
 
     def to_dict(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values."""
         return {
             "models": [e.to_dict() for e in self.entries],
             "outdir": self.outdir,
@@ -623,9 +660,11 @@ class BatchReport:
         }
 
     def to_json(self) -> str:
+        """The document as JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     def render_lines(self) -> list[Line]:
+        """The human-readable report, as lines of styled spans."""
         width = max([5] + [len(Path(e.input).name) for e in self.entries])
         lines: list[Line] = [
             [(f"{'model':{width}} {'BN before':>9} {'BN after':>8} {'folded':>6} {'left':>5}  status", PLAIN)]
@@ -656,4 +695,5 @@ class BatchReport:
         return lines
 
     def render_text(self) -> str:
+        """The human-readable report as plain text."""
         return plain(self.render_lines())

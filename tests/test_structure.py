@@ -108,3 +108,46 @@ def test_import_loads_no_onnxruntime():
 def test_version_has_one_home():
     text = (PACKAGE.parent / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in text and "\nversion =" not in text.split("[tool.setuptools.dynamic]")[0]
+
+
+MAX_FUNCTION_LINES = 60  # a screen: from the def line to the last line of the body
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    out.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_is_longer_than_a_screen():
+    assert long_functions() == []
+
+
+def test_the_length_check_finds_a_long_function():
+    assert long_functions(limit=20)  # the same walk, a limit every module's longest function passes
+
+
+def test_every_public_type_and_function_has_its_own_docstring():
+    """Docstrings written for it: a dataclass without one gets 'Name(field: type, ...)' from Python."""
+    import dataclasses
+
+    from bnfold import report
+
+    names = [getattr(bnfold, n) for n in bnfold.__all__ if n != "__version__"]
+    names += [obj for n, obj in vars(report).items() if inspect.isclass(obj) and obj.__module__ == report.__name__]
+    missing = []
+    for obj in names:
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        doc = obj.__doc__ or ""
+        if not doc or (dataclasses.is_dataclass(obj) and doc.startswith(obj.__name__ + "(")):
+            missing.append(obj.__name__)
+        for name, member in vars(obj).items() if inspect.isclass(obj) else ():
+            if not name.startswith("_") and inspect.isfunction(member) and not member.__doc__:
+                missing.append(f"{obj.__name__}.{name}")
+    assert missing == []

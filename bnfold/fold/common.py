@@ -140,30 +140,47 @@ def batch_affines(index: GraphIndex) -> dict[int, tuple[onnx.NodeProto, ParamKey
             seen[key].append(node)
             continue
         seen[key] = [node]
-        raws: list[bytes] = []
-        shape = None
-        for name in key[0]:
-            tensor = initializers.get(name)
-            if tensor is None or name in overridable or tensor.data_location == onnx.TensorProto.EXTERNAL:
-                break
-            dims = tensor.dims[:]
-            if len(dims) != 1:
-                break
-            kind = (tensor.data_type, dims[0])
-            if shape is None:
-                dtype = _BATCH_DTYPES.get(kind[0])
-                if dtype is None or kind[1] < 1:
-                    break
-                shape, nbytes = kind, kind[1] * dtype.itemsize
-            elif kind != shape:
-                break
-            raw = tensor.raw_data
-            if len(raw) != nbytes:
-                break
-            raws.append(raw)
-        else:
-            assert shape is not None
-            groups.setdefault(shape, []).append((key, raws))
+        inline = _inline_params(key, initializers, overridable)
+        if inline is not None:
+            groups.setdefault(inline[0], []).append((key, inline[1]))
+    return _group_affines(groups, seen)
+
+
+def _inline_params(
+    key: ParamKey, initializers: dict[str, onnx.TensorProto], overridable: set[str]
+) -> tuple[tuple[int, int], list[bytes]] | None:
+    """(element type, C) and the raw bytes of a BN's four parameters, when they are inline (C,)
+    initializers of one float type that no caller can override; else None."""
+    raws: list[bytes] = []
+    shape = None
+    for name in key[0]:
+        tensor = initializers.get(name)
+        if tensor is None or name in overridable or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        dims = tensor.dims[:]
+        if len(dims) != 1:
+            return None
+        kind = (tensor.data_type, dims[0])
+        if shape is None:
+            dtype = _BATCH_DTYPES.get(kind[0])
+            if dtype is None or kind[1] < 1:
+                return None
+            shape, nbytes = kind, kind[1] * dtype.itemsize
+        elif kind != shape:
+            return None
+        raw = tensor.raw_data
+        if len(raw) != nbytes:
+            return None
+        raws.append(raw)
+    assert shape is not None
+    return shape, raws
+
+
+def _group_affines(
+    groups: dict[tuple[int, int], list[tuple[ParamKey, list[bytes]]]], seen: dict[ParamKey, list[onnx.NodeProto]]
+) -> dict[int, tuple[onnx.NodeProto, ParamKey, Affine]]:
+    """The sound affine maps of each group of same-typed parameters, one numpy pass per group, for
+    every BN that shares them (keyed by the node's id)."""
     found: dict[int, tuple[onnx.NodeProto, ParamKey, Affine]] = {}
     for (elem, channels), members in groups.items():
         data = b"".join(raw for _, raws in members for raw in raws)
@@ -204,6 +221,11 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Affine | Reason:
         return Reason(
             Code.STATISTICS_OUTPUTS, f"outputs {', '.join(extra)} are requested, which only training mode computes"
         )
+    return _fixed_affine(scope, node, inputs)
+
+
+def _fixed_affine(scope: Scope, node: onnx.NodeProto, inputs: list[str]) -> Affine | Reason:
+    """The map of an inference-mode BN from its parameters, or why they do not give one."""
     known = scope.known_affine(node)
     if known is not None:
         return known
@@ -220,7 +242,11 @@ def check_batchnorm(scope: Scope, node: onnx.NodeProto) -> Affine | Reason:
     if len({p.shape for p in params}) != 1 or params[0].ndim < 1 or params[0].size == 0:
         shapes = ", ".join(str(p.shape) for p in params)
         return Reason(Code.CHANNEL_MISMATCH, f"its parameters have inconsistent shapes {shapes}")
-    epsilon = attr(node, "epsilon", DEFAULT_EPSILON)
+    return _affine_of(params, attr(node, "epsilon", DEFAULT_EPSILON))
+
+
+def _affine_of(params: list[np.ndarray], epsilon: float) -> Affine | Reason:
+    """scale, B, mean and var (float, one shape) as ``s * x + t`` per channel, computed in float64."""
     stacked = np.stack([p.astype(np.float64) for p in params])
     with np.errstate(all="ignore"):
         sound = bool(np.isfinite(stacked).all() and (stacked[3] + np.float64(epsilon) > 0).all())

@@ -189,73 +189,91 @@ def _flushed(tensor: str, dtype: np.dtype, tiny: float, before: np.ndarray, afte
     return None
 
 
+class _Ranges:
+    """Per-channel max |w| before and after the scaling, and the cast's largest error, filled chunk
+    by chunk: rows of the weight when the channels are its axis 0, a running maximum otherwise."""
+
+    def __init__(self, channels: int) -> None:
+        self.before, self.after, self.cast_abs = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+
+    def add(self, axis: int, offset: int, b: np.ndarray, a: np.ndarray, e: np.ndarray | None = None) -> None:
+        if axis == 0:
+            span = slice(offset, offset + b.size)
+            self.before[span], self.after[span] = b, a
+            if e is not None:
+                self.cast_abs[span] = e
+        else:
+            self.before, self.after = np.maximum(self.before, b), np.maximum(self.after, a)
+            if e is not None:
+                self.cast_abs = np.maximum(self.cast_abs, e)
+
+
 def check_weight(tensor: str, w: np.ndarray, factor: np.ndarray, axis: int) -> Reason | _Pass:
     """Scale ``w`` by ``factor`` in float64 as the fold will, and either refuse (unsafe) or return
     per-channel ranges (along ``axis``) and the cast's largest error relative to its channel's range."""
     dtype = w.dtype
     top, tiny, _ = finfo(dtype)
-    channels = w.shape[axis] if w.ndim else 1
     quick = _per_channel(w, factor, axis, top)
     if quick is not None:
         before, after = quick
         return _flushed(tensor, dtype, tiny, before, after) or _Pass(before, after, 0.0)
-    before, after, cast_abs = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    ranges = _Ranges(w.shape[axis] if w.ndim else 1)
     offset = 0
     with np.errstate(all="ignore"):
         for chunk, f in _chunks(w, factor):
-            w64 = chunk.astype(np.float64)
-            p = w64 * f
-            if chunk.ndim and chunk.size and dtype.itemsize > 2:
-                ap = np.abs(p)
-                if ap.max() <= top:  # every value finite and in range (NaN fails the comparison)
-                    axes = tuple(i for i in range(chunk.ndim) if i != axis)
-                    b_c, a_c = np.abs(w64).max(axis=axes), ap.max(axis=axes)
-                    if axis == 0:
-                        before[offset : offset + b_c.size], after[offset : offset + b_c.size] = b_c, a_c
-                    else:
-                        before, after = np.maximum(before, b_c), np.maximum(after, a_c)
-                    offset += chunk.shape[0]
-                    continue
-            finite = np.isfinite(w64)
-            bad = finite & ~np.isfinite(p)
-            if not bad.any():
-                bad = finite & (np.abs(p) > top)
-                if bad.any():
-                    rounded = p[bad].astype(dtype).astype(np.float64)
-                    bad[bad] = ~np.isfinite(rounded)
-            if bad.any() or (np.isnan(p) & ~np.isnan(w64)).any():
-                bad = bad | (np.isnan(p) & ~np.isnan(w64))
-                k = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
-                channel = k[axis] + (offset if axis == 0 else 0) if chunk.ndim else 0
-                return Reason(
-                    Code.UNSAFE_FOLD,
-                    f"'{tensor}' at channel {channel}: {float(w64[k]):.4g} x "
-                    f"{float(np.broadcast_to(f, p.shape)[k]):.4g} = {float(p[k]):.4g}, "
-                    f"which is not finite in {dtype}",
-                )
-            good = np.isfinite(p)
-            err = np.where(
-                good, np.abs(np.where(good, p, 0).astype(dtype).astype(np.float64) - np.where(good, p, 0)), 0
-            )
-            if chunk.ndim:
-                axes = tuple(i for i in range(chunk.ndim) if i != axis)
-                b_c = np.where(finite, np.abs(w64), 0).max(axis=axes, initial=0)
-                a_c = np.where(good, np.abs(p), 0).max(axis=axes, initial=0)
-                e_c = err.max(axis=axes, initial=0)
-                if axis == 0:
-                    span = slice(offset, offset + b_c.size)
-                    before[span], after[span], cast_abs[span] = b_c, a_c, e_c
-                else:
-                    before, after, cast_abs = np.maximum(before, b_c), np.maximum(after, a_c), np.maximum(cast_abs, e_c)
-            else:
-                before[0], after[0], cast_abs[0] = abs(float(w64)), abs(float(p)), float(err)
+            problem = _chunk_ranges(tensor, chunk, f, axis, offset, top, ranges)
+            if problem is not None:
+                return problem
             offset += chunk.shape[0] if chunk.ndim else 1
-    flushed = _flushed(tensor, dtype, tiny, before, after)
+    flushed = _flushed(tensor, dtype, tiny, ranges.before, ranges.after)
     if flushed is not None:
         return flushed
+    after = ranges.after
     with np.errstate(all="ignore"):
-        rel = np.where(after > 0, cast_abs / np.where(after > 0, after, 1), 0)
-    return _Pass(before, after, float(rel.max(initial=0)) if dtype.itemsize <= 2 else 0.0)
+        rel = np.where(after > 0, ranges.cast_abs / np.where(after > 0, after, 1), 0)
+    return _Pass(ranges.before, after, float(rel.max(initial=0)) if dtype.itemsize <= 2 else 0.0)
+
+
+def _chunk_ranges(
+    tensor: str, chunk: np.ndarray, f: np.ndarray, axis: int, offset: int, top: float, ranges: _Ranges
+) -> Reason | None:
+    """Add one chunk of rows to ``ranges``, or refuse it: a scaled value that is not finite in the
+    weight's dtype where the weight's value was."""
+    dtype = chunk.dtype
+    w64 = chunk.astype(np.float64)
+    p = w64 * f
+    axes = tuple(i for i in range(chunk.ndim) if i != axis)
+    if chunk.ndim and chunk.size and dtype.itemsize > 2:
+        ap = np.abs(p)
+        if ap.max() <= top:  # every value finite and in range (NaN fails the comparison)
+            ranges.add(axis, offset, np.abs(w64).max(axis=axes), ap.max(axis=axes))
+            return None
+    finite = np.isfinite(w64)
+    bad = finite & ~np.isfinite(p)
+    if not bad.any():
+        bad = finite & (np.abs(p) > top)
+        if bad.any():
+            rounded = p[bad].astype(dtype).astype(np.float64)
+            bad[bad] = ~np.isfinite(rounded)
+    if bad.any() or (np.isnan(p) & ~np.isnan(w64)).any():
+        bad = bad | (np.isnan(p) & ~np.isnan(w64))
+        k = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+        channel = k[axis] + (offset if axis == 0 else 0) if chunk.ndim else 0
+        return Reason(
+            Code.UNSAFE_FOLD,
+            f"'{tensor}' at channel {channel}: {float(w64[k]):.4g} x "
+            f"{float(np.broadcast_to(f, p.shape)[k]):.4g} = {float(p[k]):.4g}, "
+            f"which is not finite in {dtype}",
+        )
+    good = np.isfinite(p)
+    err = np.where(good, np.abs(np.where(good, p, 0).astype(dtype).astype(np.float64) - np.where(good, p, 0)), 0)
+    if chunk.ndim:
+        b_c = np.where(finite, np.abs(w64), 0).max(axis=axes, initial=0)
+        a_c = np.where(good, np.abs(p), 0).max(axis=axes, initial=0)
+        ranges.add(axis, offset, b_c, a_c, err.max(axis=axes, initial=0))
+    else:
+        ranges.before[0], ranges.after[0], ranges.cast_abs[0] = abs(float(w64)), abs(float(p)), float(err)
+    return None
 
 
 def _sums_in_dtype(dtype: np.dtype) -> bool:
