@@ -17,6 +17,7 @@ import onnx
 
 from .graph import GraphIndex
 from .proto import ONNX_DOMAINS, attr, constant_node_value, np_dtype, to_array
+from .quantization import INTEGER_TYPES, dequantize, quantize
 from .shapes import TypeLookup
 
 MAX_ELEMENTS = 1 << 24
@@ -155,6 +156,44 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return quotient
 
 
+def _quantization_params(node: onnx.NodeProto, ops: list[Any]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """scale, zero point and axis of a (De)QuantizeLinear computed here: per tensor or per axis
+    (blocked quantization, opset 21's block_size, is left to the runtime)."""
+    if attr(node, "block_size", 0) or len(ops) < 2:
+        return None
+    scale = ops[1].value
+    zero_point = ops[2].value if len(ops) > 2 and ops[2] is not None else None
+    if scale.ndim > 1 or (zero_point is not None and zero_point.shape != scale.shape):
+        return None
+    return scale, zero_point, int(attr(node, "axis", 1))
+
+
+def _dequantize(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
+    params = _quantization_params(node, ops)
+    x: np.ndarray = ops[0].value
+    if params is None or x.dtype.type not in INTEGER_TYPES + (np.int32,):
+        return None
+    scale, zero_point, axis = params
+    if scale.ndim and (not x.ndim or x.shape[axis % x.ndim] != scale.size):
+        return None
+    return dequantize(x, scale, zero_point, axis)
+
+
+def _quantize(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
+    params = _quantization_params(node, ops)
+    x: np.ndarray = ops[0].value
+    if params is None or not np.issubdtype(x.dtype, np.floating):
+        return None
+    scale, zero_point, axis = params
+    to = attr(node, "output_dtype", 0)
+    dtype = np_dtype(to) if to else None
+    if (dtype or (zero_point.dtype if zero_point is not None else np.dtype(np.uint8))).type not in INTEGER_TYPES:
+        return None
+    if scale.ndim and (not x.ndim or x.shape[axis % x.ndim] != scale.size):
+        return None
+    return quantize(x, scale, zero_point, axis, dtype)
+
+
 def _same_dtype(fn: Callable[..., Any]) -> Evaluator:
     def run(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
         out = np.asarray(fn(*[o.value for o in ops]))
@@ -187,6 +226,8 @@ EVALUATORS: dict[str, Evaluator] = {
     "Sqrt": _same_dtype(np.sqrt),
     "Reciprocal": _same_dtype(np.reciprocal),
     "Pow": _same_dtype(np.power),
+    "DequantizeLinear": _dequantize,
+    "QuantizeLinear": _quantize,
 }
 
 

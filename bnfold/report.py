@@ -71,6 +71,10 @@ class Code(str, Enum):
     DEAD_CHANNEL = "dead_channel"
     RANGE_INFLATION = "range_inflation"
     PRECISION_LOSS = "precision_loss"
+    QUANTIZED_WEIGHT_FORM = "quantized_weight_form"
+    QUANTIZED_WEIGHT_AXIS = "quantized_weight_axis"
+    QUANTIZED_WEIGHT_ZERO_SCALE = "quantized_weight_zero_scale"
+    QUANTIZED_BIAS_ROUNDING = "quantized_bias_rounding"
 
     @property
     def description(self) -> str:
@@ -109,6 +113,12 @@ _DESCRIPTIONS: dict[Code, str] = {
     Code.DEAD_CHANNEL: "--strict: a scale factor of 0 (a dead channel)",
     Code.RANGE_INFLATION: "--strict: the fold inflates the weight range that per-tensor int8 quantization sees",
     Code.PRECISION_LOSS: "--strict: the cast to a 16-bit type loses more than its own rounding",
+    Code.QUANTIZED_WEIGHT_FORM: "the layer's weight comes through a DequantizeLinear in a form the quantized "
+    "fold does not take (blocked, an integer type other than (u)int8/16, opset < 13, an identity branch)",
+    Code.QUANTIZED_WEIGHT_AXIS: "the layer's weight is quantized along another axis than the one the fold scales",
+    Code.QUANTIZED_WEIGHT_ZERO_SCALE: "a scale factor of 0 would give a channel of the quantized weight a zero scale",
+    Code.QUANTIZED_BIAS_ROUNDING: "--strict: the layer's int32 bias is re-quantized at the new scale, rounded by up "
+    "to half a step",
 }
 
 # Code -> description, in a stable order (for documentation and JSON consumers).

@@ -15,7 +15,7 @@ import onnx
 
 from ..proto import ONNX_DOMAINS, attr, node_label, str_attr
 from ..report import Code, Reason
-from . import forward
+from . import forward, quantized
 from .common import Affine, Scope, check_batchnorm, left_for, rewrite_layer
 from .forward import constant_weight, constant_weights
 from .planning import Notes, Planning
@@ -137,6 +137,14 @@ def plan(scope: Scope, left: dict[int, Reason]) -> tuple[list[Backward], dict[in
         if make is None or consumer.input[0] != y or list(consumer.input).count(y) != 1:
             continue
         how = make(scope, consumer)
+        if not isinstance(how, Reason) and quantized.find(scope, consumer.input[1]) is not None:
+            how = Reason(
+                Code.QUANTIZED_WEIGHT_AXIS,
+                f"the weight of {consumer.op_type} '{node_label(consumer)}' after it is quantized per output "
+                "channel; a backward fold would scale its input channels",
+            )
+            still[i] = Reason(how.code, f"{reason.message}; {how.message}")
+            continue
         if isinstance(how, Reason):
             if how.code in (Code.PADDED_CONSUMER, Code.INVALID_NODE):  # says more than the producer side
                 still[i] = Reason(how.code, f"{reason.message}; {how.message}")

@@ -78,7 +78,10 @@ def _stackable(scope: Scope, chain: Chain) -> tuple[np.ndarray, np.ndarray] | No
     if chain.identity is not None or chain.s is None or chain.t is None or chain.target.channel_axis != 0:
         return None
     node = scope.index.node(chain.producer)
-    w = scope.constant(node.input[chain.target.weight_slot])
+    w_name = node.input[chain.target.weight_slot]
+    if scope.index.producer.get(w_name) is not None and scope.constant(w_name) is not None:
+        return None  # computed from constants (a quantized weight, say): folded on its own
+    w = scope.constant(w_name)
     if w is None or w.dtype not in (np.float32, np.float64) or not w.ndim or not w.size or w.nbytes > SMALL_BYTES:
         return None
     factor = chain.target.factor(w, chain.s)

@@ -311,11 +311,16 @@ def write_constant(index: GraphIndex, old: str, value: Value, base: str) -> str:
     return index.add_initializer(value, base)
 
 
+def _value(v: np.ndarray | str) -> np.ndarray:
+    assert not isinstance(v, str)  # a name is used as it is
+    return v
+
+
 def rewrite_layer(
     scope: Scope,
     i: int,
-    weight: Value,
-    bias: np.ndarray,
+    weight: Value | str,
+    bias: np.ndarray | str,
     *,
     to_gemm: bool,
     bias_slot: int = 2,
@@ -324,7 +329,8 @@ def rewrite_layer(
     bias_node: bool = False,
 ) -> tuple[onnx.NodeProto, str]:
     """Give layer ``i`` (Conv, ConvTranspose, Gemm or MatMul) a new weight (input 1) and bias, in
-    both fold directions: a MatMul becomes ``Gemm(A, W, bias)``; a Gemm keeps ``alpha`` and gets
+    both fold directions (a name for either: a value written already, a quantized weight's new
+    DequantizeLinear): a MatMul becomes ``Gemm(A, W, bias)``; a Gemm keeps ``alpha`` and gets
     ``beta = 1``; with ``bias_node`` (a MatMul of rank >= 3), an Add of the bias follows it and
     writes its output. ``x`` replaces the layer's input, ``output`` its output name. Returns the new
     node (already in the index) and the layer's label."""
@@ -332,9 +338,11 @@ def rewrite_layer(
     node = index.node(i)  # changed in place, then linked again: nothing else holds it
     inputs = node.input[:]
     label, layer = node.name or inputs[1], node_label(node)
-    new_w = write_constant(index, inputs[1], weight, f"{label}_weight_folded")
+    new_w = weight if isinstance(weight, str) else write_constant(index, inputs[1], weight, f"{label}_weight_folded")
     b_name = ""
-    if not bias_node and not to_gemm:
+    if isinstance(bias, str):
+        b_name = bias
+    elif not bias_node and not to_gemm:
         b_name = write_constant(index, inputs[bias_slot] if len(inputs) > bias_slot else "", bias, f"{label}_bias")
     if x is not None:
         node.input[0] = x
@@ -346,7 +354,7 @@ def rewrite_layer(
         node.output[0] = index.fresh(f"{y}_unbiased")
         add = onnx.helper.make_node(
             "Add",
-            [node.output[0], index.add_initializer(bias, f"{label}_bias")],
+            [node.output[0], b_name or index.add_initializer(_value(bias), f"{label}_bias")],
             [y],
             name=index.fresh(f"{label}_bias_add"),
         )
@@ -356,7 +364,7 @@ def rewrite_layer(
     if to_gemm:
         node.op_type = "Gemm"
         del node.input[2:]
-        node.input.append(index.add_initializer(bias, f"{label}_bias"))
+        node.input.append(b_name or index.add_initializer(_value(bias), f"{label}_bias"))
     else:
         if len(inputs) > bias_slot:
             node.input[bias_slot] = b_name

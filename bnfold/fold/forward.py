@@ -19,11 +19,20 @@ import onnx
 from ..graph import Deferred, Value
 from ..proto import ONNX_DOMAINS, attr, is_batchnorm, node_label, str_attr
 from ..report import Code, Reason
-from . import batch
+from . import batch, quantized
 from .batch import bias_input
 from .common import Affine, Identity, Scope, channel_vector, check_batchnorm, is_float, rewrite_layer, scaled
 from .planning import Notes, Planning
-from .safety import UNKNOWN_SUM, WeightRanges, check_bias, check_gain, check_weight, scale_hazards, weight_hazards
+from .safety import (
+    UNKNOWN_SUM,
+    Hazard,
+    WeightRanges,
+    check_bias,
+    check_gain,
+    check_weight,
+    scale_hazards,
+    weight_hazards,
+)
 
 DEFER_BYTES = 1 << 20  # folded weights larger than this are computed when written
 
@@ -667,6 +676,9 @@ def apply(
     w = scope.constant(w_name)
     if w is None:
         raise ValueError(f"weight '{w_name}' is no longer constant")
+    qw = quantized.find(scope, w_name)
+    if isinstance(qw, quantized.Quantized):
+        return _rewrite_quantized(scope, chain, qw, w.dtype)
     if then is not None:
         assert chain.identity is None  # an identity branch's Conv takes no backward fold (plan)
         with np.errstate(all="ignore"):
@@ -686,7 +698,24 @@ def apply(
     return _rewrite(scope, chain, new_w, new_b)
 
 
-def _rewrite(scope: Scope, chain: Chain, new_w: Value, new_b: np.ndarray, x: str | None = None) -> list[str]:
+def _rewrite_quantized(scope: Scope, chain: Chain, qw: quantized.Quantized, dtype: np.dtype) -> list[str]:
+    """The chain folded into a weight behind a DequantizeLinear: new integers (complemented where
+    the factor is negative), scales and zero points; the bias re-quantized where it is int32 behind
+    its own, else float."""
+    old, target = scope.index.node(chain.producer), chain.target
+    assert chain.s is not None
+    label = old.name or old.input[1]
+    w = cast(np.ndarray, scope.constant(old.input[target.weight_slot]))
+    s = target.factor(w, chain.s)
+    weight = quantized.rewrite_weight(scope, qw, s, target.channel_axis, label)
+    b64, b_name = new_bias(scope, old, chain), bias_input(old, target)
+    bias = quantized.rewrite_bias(scope, b_name, b64, chain.s, label) if b_name else None
+    return _rewrite(scope, chain, weight, b64.astype(dtype) if bias is None else bias)
+
+
+def _rewrite(
+    scope: Scope, chain: Chain, new_w: Value | str, new_b: np.ndarray | str, x: str | None = None
+) -> list[str]:
     """Give the producer its new weight and bias (and input ``x``) and the chain's end as output;
     drop the steps."""
     index, target = scope.index, chain.target
@@ -740,6 +769,9 @@ def unsafe(
     if w is None:
         return Reason(Code.PRODUCER_WEIGHT_NOT_CONSTANT, f"weight '{w_name}' {scope.not_constant(w_name)}")
     factor = target.factor(w, chain.s)
+    problem = _quantized_problem(scope, chain, w_name, factor, w.shape)
+    if problem is not None:
+        return problem
     both = factor if also is None else factor * also[0](w)
     found = check_weight(w_name, w, both, target.channel_axis)
     if isinstance(found, Reason):
@@ -759,15 +791,46 @@ def unsafe(
     return problem or (w_name, w.dtype, found)
 
 
+def _quantized_problem(
+    scope: Scope, chain: Chain, w_name: str, factor: np.ndarray, shape: tuple[int, ...]
+) -> Reason | None:
+    """Why a weight behind a DequantizeLinear cannot take the chain exactly (None: it can, or it is
+    not one)."""
+    found = quantized.find(scope, w_name)
+    if found is None:
+        return None
+    if isinstance(found, Reason):
+        return found
+    if chain.identity is not None:
+        return Reason(Code.QUANTIZED_WEIGHT_FORM, f"'{w_name}' is quantized: an identity branch cannot be added to it")
+    return quantized.check(scope, w_name, factor, shape, chain.target.channel_axis)
+
+
+def _bias_hazards(scope: Scope, chain: Chain, bns: str) -> list[Hazard] | Reason:
+    node = scope.index.node(chain.producer)
+    name = bias_input(node, chain.target)
+    found = (
+        quantized.check_bias(scope, name, new_bias(scope, node, chain), cast(np.ndarray, chain.s), bns)
+        if name
+        else None
+    )
+    return found if isinstance(found, Reason) else [found] if found is not None else []
+
+
 def vet(scope: Scope, chain: Chain, strict: bool, notes: Notes) -> Reason | None:
-    """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards."""
+    """Refuse a chain whose folded weight or bias is unsafe in its dtype; note its hazards (for a
+    quantized weight, the scale's and the re-quantized bias's: its float range is the quantizer's)."""
     found = unsafe(scope, chain)
     if isinstance(found, Reason):
         return found
     w_name, dtype, ranges = found
     assert chain.s is not None
     bns = ", ".join(node_label(scope.index.node(i)) for i in chain.bns)
-    return notes.verdict(scale_hazards(bns, chain.s) + weight_hazards(bns, w_name, dtype, ranges), strict)
+    hazards = scale_hazards(bns, chain.s)
+    if quantized.find(scope, w_name) is None:
+        return notes.verdict(hazards + weight_hazards(bns, w_name, dtype, ranges), strict)
+    bias = _bias_hazards(scope, chain, bns)
+    return bias if isinstance(bias, Reason) else notes.verdict(hazards + bias, strict)
 
 
 def foldable_prefix(scope: Scope, chain: Chain, strict: bool, notes: Notes) -> Chain | None:
