@@ -328,3 +328,83 @@ def test_a_wrong_fold_is_caught_by_verify():
     assert bnfold.verify(model, folded, dims={"N": 2})
     result = bnfold.verify(model, bad, dims={"N": 2}, per_layer=True)
     assert not result and result.first_divergent_layer is not None, result.render_text()
+
+
+# -- verification of quantized networks -------------------------------------------------------------
+
+
+def deep_qdq(layers: int = 5, size: int = 16) -> onnx.ModelProto:
+    """Conv (int8 weight, int32 bias) -> BN -> Relu -> uint8 QuantizeLinear -> DequantizeLinear, repeated:
+    deep enough that a correct fold flips quantizer steps that then travel to the output."""
+    q = Q(seed=11)
+    y = q.activation(q.b.input("x", [2, 3, size, size]), 0.05)
+    cin = 3
+    for k in range(layers):
+        cout = 8 + 4 * k
+        y = q.conv(y, cin, cout, "int8", bias="int32" if k % 2 else "float")
+        y = q.b.relu(q.bn(y, cout, negative=(1,)))
+        s, z = q.b.const(np.float32(0.05), "as"), q.b.const(np.uint8(0), "az", dtype=np.uint8)
+        y = q.b.op("DequantizeLinear", [q.b.op("QuantizeLinear", [y, s, z]), s, z])
+        cin = cout
+    return calibrate(q.b.model(q.b.op("GlobalAveragePool", [y])), batch=2)
+
+
+def _altered(folded: onnx.ModelProto, layer: int, how: str) -> onnx.ModelProto:
+    bad = onnx.ModelProto()
+    bad.CopyFrom(folded)
+    dq = _weights_behind_dq(bad)[layer][1]
+    t = next(t for t in bad.graph.initializer if t.name == dq.input[0 if how == "sign" else 1])
+    v = numpy_helper.to_array(t).copy()
+    if how == "sign":
+        v[3] = complement(v[3])  # one channel's integers complemented without its zero point: a sign error
+    else:
+        v[3] *= 1.01  # one channel's scale 1% off
+    t.CopyFrom(numpy_helper.from_array(v, t.name))
+    return bad
+
+
+def test_a_correct_fold_of_a_deep_quantized_network_passes_at_the_defaults():
+    """The quantizers' integers travel from the original to the candidate: a rounding boundary
+    flips nothing, and every segment is compared on its own."""
+    model = deep_qdq()
+    folded, report = bnfold.fold(model)
+    assert not report.left
+    plain = [run_ort(model, feeds_for(model, s))["globalaveragepool0"] for s in range(3)]
+    moved = [run_ort(folded, feeds_for(model, s))["globalaveragepool0"] for s in range(3)]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, moved, strict=True)) > 1e-3  # steps do flip
+    result = bnfold.verify(model, folded)
+    assert result, result.render_text()
+    assert any("QuantizeLinear output(s) from the original" in n for n in result.notes)
+    assert len(result.layers) == 6  # the input's quantizer and each layer's
+
+
+@pytest.mark.parametrize("how", ["sign", "scale"])
+@pytest.mark.parametrize("layer", [1, 3])
+def test_a_wrong_channel_of_a_deep_quantized_network_fails_at_the_defaults(layer, how):
+    model = deep_qdq()
+    folded, _ = bnfold.fold(model)
+    result = bnfold.verify(model, _altered(folded, layer, how))
+    assert not result, result.render_text()
+    assert result.first_divergent_layer == f"relu{layer}", result.render_text()
+    bad = next(s for s in result.layers if s.name == result.first_divergent_layer)
+    assert bad.worst_channel == 3, bad  # the channel that was changed
+
+
+def test_a_wrong_epsilon_fails_at_the_defaults():
+    from models import with_epsilon
+
+    model = deep_qdq()
+    wrong, _ = bnfold.fold(with_epsilon(model, 1e-1))
+    assert not bnfold.verify(model, wrong)
+
+
+def test_fold_verify_passes_a_deep_quantized_network(tmp_path):
+    from click.testing import CliRunner
+
+    from bnfold.cli import cli
+
+    path = tmp_path / "q.onnx"
+    onnx.save(deep_qdq(), str(path))
+    result = CliRunner().invoke(cli, ["fold", str(path), "--verify"])
+    assert result.exit_code == 0, result.output
+    assert "verification PASSED" in result.output and "QuantizeLinear output(s)" in result.output

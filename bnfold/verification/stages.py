@@ -24,6 +24,7 @@ from ..shapes import inconsistency
 from . import compare
 from .compare import accumulate, judge_layers, judge_outputs, new_stats
 from .inputs import given_samples, load_inputs, synthesized
+from .quantizers import fed_from_reference, fed_quantizers
 from .sessions import check_providers, make_session, session_source
 
 MEMORY_HINT = "use smaller dynamic dimensions (dims, input_shapes: --dim, --input-shape) or fewer samples"
@@ -41,8 +42,9 @@ class Prepared:
     candidate: onnx.ModelProto
     candidate_path: Path | None
     outputs: list[str]  # the original's outputs, compared by name
-    layers: list[str]  # BN outputs compared with per_layer
+    layers: list[str]  # BN outputs compared with per_layer, and the inputs of fed quantizers
     report: VerifyReport
+    fed: list[str] = field(default_factory=list)  # quantizer outputs the candidate takes from the reference
 
 
 @dataclass
@@ -156,13 +158,24 @@ def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prep
             raise BnfoldError(f"{which} is not a consistent graph: {problem}")
     outputs = [out.name for out in ref_model.graph.output]
     layers = _layers(ref_model, cand_model, cand_path, set(outputs)) if o.per_layer else []
+    fed = fed_quantizers(ref_model, cand_model) if o.rtol is None and o.atol is None else []
+    layers += [x for x, _ in fed if x not in layers and x not in outputs]
     reference, compared = ref_model, cand_model
     if layers:
         types = _elem_types(ref_model)
-        reference, compared = _with_outputs(ref_model, layers, types), _with_outputs(cand_model, layers, types)
+        extra = layers + [q for _, q in fed]
+        reference, compared = _with_outputs(ref_model, extra, types), _with_outputs(cand_model, layers, types)
+        compared = fed_from_reference(compared, [q for _, q in fed], types)
     report = _new_report(o, providers)
     _note_outputs(report, outputs, [out.name for out in cand_model.graph.output])
-    return Prepared(o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report)
+    if fed:
+        report.notes.append(
+            f"quantized activations: the candidate takes the integers of {len(fed)} QuantizeLinear output(s) from the "
+            "original, so that each segment between quantizers is compared on its own; their inputs are compared per channel"
+        )
+    prepared = Prepared(o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report)
+    prepared.fed = [q for _, q in fed]
+    return prepared
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -208,7 +221,7 @@ def _sessions(p: Prepared, stack: ExitStack) -> _Sessions:
         base = make_session(session_source(p.original, p.original_path, False, stack), level="basic")
     cands = []
     for provider in p.providers:
-        source = session_source(p.candidate, p.candidate_path, bool(p.layers), stack)
+        source = session_source(p.candidate, p.candidate_path, bool(p.layers or p.fed), stack)
         cands.append((provider, make_session(source, provider, o.graph_optimization, o.allow_tf32)))
     common = {out.name for out in ref.get_outputs()} & {out.name for out in cands[0][1].get_outputs()}
     if not common & set(p.outputs):
@@ -250,8 +263,10 @@ def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray
             tally.outputs.setdefault(f"reference/{name}", []).append(value)
     if s.baseline is not None:
         _floor(tally, ref_vals, _run(s.baseline, feeds, "the original"), k)
+    cand_feeds = {**feeds, **{q: ref_vals[q] for q in p.fed}} if p.fed else feeds
+    shown = {name: value for name, value in ref_vals.items() if name not in set(p.fed)}
     for provider, sess in s.candidates:
-        _compare(p, tally, provider, ref_vals, _run(sess, feeds, "the candidate"), k)
+        _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate"), k)
 
 
 def run(p: Prepared, progress: Callable[[int], None] | None = None) -> Tally:
