@@ -408,3 +408,28 @@ def test_fold_verify_passes_a_deep_quantized_network(tmp_path):
     result = CliRunner().invoke(cli, ["fold", str(path), "--verify"])
     assert result.exit_code == 0, result.output
     assert "verification PASSED" in result.output and "QuantizeLinear output(s)" in result.output
+
+
+def test_through_a_transpose_a_quantized_matmul_takes_batchnorm1d():
+    """PyTorch's bn(fc(x).transpose(1, 2)) with a quantized Linear: MatMul -> Transpose -> BN1d."""
+    q = Q()
+    x = q.activation(q.b.input("x", ["N", 5, 16]))
+    wq, _ = q.weight(q.b.randn(16, 12, scale=0.3), "int8", axis=1)
+    y = q.b.op("Transpose", [q.b.op("MatMul", [x, wq])], perm=[0, 2, 1])
+    folded, report = check_fold(q.model(q.b.relu(q.bn(y, 12, negative=(4,)))), dims={"N": 2})
+    assert not report.left and all(dq is not None for _, dq in _weights_behind_dq(folded))
+
+
+def test_an_identity_branch_beside_quantized_convs_stays_and_the_branches_fold():
+    """RepVGG with quantized Convs: the branch BNs fold into their Convs; the identity BN would have to
+    be added to the quantized kernel, so it stays (quantized_weight_form), and says so."""
+    q = Q()
+    x = q.b.relu(q.activation(q.b.input("x", ["N", 4, 6, 6])))
+    kxk = q.bn(q.conv(x, 4, 4, "int8", bias="none", k=3), 4, negative=(1,))
+    one = q.bn(q.conv(x, 4, 4, "int8", bias="none", k=1), 4, negative=())
+    identity = q.bn(x, 4, negative=())
+    y = q.b.relu(q.b.op("Add", [q.b.op("Add", [one, kxk]), identity]))
+    folded, report = check_fold(q.model(y), left=1, dims={"N": 2})
+    assert report.left[0].reason == "quantized_weight_form", report.render_text()
+    assert "an identity branch cannot be added" in report.left[0].message
+    assert all(dq is not None for _, dq in _weights_behind_dq(folded))
