@@ -433,3 +433,16 @@ def test_an_identity_branch_beside_quantized_convs_stays_and_the_branches_fold()
     assert report.left[0].reason == "quantized_weight_form", report.render_text()
     assert "an identity branch cannot be added" in report.left[0].message
     assert all(dq is not None for _, dq in _weights_behind_dq(folded))
+
+
+@pytest.mark.parametrize("case", [*FORMS, "P4_quantized_output", "P3_gemm", "P3_matmul"])
+def test_verify_passes_every_correct_fold_at_the_defaults(case):
+    if case == "P4_quantized_output":
+        model = conv_net("float", quantized_output=True)
+    elif case.startswith("P3"):
+        model = gemm_net(case[3:], "int8")
+    else:
+        model = conv_net(**FORMS[case])
+    folded, _ = bnfold.fold(model)
+    result = bnfold.verify(model, folded, dims={"N": 2})
+    assert result, result.render_text()
