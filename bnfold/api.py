@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -293,6 +294,26 @@ def _worker(conn: Any, args: tuple[Any, ...]) -> None:
 
 
 @contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """A spawned worker re-runs the parent's main script (to find what it is to run) unless the
+    script hides where it is: a plain script calling fold_many without an ``if __name__ ==
+    "__main__"`` guard would run again in every worker, which would fold again and fail. The worker
+    runs bnfold's own importable function, so the main script is hidden while workers start."""
+    main = sys.modules.get("__main__")
+    names = ("__file__", "__spec__")
+    saved = {name: main.__dict__[name] for name in names if main is not None and name in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
+@contextmanager
 def _sigint_ignored() -> Iterator[None]:
     import signal
 
@@ -323,7 +344,7 @@ class _Pool:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(target=_worker, args=(theirs, self.args), daemon=True)
         self.workers.append((process, ours))
-        with _sigint_ignored():  # inherited: Ctrl-C reaches the parent, which stops the workers
+        with _sigint_ignored(), _main_not_rerun():  # SIGINT ignored: inherited; Ctrl-C reaches the parent
             process.start()
         theirs.close()
         return process, ours
