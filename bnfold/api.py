@@ -26,7 +26,7 @@ from .io.load import ModelLike, check_model, checker_problem, file_size, open_mo
 from .io.save import save
 from .io.tensors import Source
 from .options import FoldOptions, PathLike, VerifyOptions
-from .proto import all_nodes, external_location, initializers, is_batchnorm
+from .proto import all_nodes, external_location, initializers, is_batchnorm, tensor_nbytes
 from .report import BatchEntry, BatchNormInfo, BatchReport, FoldReport, InspectReport, ModelStats
 
 
@@ -78,6 +78,22 @@ def _check_output(output: Path, path: Path | None, source: Source, in_place: boo
         )
 
 
+def _dry_run_result(proto: onnx.ModelProto, source: Source, plan: FoldPlan) -> ModelStats:
+    """The counts the fold would give, from the plan applied to a copy (the model stays as it was)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    with quiet_numpy(), _collector_paused():
+        apply(copy, plan, source)
+    return stats(copy, _size(copy))
+
+
+def _size(model: onnx.ModelProto) -> int:
+    """The bytes a model would take written: its protobuf, and the bytes of the tensors whose values
+    are not in it (file-backed, or computed when written)."""
+    size: int = model.ByteSize()
+    return size + sum(tensor_nbytes(t) for t in initializers(model) if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
 def _plan(proto: onnx.ModelProto, source: Source, o: FoldOptions, apply_it: bool) -> FoldPlan:
     """Plan (and with ``apply_it``, apply) with numpy quiet and the collector paused."""
     with quiet_numpy(), _collector_paused():
@@ -115,7 +131,9 @@ def _fold(
     plan = _plan(proto, source, o, not o.dry_run)
     if in_memory and not o.dry_run:
         source.materialize(proto)
-    report = _report(plan, before, stats(proto, before.bytes if o.dry_run else 0), path, o.dry_run)
+    report = _report(
+        plan, before, _dry_run_result(proto, source, plan) if o.dry_run else stats(proto, 0), path, o.dry_run
+    )
     checked: dict[str, str | None] = {}
     if o.check:
         checked["input"] = checker_problem(path if path is not None else cast(onnx.ModelProto, model))

@@ -350,8 +350,10 @@ def _verification(
         flags = ", ".join([flag_of(f) for f in given] + (["--keep-failed/--remove-failed"] if keep else []))
         raise UserError(f"{flags} only applies with --verify")
     verify = _take(VerifyOptions, values)
-    if not do_verify or fold.dry_run:
+    if not do_verify:
         return None
+    if fold.dry_run:
+        raise UserError("--verify compares the written model with its original, and --dry-run writes none: drop one")
     if fold.in_place:
         raise UserError("--verify needs the original: it cannot be combined with --in-place")
     _check_providers(verify)  # before anything is written

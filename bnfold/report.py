@@ -247,18 +247,16 @@ class FoldReport:
             ("bytes", b.bytes, a.bytes),
         ):
             lines.append([(f"  {label:14}{x:>12,}{y:>12,}", PLAIN)])
-        if self.folded:
-            lines.append([(f"folded ({len(self.folded)}):", OK)])
-            for f in self.folded:
-                lines.append(
-                    [
-                        (
-                            f"  {f.name} -> {f.into_op} {f.into}"
-                            + ("" if f.direction == "forward" else f"  [{f.direction}]"),
-                            PLAIN,
-                        )
-                    ]
-                )
+        folded = [f for f in self.folded if f.direction != "lowered"]
+        lowered = [f for f in self.folded if f.direction == "lowered"]
+        if folded:
+            lines.append([(f"folded ({len(folded)}):", OK)])
+            for f in folded:
+                suffix = "" if f.direction == "forward" else f"  [{f.direction}]"
+                lines.append([(f"  {f.name} -> {f.into_op} {f.into}{suffix}", PLAIN)])
+        if lowered:  # not folded: replaced by Mul and Add (--lower-standalone)
+            lines.append([(f"lowered to Mul + Add by per-channel constants ({len(lowered)}):", OK)])
+            lines.append([(f"  {', '.join(f.name for f in lowered)}", PLAIN)])
         if self.affine:
             lines.append([(f"affine ops folded without a BN ({len(self.affine)}):", OK)])
             lines.extend([(f"  {a}", PLAIN)] for a in self.affine)

@@ -350,6 +350,13 @@ def _median(values: np.ndarray) -> float:
     return float(medians(values.reshape(1, -1))[0])
 
 
+def _range_change(ratio: float) -> str:
+    """How the fold moves the weight's largest magnitude, in words that match the number."""
+    if ratio >= 1:
+        return f"max|W| grows {ratio:.3g}x"
+    return f"max|W| shrinks to {ratio:.3g} of what it was"
+
+
 def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> list[Hazard]:
     out = []
     b_max, a_max = float(found.before.max(initial=0)), float(found.after.max(initial=0))
@@ -363,7 +370,7 @@ def weight_hazards(bn: str, tensor: str, dtype: np.dtype, found: _Pass) -> list[
                     "range_inflation",
                     bn,
                     tensor,
-                    f"max|W| x{ratio:.3g}; largest/median channel range {spread_b:.3g} -> {spread_a:.3g} "
+                    f"{_range_change(ratio)}; largest/median channel range {spread_b:.3g} -> {spread_a:.3g} "
                     "(per-tensor int8 quantization loses resolution)",
                     {"max_ratio": ratio, "spread_before": spread_b, "spread_after": spread_a},
                 )
