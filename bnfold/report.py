@@ -374,6 +374,10 @@ def _by_reason(left: list[LeftBN]) -> dict[str, list[LeftBN]]:
     return groups
 
 
+SCALED_KEYS = frozenset(("bound", "threshold", "decided_by", "baseline_error"))
+ELEMENTWISE_KEYS = frozenset(("rtol", "atol", "mismatches", "atol_needed", "rtol_needed"))
+
+
 @dataclass
 class ErrorStats:
     """Error of one output (or one layer) on one provider, over all samples."""
@@ -444,7 +448,9 @@ class ErrorStats:
             "missing",
             "shape_mismatch",
         )
-        d = _json_floats({k: getattr(self, k) for k in keys})
+        # Each criterion's own numbers only: a field the criterion does not compute is absent, never 0.
+        other = ELEMENTWISE_KEYS if self.criterion == "scaled" else SCALED_KEYS
+        d = _json_floats({k: getattr(self, k) for k in keys if k not in other})
         d["percentiles"] = dict(zip(("p50", "p90", "p99"), self.percentiles, strict=False))
         return d
 

@@ -54,3 +54,49 @@ def test_lowered_bns_are_listed_as_lowered_not_folded():
     text = CliRunner().invoke(cli, ["fold", str(DEMO), "--dry-run", "--lower-standalone"]).output
     assert "folded (6):" in text and "lowered to Mul + Add by per-channel constants (2):" in text
     assert "Mul+Add Mul+Add" not in text
+
+
+# -- no vacuous pass --------------------------------------------------------------------------------
+
+
+def _dead_relu(two_outputs: bool = False):
+    """Conv -> BN -> Relu whose BN shifts everything far below 0: the output is all zeros."""
+    from models import Builder
+
+    b = Builder(seed=2)
+    x = b.input("x", ["N", 3, 6, 6])
+    y = b.conv(x, 3, 4, 3)
+    params = [
+        b.const(np.ones(4), "g"),
+        b.const(np.full(4, -1e3), "beta"),
+        b.const(np.zeros(4), "m"),
+        b.const(np.ones(4), "v"),
+    ]
+    dead = b.relu(b.bn(y, 4, params=params))
+    outputs = [dead]
+    if two_outputs:
+        outputs.append(b.relu(b.bn(b.conv(x, 3, 4, 3), 4)))
+    return b.model(*outputs)
+
+
+def test_a_reference_that_is_all_zeros_is_no_pass(tmp_path):
+    import onnx
+
+    model = _dead_relu()
+    folded, _ = bnfold.fold(model)
+    with pytest.raises(bnfold.BnfoldError, match=r"outputs are constant on these inputs: relu0 \(all 0\).*--inputs"):
+        bnfold.verify(model, folded, dims={"N": 2})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    onnx.save(folded, str(tmp_path / "f.onnx"))
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_constant_output_beside_informative_ones_is_said():
+    model = _dead_relu(two_outputs=True)
+    folded, _ = bnfold.fold(model)
+    result = bnfold.verify(model, folded, dims={"N": 2})
+    assert result, result.render_text()
+    note = next(n for n in result.notes if n.startswith("warning: constant"))
+    assert "relu0" in note and "--inputs" in note
+    assert note in result.render_text() and note in result.to_json()

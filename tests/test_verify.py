@@ -109,11 +109,16 @@ def test_json_has_every_number(pair):
             "max_index",
             "percentiles",
             "criterion",
-            "mismatches",
             "nonfinite_mismatches",
         ):
             assert key in entry
+        # the elementwise criterion's numbers are absent in the scaled mode, not a false 0
+        assert not {"rtol", "atol", "mismatches", "atol_needed", "rtol_needed"} & set(entry)
     assert len(doc["layers"]) == 7 and doc["first_divergent_layer"] is None
+    elementwise = json.loads(invoke("verify", orig, folded, "--json", "--rtol", "1e-3", "--samples", "1").output)
+    for entry in elementwise["outputs"]:
+        assert {"rtol", "atol", "mismatches", "atol_needed", "rtol_needed"} <= set(entry)
+        assert not {"bound", "threshold", "decided_by", "baseline_error"} & set(entry)
 
 
 def test_seed_and_samples(pair):

@@ -54,6 +54,7 @@ class Tally:
     stats: dict[tuple[str, str], ErrorStats] = field(default_factory=dict)  # (output, provider)
     floors: dict[str, ErrorStats] = field(default_factory=dict)  # onnxruntime's fusion against the reference
     held: set[str] = field(default_factory=set)  # outputs whose reference held values, finite or not
+    spans: dict[str, tuple[float, float, bool]] = field(default_factory=dict)  # finite min, max; any inf/NaN
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # kept for save_inputs
     outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # kept for save_outputs
 
@@ -256,6 +257,7 @@ def _compare(
 def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray], k: int) -> None:
     ref_vals = _run(s.reference, feeds, "the original")
     tally.held.update(name for name, value in ref_vals.items() if value.size)
+    _spans(tally, ref_vals)
     if p.options.save_inputs:
         tally.inputs.append(feeds)
     if p.options.save_outputs:
@@ -267,6 +269,18 @@ def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray
     shown = {name: value for name, value in ref_vals.items() if name not in set(p.fed)}
     for provider, sess in s.candidates:
         _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate"), k)
+
+
+def _spans(tally: Tally, values: Mapping[str, np.ndarray]) -> None:
+    """The range of each reference value's finite elements over the samples, and whether any is not finite."""
+    for name, value in values.items():
+        if value.dtype.kind not in "fiu" or not value.size:
+            continue
+        finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
+        lo, hi, bad = tally.spans.get(name, (np.inf, -np.inf, False))
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        tally.spans[name] = (lo, hi, bad or finite.size < value.size)
 
 
 def run(p: Prepared, progress: Callable[[int], None] | None = None) -> Tally:
@@ -303,12 +317,43 @@ def _nothing_compared(report: VerifyReport, held: set[str]) -> None:
     raise BnfoldError(f"nothing was compared for {names} (no elements): check the input shapes and dims (--dim)")
 
 
+FIX = "give real inputs (--inputs FILE.npz) or other sizes (--dim, --input-shape)"
+
+
+def _uninformative(p: Prepared, tally: Tally) -> None:
+    """No vacuous pass: outputs whose reference is constant on these inputs prove nothing about the
+    fold (a detection head's all-zero map, say). When every compared value is so, verification is
+    refused (exit 2: a pass would say nothing); otherwise the report says which, and what to do.
+    Reference values that are not finite are said too (compared where they are finite)."""
+    compared = [n for n in p.outputs + p.layers if n in tally.spans]
+    constant = [n for n in compared if tally.spans[n][0] >= tally.spans[n][1]]
+    nonfinite = [n for n in p.outputs if n in tally.spans and tally.spans[n][2]]
+    if compared and len(constant) == len(compared):
+        values = ", ".join(f"{n} (all {_value(tally.spans[n][0])})" for n in constant[:3])
+        raise BnfoldError(
+            f"the original's outputs are constant on these inputs: {values}; a comparison would prove nothing: {FIX}"
+        )
+    if constant:
+        p.report.notes.append(
+            f"warning: constant in the original on these inputs, so proving nothing: {', '.join(constant)}; {FIX}"
+        )
+    if nonfinite:
+        p.report.notes.append(
+            f"warning: the original computes inf or NaN in {', '.join(nonfinite)} on these inputs; {FIX}"
+        )
+
+
+def _value(v: float) -> str:
+    return "inf or NaN" if not np.isfinite(v) else f"{v:g}"
+
+
 def judge(p: Prepared, tally: Tally) -> VerifyReport:
     """Apply the criteria (:mod:`.compare`) to what the runs gathered; the report says the verdict."""
     report, stats = p.report, tally.stats
     report.outputs = [stats[(n, q)] for n in p.outputs for q in p.providers if (n, q) in stats]
     report.layers = [stats[(n, q)] for n in p.layers for q in p.providers if (n, q) in stats]
     _nothing_compared(report, tally.held)
+    _uninformative(p, tally)
     floors = [compare.scaled_error(tally.floors[s.name]) if s.name in tally.floors else None for s in report.outputs]
     judge_outputs(report.outputs, floors)
     for provider in p.providers:
