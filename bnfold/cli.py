@@ -369,7 +369,10 @@ def _fold_and_verify(
     report = fold_file(model, out_path, options)
     result = None
     if verify is not None:
-        result = _run_verify(model, out_path, verify)
+        try:
+            result = _run_verify(model, out_path, verify)
+        except BnfoldError as exc:  # the fold's output stays; say so
+            raise UserError(f"{exc}; the folded model was written to {out_path}, not verified") from None
         if not result and not keep_failed:
             from .api import remove_output
 

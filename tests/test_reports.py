@@ -100,3 +100,39 @@ def test_a_constant_output_beside_informative_ones_is_said():
     note = next(n for n in result.notes if n.startswith("warning: constant"))
     assert "relu0" in note and "--inputs" in note
     assert note in result.render_text() and note in result.to_json()
+
+
+# -- errors that fix the run ------------------------------------------------------------------------
+
+
+def _needs_a_size(tmp_path):
+    """A Reshape to a fixed 2x6 shape: onnxruntime cannot run it unless the dynamic batch is 2."""
+    import onnx
+
+    from models import Builder
+
+    b = Builder(seed=3)
+    x = b.input("x", ["batch", 3])
+    y = b.op("Reshape", [b.gemm(x, 3, 6), b.const(np.array([2, 6]), "shape", dtype=np.int64)])
+    model = b.model(b.relu(b.bn(y, 6)))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_when_onnxruntime_cannot_run_the_inputs_the_error_says_what_was_fed_and_how_to_change_it(tmp_path):
+    path = _needs_a_size(tmp_path)
+    assert CliRunner().invoke(cli, ["fold", str(path), "-o", str(tmp_path / "f.onnx"), "-q"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["verify", str(path), str(tmp_path / "f.onnx")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    for words in ("x [1, 3]", "dynamic dimensions left at 1: batch", "--dim NAME=SIZE", "--inputs FILE.npz"):
+        assert words in result.output, result.output
+    assert CliRunner().invoke(cli, ["verify", str(path), str(tmp_path / "f.onnx"), "--dim", "batch=2"]).exit_code == 0
+
+
+def test_fold_verify_says_what_became_of_the_written_model(tmp_path):
+    path = _needs_a_size(tmp_path)
+    out = tmp_path / "f.onnx"
+    result = CliRunner().invoke(cli, ["fold", str(path), "-o", str(out), "--verify"])
+    assert result.exit_code == 2, result.output
+    assert f"the folded model was written to {out}, not verified" in result.output and out.exists()

@@ -23,7 +23,7 @@ from ..report import ErrorStats, VerifyReport
 from ..shapes import inconsistency
 from . import compare
 from .compare import accumulate, judge_layers, judge_outputs, new_stats
-from .inputs import given_samples, load_inputs, synthesized
+from .inputs import given_samples, input_specs, load_inputs, synthesized
 from .quantizers import fed_from_reference, fed_quantizers
 from .sessions import check_providers, make_session, session_source
 
@@ -194,8 +194,9 @@ def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[dict[str, np.nd
     return given_samples(model, load_inputs(o.inputs, o.max_input_bytes))
 
 
-def _run(sess: Any, feeds: dict[str, np.ndarray], which: str) -> dict[str, np.ndarray]:
-    """One run, by output name; onnxruntime's refusal of these inputs is the user's to fix, not a bug here."""
+def _run(sess: Any, feeds: dict[str, np.ndarray], which: str, used: str = "") -> dict[str, np.ndarray]:
+    """One run, by output name; onnxruntime's refusal of these inputs is the user's to fix, not a bug
+    here: the error says what was fed (``used``) and the options that set it."""
     names = {i.name for i in sess.get_inputs()}
     try:
         values = sess.run(None, {k: v for k, v in feeds.items() if k in names})
@@ -203,7 +204,7 @@ def _run(sess: Any, feeds: dict[str, np.ndarray], which: str) -> dict[str, np.nd
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "Failed to allocate memory" in first:
             first += f"; not enough memory: {MEMORY_HINT}"
-        raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}") from None
+        raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}{used}") from None
     return dict(zip([x.name for x in sess.get_outputs()], values, strict=False))
 
 
@@ -254,8 +255,24 @@ def _compare(
             tally.outputs.setdefault(f"{_short(provider)}/{name}", []).append(got[name])
 
 
+def _inputs_used(p: Prepared, feeds: Mapping[str, np.ndarray]) -> str:
+    """What was fed, and how to change it, for an error onnxruntime raises on these inputs."""
+    shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items())
+    if p.options.inputs is not None:
+        return f" (the inputs given: {shapes})"
+    dynamic = sorted(
+        {d for _, _, dims in input_specs(p.original) for d in dims if isinstance(d, str)} - set(p.options.dims)
+    )
+    defaulted = f"; dynamic dimensions left at 1: {', '.join(dynamic)}" if dynamic else ""
+    return (
+        f" (inputs synthesized with shapes {shapes}{defaulted}: set sizes with --dim NAME=SIZE or "
+        "--input-shape NAME=D1,D2,..., or give real inputs with --inputs FILE.npz)"
+    )
+
+
 def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray], k: int) -> None:
-    ref_vals = _run(s.reference, feeds, "the original")
+    used = _inputs_used(p, feeds)
+    ref_vals = _run(s.reference, feeds, "the original", used)
     tally.held.update(name for name, value in ref_vals.items() if value.size)
     _spans(tally, ref_vals)
     if p.options.save_inputs:
@@ -264,11 +281,11 @@ def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray
         for name, value in ref_vals.items():
             tally.outputs.setdefault(f"reference/{name}", []).append(value)
     if s.baseline is not None:
-        _floor(tally, ref_vals, _run(s.baseline, feeds, "the original"), k)
+        _floor(tally, ref_vals, _run(s.baseline, feeds, "the original", used), k)
     cand_feeds = {**feeds, **{q: ref_vals[q] for q in p.fed}} if p.fed else feeds
     shown = {name: value for name, value in ref_vals.items() if name not in set(p.fed)}
     for provider, sess in s.candidates:
-        _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate"), k)
+        _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate", used), k)
 
 
 def _spans(tally: Tally, values: Mapping[str, np.ndarray]) -> None:
