@@ -540,7 +540,9 @@ class VerifyReport:
         providers = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
         lines: list[Line] = [[verdict, (f": {self.samples} sample(s), seed {self.seed}, on {providers}", PLAIN)]]
         if self.criterion == "scaled":
-            how = "max|d| / max|ref| <= bound = " + ("max(threshold, 4 x floor)" if self.baseline else "threshold")
+            how = "max|d| / max|ref| <= bound = " + (
+                "max(4 x floor, threshold / 100)" if self.baseline else "threshold"
+            )
         else:
             how = f"elementwise: rtol {self.rtol or 0:g}, atol {self.atol or 0:g}"
         lines.append([(f"  criterion: {how}", PLAIN)])

@@ -264,7 +264,26 @@ def test_the_bound_follows_the_noise_floor():
     judge_outputs([s], [2e-4])  # but onnxruntime's own fusion is at 2e-4 on this model
     assert s.passed and s.bound == pytest.approx(8e-4) and s.decided_by == "baseline"
     judge_outputs([s], [1e-5])
+    assert not s.passed and s.bound == pytest.approx(4e-5) and s.decided_by == "baseline"
+    judge_outputs([s], [None])  # no baseline: the threshold
     assert not s.passed and s.bound == 1e-4 and s.decided_by == "threshold"
+
+
+def test_a_small_floor_holds_a_candidate_to_a_few_times_it():
+    """HRNet-W18-small's wrong epsilon: 1.2e-5 against a floor of 2e-6 passed under the fixed 1e-4;
+    the correct fold's 1.9e-6 still passes. A floor of exactly 0 (a baseline that fused nothing) says
+    nothing of rounding: the threshold applies; a tiny floor gives at least a hundredth of it."""
+    ref = np.linspace(-1, 1, 100)
+    for error, floor, passes, bound in (
+        (1.2e-5, 2e-6, False, 8e-6),
+        (1.9e-6, 2e-6, True, 8e-6),
+        (5e-5, 0.0, True, 1e-4),
+        (5e-7, 1e-9, True, 1e-6),
+    ):
+        s = new_stats("y", F32, "cpu", None, None)
+        accumulate(s, ref, ref + error)
+        judge_outputs([s], [floor])
+        assert s.passed == passes and s.bound == pytest.approx(bound), (error, floor, s.bound)
 
 
 def _layer(error_by_channel):
