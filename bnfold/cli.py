@@ -307,6 +307,11 @@ def _echo(lines: list[Line], err: bool = False) -> None:
         )
 
 
+def _json_or_quiet(as_json: bool, quiet: bool) -> None:
+    if as_json and quiet:
+        raise UserError("--json prints the report and -q/--quiet prints nothing: choose one")
+
+
 def _dump(doc: Any) -> None:
     import json
 
@@ -427,6 +432,7 @@ def fold(
     Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
     3 internal error.
     """
+    _json_or_quiet(as_json, quiet)
     options = _take(FoldOptions, values)
     verify = _verification(ctx, values, do_verify, options)
     batch = len(models) > 1 or (output is not None and (output.is_dir() or str(output).endswith(("/", "\\"))))
@@ -438,7 +444,7 @@ def fold(
         sys.exit(_batch(list(models), output, options, verify, keep_failed, jobs, as_json, quiet))
     report, result = _fold_and_verify(models[0], output, options, verify, keep_failed)
     if as_json:
-        _dump(report.to_dict() if result is None else {"fold": report.to_dict(), "verify": result.to_dict()})
+        _dump({**report.to_dict(), "verify": None if result is None else result.to_dict()})  # one shape
     elif not quiet:
         _echo(report.render_lines())
         if result is not None:
@@ -499,6 +505,7 @@ def verify(original: Path, candidate: Path, as_json: bool, quiet: bool, **values
     Outputs are matched by name. Exit codes: 0 equivalent within tolerance, 1 not equivalent,
     2 bad input, usage, or a provider that is not available.
     """
+    _json_or_quiet(as_json, quiet)
     result = _run_verify(original, candidate, _take(VerifyOptions, values))
     if as_json:
         click.echo(result.to_json())

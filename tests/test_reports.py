@@ -136,3 +136,20 @@ def test_fold_verify_says_what_became_of_the_written_model(tmp_path):
     result = CliRunner().invoke(cli, ["fold", str(path), "-o", str(out), "--verify"])
     assert result.exit_code == 2, result.output
     assert f"the folded model was written to {out}, not verified" in result.output and out.exists()
+
+
+def test_fold_json_has_one_shape_with_and_without_verify(tmp_path):
+    import json
+
+    plain = json.loads(CliRunner().invoke(cli, ["fold", str(DEMO), "-o", str(tmp_path / "a.onnx"), "--json"]).output)
+    verified = json.loads(
+        CliRunner().invoke(cli, ["fold", str(DEMO), "-o", str(tmp_path / "b.onnx"), "--json", "--verify"]).output
+    )
+    assert set(plain) == set(verified) and plain["verify"] is None and verified["verify"]["passed"] is True
+    assert plain["after"] == verified["after"]
+
+
+@pytest.mark.parametrize("command", [["fold", str(DEMO), "--dry-run"], ["verify", str(DEMO), str(DEMO)]])
+def test_json_and_quiet_together_are_a_usage_error(command):
+    result = CliRunner().invoke(cli, [*command, "--json", "-q"])
+    assert result.exit_code == 2 and "choose one" in result.output
