@@ -153,3 +153,49 @@ def test_fold_json_has_one_shape_with_and_without_verify(tmp_path):
 def test_json_and_quiet_together_are_a_usage_error(command):
     result = CliRunner().invoke(cli, [*command, "--json", "-q"])
     assert result.exit_code == 2 and "choose one" in result.output
+
+
+# -- verify at scale: one model in memory at a time --------------------------------------------------
+
+
+def test_verify_holds_one_onnxruntime_session_at_a_time(monkeypatch):
+    """Reference, baseline and candidate run one after another: never two sessions alive."""
+    import gc
+    import weakref
+
+    import bnfold.verification.stages as stages
+
+    real, alive, most = stages.make_session, weakref.WeakSet(), []
+
+    class Held:  # onnxruntime's session type takes no weak references: a wrapper is counted instead
+        def __init__(self, sess):
+            self.sess = sess
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    def counted(*args, **kwargs):
+        gc.collect()
+        held = Held(real(*args, **kwargs))
+        alive.add(held)
+        most.append(len(alive))
+        return held
+
+    monkeypatch.setattr(stages, "make_session", counted)
+    model = resnet_bottleneck()
+    folded, _ = bnfold.fold(model)
+    assert bnfold.verify(model, folded, dims={"N": 2}, per_layer=True, samples=2)
+    assert len(most) == 4 and max(most) == 1, (
+        most
+    )  # the candidate as written (per-layer), reference, baseline, candidate
+
+
+def test_kept_values_spill_to_a_folder_and_give_the_same_verdict(monkeypatch):
+    import bnfold.verification.stages as stages
+
+    model = resnet_bottleneck()
+    folded, _ = bnfold.fold(model)
+    in_memory = bnfold.verify(model, folded, dims={"N": 2}, per_layer=True)
+    monkeypatch.setattr(stages, "SPILL_BYTES", 1)
+    spilled = bnfold.verify(model, folded, dims={"N": 2}, per_layer=True)
+    assert in_memory.to_dict() == spilled.to_dict()

@@ -4,6 +4,10 @@ compared and how), :func:`run` (the sessions, sample by sample), :func:`judge` (
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import json
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from .inputs import given_samples, input_specs, load_inputs, synthesized
 from .quantizers import fed_from_reference, fed_quantizers
 from .sessions import check_providers, make_session, session_source
 
+SPILL_BYTES = 256 << 20  # inputs and reference values kept in memory up to this, then in a temporary folder
 MEMORY_HINT = "use smaller dynamic dimensions (dims, input_shapes: --dim, --input-shape) or fewer samples"
 
 
@@ -208,27 +213,94 @@ def _run(sess: Any, feeds: dict[str, np.ndarray], which: str, used: str = "") ->
     return dict(zip([x.name for x in sess.get_outputs()], values, strict=False))
 
 
-@dataclass
-class _Sessions:
-    reference: Any
-    baseline: Any  # onnxruntime's own fusion of the original, or None
-    candidates: list[tuple[str, Any]]  # (provider, session)
+class _Kept:
+    """Each sample's inputs and the reference's values, kept while the other models run: in memory
+    up to SPILL_BYTES in all, then written to a temporary folder and read back one sample at a time."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.stack = stack
+        self.memory: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self.folder: Path | None = None
+        self.count, self.nbytes = 0, 0
+
+    def put(self, feeds: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+        self.nbytes += sum(v.nbytes for v in feeds.values()) + sum(v.nbytes for v in values.values())
+        if self.folder is None and self.nbytes > SPILL_BYTES:
+            self.folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-")))
+            for k, kept in enumerate(self.memory):
+                self._write(k, *kept)
+            self.memory.clear()
+        if self.folder is None:
+            self.memory.append((feeds, values))
+        else:
+            self._write(self.count, feeds, values)
+        self.count += 1
+
+    def _write(self, k: int, feeds: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+        assert self.folder is not None
+        for part, arrays in (("in", feeds), ("ref", values)):
+            for j, value in enumerate(arrays.values()):
+                np.save(self.folder / f"{k}.{part}.{j}.npy", value, allow_pickle=False)
+            (self.folder / f"{k}.{part}.names").write_text(json.dumps(list(arrays)), encoding="utf-8")
+
+    def get(self, k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        if self.folder is None:
+            return self.memory[k]
+        parts = []
+        for part in ("in", "ref"):
+            names = json.loads((self.folder / f"{k}.{part}.names").read_text(encoding="utf-8"))
+            parts.append({n: np.load(self.folder / f"{k}.{part}.{j}.npy") for j, n in enumerate(names)})
+        return parts[0], parts[1]
 
 
-def _sessions(p: Prepared, stack: ExitStack) -> _Sessions:
-    o = p.options
+def _spans(tally: Tally, values: Mapping[str, np.ndarray]) -> None:
+    """The range of each reference value's finite elements over the samples, and whether any is not finite."""
+    for name, value in values.items():
+        if value.dtype.kind not in "fiu" or not value.size:
+            continue
+        finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
+        lo, hi, bad = tally.spans.get(name, (np.inf, -np.inf, False))
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        tally.spans[name] = (lo, hi, bad or finite.size < value.size)
+
+
+def _reference_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) -> list[str]:
+    """Run the reference on every sample, keeping its values; returns its output names."""
     ref = make_session(session_source(p.reference, p.original_path, bool(p.layers), stack))
-    base = None
-    if p.report.baseline:
-        base = make_session(session_source(p.original, p.original_path, False, stack), level="basic")
-    cands = []
-    for provider in p.providers:
-        source = session_source(p.candidate, p.candidate_path, bool(p.layers or p.fed), stack)
-        cands.append((provider, make_session(source, provider, o.graph_optimization, o.allow_tf32)))
-    common = {out.name for out in ref.get_outputs()} & {out.name for out in cands[0][1].get_outputs()}
-    if not common & set(p.outputs):
-        raise BnfoldError("the two models have no output name in common: they are not two versions of one model")
-    return _Sessions(ref, base, cands)
+    names = [out.name for out in ref.get_outputs()]
+    for feeds in _feeds(p.reference, p.options):
+        values = _run(ref, feeds, "the original", _inputs_used(p, feeds))
+        tally.held.update(name for name, value in values.items() if value.size)
+        _spans(tally, values)
+        if p.options.save_inputs:
+            tally.inputs.append(feeds)
+        if p.options.save_outputs:
+            for name, value in values.items():
+                tally.outputs.setdefault(f"reference/{name}", []).append(value)
+        kept.put(feeds, values)
+    return names
+
+
+def _baseline_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) -> None:
+    base = make_session(session_source(p.original, p.original_path, False, stack), level="basic")
+    for k in range(kept.count):
+        feeds, ref_vals = kept.get(k)
+        _floor(tally, ref_vals, _run(base, feeds, "the original", _inputs_used(p, feeds)), k)
+
+
+def _candidate_phase(p: Prepared, tally: Tally, kept: _Kept, provider: str, stack: ExitStack) -> list[str]:
+    """Run the candidate on ``provider`` on every sample, comparing; returns its output names."""
+    o = p.options
+    source = session_source(p.candidate, p.candidate_path, bool(p.layers or p.fed), stack)
+    sess = make_session(source, provider, o.graph_optimization, o.allow_tf32)
+    fed = set(p.fed)
+    for k in range(kept.count):
+        feeds, ref_vals = kept.get(k)
+        cand_feeds = {**feeds, **{q: ref_vals[q] for q in p.fed}} if p.fed else feeds
+        shown = {name: value for name, value in ref_vals.items() if name not in fed}
+        _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate", _inputs_used(p, feeds)), k)
+    return [out.name for out in sess.get_outputs()]
 
 
 def _floor(tally: Tally, ref_vals: dict[str, np.ndarray], base_vals: dict[str, np.ndarray], k: int) -> None:
@@ -270,47 +342,43 @@ def _inputs_used(p: Prepared, feeds: Mapping[str, np.ndarray]) -> str:
     )
 
 
-def _sample(p: Prepared, s: _Sessions, tally: Tally, feeds: dict[str, np.ndarray], k: int) -> None:
-    used = _inputs_used(p, feeds)
-    ref_vals = _run(s.reference, feeds, "the original", used)
-    tally.held.update(name for name, value in ref_vals.items() if value.size)
-    _spans(tally, ref_vals)
-    if p.options.save_inputs:
-        tally.inputs.append(feeds)
-    if p.options.save_outputs:
-        for name, value in ref_vals.items():
-            tally.outputs.setdefault(f"reference/{name}", []).append(value)
-    if s.baseline is not None:
-        _floor(tally, ref_vals, _run(s.baseline, feeds, "the original", used), k)
-    cand_feeds = {**feeds, **{q: ref_vals[q] for q in p.fed}} if p.fed else feeds
-    shown = {name: value for name, value in ref_vals.items() if name not in set(p.fed)}
-    for provider, sess in s.candidates:
-        _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate", used), k)
-
-
-def _spans(tally: Tally, values: Mapping[str, np.ndarray]) -> None:
-    """The range of each reference value's finite elements over the samples, and whether any is not finite."""
-    for name, value in values.items():
-        if value.dtype.kind not in "fiu" or not value.size:
-            continue
-        finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
-        lo, hi, bad = tally.spans.get(name, (np.inf, -np.inf, False))
-        if finite.size:
-            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
-        tally.spans[name] = (lo, hi, bad or finite.size < value.size)
+def _release_memory() -> None:
+    """Give the memory of the session just closed back to the system before the next one loads:
+    glibc keeps freed memory for the process otherwise, and the next session's pages add to it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+        pass
 
 
 def run(p: Prepared, progress: Callable[[int], None] | None = None) -> Tally:
-    """Run the reference, the baseline and the candidate on each provider, one sample at a time,
-    gathering the error statistics. ``progress`` is called with the samples done after each."""
+    """Run the reference on every sample (its values kept: :class:`_Kept`), then the baseline, then
+    the candidate on each provider, comparing: one onnxruntime session alive at a time, so that
+    memory holds one model, not three. ``progress`` is called with the samples the reference has
+    run after each (the others follow from what it kept)."""
     tally = Tally()
     with ExitStack() as stack:
-        sessions = _sessions(p, stack)
-        for k, feeds in enumerate(_feeds(p.reference, p.options)):
-            _sample(p, sessions, tally, feeds, k)
-            p.report.samples = k + 1
-            if progress:
+        kept = _Kept(stack)
+        with ExitStack() as session:
+            reference = _reference_phase(p, tally, kept, session)
+        _release_memory()
+        p.report.samples = kept.count
+        if progress:
+            for k in range(kept.count):
                 progress(k + 1)
+        if p.report.baseline:
+            with ExitStack() as session:
+                _baseline_phase(p, tally, kept, session)
+            _release_memory()
+        for provider in p.providers:
+            with ExitStack() as session:
+                names = _candidate_phase(p, tally, kept, provider, session)
+            _release_memory()
+            if not set(reference) & set(names) & set(p.outputs):
+                raise BnfoldError(
+                    "the two models have no output name in common: they are not two versions of one model"
+                )
     return tally
 
 
