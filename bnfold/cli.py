@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, terminal
 from .errors import BnfoldError, OptionError, Terminated, handle_termination, os_problem
 from .options import PROVIDERS, FoldOptions, Options, VerifyOptions, flag_of
 from .report import FAIL, OK, WARN, Line
@@ -255,8 +255,14 @@ class _Progress:
     def update(self, n: int, item: str | None = None) -> None:
         self.done += n
         if self.bar is None and sys.stderr.isatty() and time.monotonic() - self.start >= self.delay:
+            columns = terminal.width(sys.stderr) or 80
+            bar_width = max(8, min(36, columns - len(self.label) - 40))  # label, bar, counts, name: one line
             self.bar = click.progressbar(
-                length=self.length, label=self.label, file=sys.stderr, item_show_func=lambda x: x
+                length=self.length,
+                label=self.label,
+                file=sys.stderr,
+                width=bar_width,
+                item_show_func=lambda x: terminal.elide(x, 20) if x else x,
             ).__enter__()
             n = self.done
         if self.bar is not None:
@@ -298,11 +304,20 @@ STYLES: dict[str, dict[str, Any]] = {OK: {"fg": "green"}, WARN: {"fg": "yellow"}
 
 def _echo(lines: list[Line], err: bool = False) -> None:
     """Print lines of styled spans: coloured on a terminal (click drops colours elsewhere), never
-    when NO_COLOR is set."""
+    when NO_COLOR is set; fitted to the terminal's width (a line too long is wrapped at spaces in its
+    first span's style, a name too long elided in the middle)."""
     colour = not os.environ.get("NO_COLOR")
+    columns = terminal.width(sys.stderr if err else sys.stdout)
     for line in lines:
+        text = "".join(t for t, _ in line)
+        if columns is not None and len(text) > columns:
+            style = line[0][1] if line else ""
+            line = [(part, style) for part in terminal.fit(text, columns)]
+            for part, style in line:
+                click.echo(click.style(part, **STYLES[style]) if colour and style in STYLES else part, err=err)
+            continue
         click.echo(
-            "".join(click.style(text, **STYLES[style]) if colour and style in STYLES else text for text, style in line),
+            "".join(click.style(t, **STYLES[s]) if colour and s in STYLES else t for t, s in line),
             err=err,
         )
 
@@ -385,7 +400,35 @@ def _fold_and_verify(
     return report, result
 
 
-@cli.command(short_help="Fold BatchNormalization into the layers next to it.")
+class FoldCommand(click.Command):
+    """fold's --help with its options in groups: what is folded, where it goes, how it is verified."""
+
+    OUTPUT = ("output", "external_data", "in_place", "dry_run", "jobs", "as_json", "quiet")
+    VERIFY = ("do_verify", "keep_failed")
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        verify_fields = {f.name for f in fields(VerifyOptions)} | set(self.VERIFY)
+        groups: dict[str, list[tuple[str, str]]] = {
+            "Fold options": [],
+            "Output options": [],
+            "Verification options": [],
+        }
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is None:
+                continue
+            if param.name in verify_fields:
+                groups["Verification options"].append(record)
+            elif param.name in self.OUTPUT or param is self.get_help_option(ctx):
+                groups["Output options"].append(record)
+            else:
+                groups["Fold options"].append(record)
+        for title, records in groups.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+@cli.command(cls=FoldCommand, short_help="Fold BatchNormalization into the layers next to it.")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -423,11 +466,10 @@ def fold(
     keep_failed: bool,
     **values: Any,
 ) -> None:
-    """Fold every inference BatchNormalization of MODEL that can fold without changing meaning.
+    """Fold every inference BatchNormalization of MODELS that can fold without changing meaning.
 
-    Writes MODEL_folded.onnx beside MODEL unless -o says where. With several MODELS, -o names a
-    folder (created if needed) that receives each folded model under its own name. Each BN left in a
-    model is reported with a reason code.
+    Writes MODEL_folded.onnx beside each MODEL unless -o says where; with several MODELS, -o names a
+    folder (created if needed). Each BN left is reported with a reason code.
 
     Exit codes: 0 done (and verified, with --verify), 1 verification failed, 2 bad input or usage,
     3 internal error.

@@ -72,17 +72,17 @@ class FoldOptions:
     strict: bool = option(False, "Refuse every fold with a hazard (the BN stays, the hazard its reason).")
     affine: bool = option(
         True,
-        "Also fold per-channel Mul/Add/Sub/Div by constants that follow a layer, without a BN.",
+        "Fold per-channel Mul/Add/Sub/Div by constants after a layer, BN or not.",
         flag="--affine/--no-affine",
     )
     reparameterize: bool = option(
         True,
-        "Fold the identity-branch BN of RepVGG/MobileOne blocks into a sibling Conv, where exact.",
+        "Fold RepVGG/MobileOne identity-branch BNs into a sibling Conv.",
         flag="--reparameterize/--no-reparameterize",
     )
     check: bool = option(
         False,
-        "Run onnx.checker (full_check) on the input and the output, and report both (costs about a quarter of a fold).",
+        "Run onnx.checker (full_check) on input and output; report both.",
     )
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -199,3 +200,62 @@ def test_kept_values_spill_to_a_folder_and_give_the_same_verdict(monkeypatch):
     monkeypatch.setattr(stages, "SPILL_BYTES", 1)
     spilled = bnfold.verify(model, folded, dims={"N": 2}, per_layer=True)
     assert in_memory.to_dict() == spilled.to_dict()
+
+
+# -- output that fits the terminal ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("columns", [60, 120])
+@pytest.mark.parametrize(
+    "command",
+    [["inspect", str(DEMO)], ["fold", str(DEMO), "--dry-run"], ["fold", str(DEMO), "--dry-run", "--lower-standalone"]],
+    ids=["inspect", "fold", "lowered"],
+)
+def test_text_fits_the_terminal_width(command, columns):
+    result = CliRunner().invoke(cli, command, env={"COLUMNS": str(columns)})
+    lines = result.output.splitlines()
+    assert result.exit_code == 0 and lines
+    assert max(len(line) for line in lines) <= columns, [line for line in lines if len(line) > columns]
+    words = set(CliRunner().invoke(cli, command, env={"COLUMNS": "400"}).output.split())
+    assert set(result.output.split()) == words  # wrapped at spaces, not mid-word
+
+
+def test_a_name_longer_than_the_line_is_elided_in_the_middle():
+    from bnfold.terminal import fit
+
+    name = "backbone.stage4.block12.conv2.weight_quantized_dequantized"
+    lines = fit(f"  bn0  stays: '{name}' is shared", 40)
+    assert all(len(line) <= 40 for line in lines) and any("…" in line for line in lines)
+    elided = next(line for line in lines if "…" in line).strip()
+    assert elided.startswith("'backbone") and elided.endswith("dequantized'")
+
+
+def test_pipes_are_not_fitted():
+    result = CliRunner().invoke(cli, ["inspect", str(DEMO)], env={"COLUMNS": ""})
+    assert max(len(line) for line in result.output.splitlines()) > 60  # as before: the reader's width is unknown
+
+
+def test_the_progress_bar_is_made_for_the_terminal_width(monkeypatch):
+    import bnfold.cli as cli_module
+
+    made, real = {}, click.progressbar
+
+    def progressbar(**kwargs):
+        made.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(cli_module.click, "progressbar", progressbar)
+    monkeypatch.setenv("COLUMNS", "60")
+    monkeypatch.setattr(cli_module.sys.stderr, "isatty", lambda: True, raising=False)
+    bar = cli_module._Progress(10, "folding", delay=0)
+    bar.update(1, "a_model_with_a_name_much_longer_than_twenty.onnx")
+    bar.__exit__(None, None, None)
+    assert made["width"] + len("folding") + 40 <= 60 or made["width"] == 8
+    assert len(made["item_show_func"]("a_model_with_a_name_much_longer_than_twenty.onnx")) == 20
+
+
+def test_fold_help_groups_its_options_and_says_models():
+    text = CliRunner().invoke(cli, ["fold", "--help"]).output
+    fold, output, verify = (text.index(t) for t in ("Fold options:", "Output options:", "Verification options:"))
+    assert fold < text.index("--strict") < output < text.index("--dry-run") < verify < text.index("--rtol")
+    assert "BatchNormalization of MODELS" in text
