@@ -259,3 +259,33 @@ def test_fold_help_groups_its_options_and_says_models():
     fold, output, verify = (text.index(t) for t in ("Fold options:", "Output options:", "Verification options:"))
     assert fold < text.index("--strict") < output < text.index("--dry-run") < verify < text.index("--rtol")
     assert "BatchNormalization of MODELS" in text
+
+
+def test_an_output_failure_with_no_layer_over_its_bound_still_names_a_layer(monkeypatch):
+    """The layer where the error rose most is named when no layer crosses its bound (CSPDarknet-53's
+    wrong epsilon failed at the output with no layer named)."""
+    import bnfold.verification.stages as stages
+    from models import calibrate, with_epsilon
+
+    real = stages.judge_layers
+
+    def lenient(layers):  # as if every layer's bound were wide: only the outputs fail
+        real(layers)
+        for s in layers:
+            s.bound = float("inf")
+
+    monkeypatch.setattr(stages, "judge_layers", lenient)
+    model = calibrate(resnet_bottleneck(), {"N": 2})
+    wrong, _ = bnfold.fold(with_epsilon(model, 1e-1))
+    result = bnfold.verify(model, wrong, per_layer=True, dims={"N": 2})
+    assert not result and result.first_divergent_layer is None
+    note = next(n for n in result.notes if n.startswith("no layer crosses its bound"))
+    assert "the error rises most at bn" in note and "channel" in note, note
+
+
+def test_the_suspect_is_the_largest_rise():
+    from bnfold.report import ErrorStats
+    from bnfold.verification.stages import _suspect
+
+    layers = [ErrorStats(f"bn{k}", error=e, worst_channel=k) for k, e in enumerate([1e-7, 2e-7, 5e-6, 6e-6])]
+    assert "at bn2 (channel 2: 5e-06, 25x the layers before it)" in _suspect(layers)

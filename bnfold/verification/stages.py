@@ -446,7 +446,25 @@ def judge(p: Prepared, tally: Tally) -> VerifyReport:
     bad_layers = [s.name for s in report.layers if not s.passed]
     report.first_divergent_layer = bad_layers[0] if bad_layers else None
     report.passed = all(s.passed for s in report.outputs + report.layers)
+    if not report.passed and report.layers and not bad_layers:
+        report.notes.append(_suspect(report.layers))
     return report
+
+
+def _suspect(layers: list[ErrorStats]) -> str:
+    """Where an output fails and no layer crosses its bound (a wrong epsilon everywhere, say, whose
+    error builds up): the layer whose error rose most over the layers before it."""
+    best, ratio, worst_before = layers[0], 0.0, 0.0
+    for s in layers:
+        if np.isfinite(s.error) and worst_before > 0 and s.error / worst_before > ratio:
+            best, ratio = s, s.error / worst_before
+        if np.isfinite(s.error):
+            worst_before = max(worst_before, s.error)
+    rise = f", {ratio:.3g}x the layers before it" if ratio else ""
+    return (
+        f"no layer crosses its bound, but an output fails: the error rises most at {best.name} "
+        f"(channel {best.worst_channel}: {best.error:.2g}{rise})"
+    )
 
 
 def save(p: Prepared, tally: Tally) -> None:
