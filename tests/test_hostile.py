@@ -42,8 +42,8 @@ def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def refused(result, *words: str) -> None:
-    """Exit 2, one line on stderr naming the problem, no traceback."""
+def refused(result, *words: str) -> str:
+    """Exit 2, one line on stderr naming the problem, no traceback. Returns the line."""
     err = result.stderr if hasattr(result, "stderr") else result.output
     assert result.exit_code == 2, result.output
     lines = [line for line in err.strip().splitlines() if line]
@@ -51,6 +51,7 @@ def refused(result, *words: str) -> None:
     assert "Traceback" not in err
     for w in words:
         assert w in lines[0], lines[0]
+    return lines[0]
 
 
 def conv_bn(elem_weights=None) -> onnx.ModelProto:

@@ -5,7 +5,6 @@ to the input under onnxruntime), the input unchanged."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import resource
@@ -18,42 +17,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from conftest import check_fold
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
+from test_hostile import digest, files, invoke, refused
 
 import bnfold
-from bnfold.cli import cli
 from models import Builder, calibrate, resnet_bottleneck
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo.onnx"
-
-
-def invoke(*args) -> CliRunner.invoke:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
-
-def refused(result, *words: str) -> str:
-    """Exit 2, one line on stderr naming the problem, no traceback. Returns the line."""
-    err = result.stderr if hasattr(result, "stderr") else result.output
-    assert result.exit_code == 2, result.output
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 # -- Concat splits: only along every branch's channel axis ------------------------------------------

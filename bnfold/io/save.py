@@ -100,13 +100,13 @@ def check_destination(path: Path, protected: Iterable[Path] = (), what: str = "t
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A buffered file that becomes ``path`` only once everything was written to it and synced (a
-    temporary file beside it, renamed over it); on any failure nothing is left and ``path`` is as it
-    was. Failures of the environment become BnfoldError."""
+def atomic_file(path: Path, buffering: int = 1 << 20) -> Iterator[BinaryIO]:
+    """A file (buffered unless ``buffering`` is 0) that becomes ``path`` only once everything was
+    written to it and synced (a temporary file beside it, renamed over it); on any failure nothing is
+    left and ``path`` is as it was. Failures of the environment become BnfoldError."""
     written: list[str] = []
     try:
-        f, tmp = _temp(path, written, buffering=1 << 20)
+        f, tmp = _temp(path, written, buffering=buffering)
         with f:
             yield f
             f.flush()
@@ -274,22 +274,17 @@ def save(model: onnx.ModelProto, path: PathLike, *, source: Source | None = None
         external = has_external or nbytes > TWO_GB - (64 << 20)
     elif not external and nbytes > TWO_GB - (64 << 20):
         raise BnfoldError(f"{path}: the model is over 2 GB and must be written with external data")
+    if not external:
+        with atomic_file(path, buffering=0) as f:  # unbuffered: kernel copies append at the file's position
+            _write_inline(model, source, f, splice=bool(located))
+        return path.stat().st_size
     written: list[str] = []
     try:
-        if external:
-            return _save_external(model, path, source, written)
-        f, tmp = _temp(path, written)
-        with f:
-            _write_inline(model, source, f, splice=bool(located))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # the commit point
-        written.clear()
+        return _save_external(model, path, source, written)
     except OSError as exc:
         raise not_written(path, exc) from None
     finally:
         _remove(written)
-    _fsync_dir(path.parent)
-    return path.stat().st_size
 
 
 def _save_external(model: onnx.ModelProto, path: Path, source: Source, written: list[str]) -> int:
