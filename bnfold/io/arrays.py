@@ -56,15 +56,16 @@ def _members(z: zipfile.ZipFile, path: Path, budget: int, spent: int) -> tuple[I
                 f"{path}: member '{name}' uses compression method {info.compress_type} (not stored or deflated)"
             )
     spent += sum(info.file_size for info in infos)
-    _check_budget(path, spent, budget)
+    check_budget(f"{path}: its arrays", spent, budget)
     return infos, spent
 
 
-def _check_budget(path: Path, nbytes: float, budget: int) -> None:
+def check_budget(what: str, nbytes: float, budget: int, advice: str = "") -> None:
+    """Refuse ``what`` when its ``nbytes`` exceed the inputs' ``budget`` (max_input_bytes)."""
     if nbytes > budget:
         raise BnfoldError(
-            f"{path}: its arrays would take {nbytes / 2**20:,.0f} MiB, over the {budget / 2**20:,.0f} MiB allowed; "
-            "raise max_input_bytes (--max-input-bytes)"
+            f"{what} would take {nbytes / 2**20:,.0f} MiB, over the {budget / 2**20:,.0f} MiB allowed; "
+            f"{advice}raise max_input_bytes (--max-input-bytes)"
         )
 
 
@@ -74,7 +75,7 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, budget: 
         if dtype.hasobject:
             raise ValueError("it holds Python objects (pickles are never loaded)")
         size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-        _check_budget(path, size, budget)
+        check_budget(f"{path}: its arrays", size, budget)
         if size > info.file_size:
             raise ValueError(f"its header claims {size} bytes of data in a member of {info.file_size}")
     with z.open(info) as f:
@@ -117,4 +118,4 @@ def write_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
-__all__ = ["check_destination", "read_npz", "write_npz"]
+__all__ = ["check_budget", "check_destination", "read_npz", "write_npz"]

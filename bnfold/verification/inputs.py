@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from ..errors import BnfoldError, OptionError
-from ..io.arrays import read_npz
+from ..io.arrays import check_budget, read_npz
 from ..proto import np_dtype
 
 DEFAULT_DIM = 1
@@ -63,14 +63,6 @@ def _nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
     return int(np.prod([int(d) for d in shape], dtype=np.float64)) * dtype.itemsize
 
 
-def check_budget(what: str, nbytes: float, budget: int) -> None:
-    if nbytes > budget:
-        raise BnfoldError(
-            f"{what} would take {nbytes / 2**20:,.0f} MiB, over the {budget / 2**20:,.0f} MiB allowed; "
-            "check the shapes, or raise max_input_bytes (--max-input-bytes)"
-        )
-
-
 def synthesized(
     model: onnx.ModelProto,
     samples: int,
@@ -99,7 +91,8 @@ def synthesized(
         if wrong:
             raise OptionError("input_shapes", f"{name}={','.join(map(str, shape))} contradicts its static shape {dims}")
         resolved.append((name, dtype, shape))
-    check_budget("one sample of inputs", sum(_nbytes(dt, sh) for _, dt, sh in resolved), budget)
+    nbytes = sum(_nbytes(dt, sh) for _, dt, sh in resolved)
+    check_budget("one sample of inputs", nbytes, budget, "check the shapes, or ")
     rng = np.random.default_rng(seed)
     for _ in range(samples):
         yield {n: random_input(rng, dt, sh) for n, dt, sh in resolved}

@@ -5,6 +5,7 @@ compared and how), :func:`run` (the sessions, sample by sample), :func:`judge` (
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
 import tempfile
@@ -199,9 +200,9 @@ def _feeds(model: onnx.ModelProto, o: VerifyOptions) -> Iterator[dict[str, np.nd
     return given_samples(model, load_inputs(o.inputs, o.max_input_bytes))
 
 
-def _run(sess: Any, feeds: dict[str, np.ndarray], which: str, used: str = "") -> dict[str, np.ndarray]:
+def _run(sess: Any, feeds: dict[str, np.ndarray], which: str, used: Callable[[], str] = str) -> dict[str, np.ndarray]:
     """One run, by output name; onnxruntime's refusal of these inputs is the user's to fix, not a bug
-    here: the error says what was fed (``used``) and the options that set it."""
+    here: the error says what was fed and the options that set it (``used()``, asked only then)."""
     names = {i.name for i in sess.get_inputs()}
     try:
         values = sess.run(None, {k: v for k, v in feeds.items() if k in names})
@@ -209,7 +210,7 @@ def _run(sess: Any, feeds: dict[str, np.ndarray], which: str, used: str = "") ->
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "Failed to allocate memory" in first:
             first += f"; not enough memory: {MEMORY_HINT}"
-        raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}{used}") from None
+        raise BnfoldError(f"onnxruntime cannot run {which} on these inputs: {first}{used()}") from None
     return dict(zip([x.name for x in sess.get_outputs()], values, strict=False))
 
 
@@ -270,7 +271,7 @@ def _reference_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) -
     ref = make_session(session_source(p.reference, p.original_path, bool(p.layers), stack))
     names = [out.name for out in ref.get_outputs()]
     for feeds in _feeds(p.reference, p.options):
-        values = _run(ref, feeds, "the original", _inputs_used(p, feeds))
+        values = _run(ref, feeds, "the original", functools.partial(_inputs_used, p, feeds))
         tally.held.update(name for name, value in values.items() if value.size)
         _spans(tally, values)
         if p.options.save_inputs:
@@ -286,7 +287,7 @@ def _baseline_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) ->
     base = make_session(session_source(p.original, p.original_path, False, stack), level="basic")
     for k in range(kept.count):
         feeds, ref_vals = kept.get(k)
-        _floor(tally, ref_vals, _run(base, feeds, "the original", _inputs_used(p, feeds)), k)
+        _floor(tally, ref_vals, _run(base, feeds, "the original", functools.partial(_inputs_used, p, feeds)), k)
 
 
 def _candidate_phase(p: Prepared, tally: Tally, kept: _Kept, provider: str, stack: ExitStack) -> list[str]:
@@ -299,7 +300,14 @@ def _candidate_phase(p: Prepared, tally: Tally, kept: _Kept, provider: str, stac
         feeds, ref_vals = kept.get(k)
         cand_feeds = {**feeds, **{q: ref_vals[q] for q in p.fed}} if p.fed else feeds
         shown = {name: value for name, value in ref_vals.items() if name not in fed}
-        _compare(p, tally, provider, shown, _run(sess, cand_feeds, "the candidate", _inputs_used(p, feeds)), k)
+        _compare(
+            p,
+            tally,
+            provider,
+            shown,
+            _run(sess, cand_feeds, "the candidate", functools.partial(_inputs_used, p, feeds)),
+            k,
+        )
     return [out.name for out in sess.get_outputs()]
 
 
