@@ -161,7 +161,6 @@ def test_json_and_quiet_together_are_a_usage_error(command):
 
 def test_verify_holds_one_onnxruntime_session_at_a_time(monkeypatch):
     """Reference, baseline and candidate run one after another: never two sessions alive."""
-    import gc
     import weakref
 
     import bnfold.verification.stages as stages
@@ -175,8 +174,7 @@ def test_verify_holds_one_onnxruntime_session_at_a_time(monkeypatch):
         def __getattr__(self, name):
             return getattr(self.sess, name)
 
-    def counted(*args, **kwargs):
-        gc.collect()
+    def counted(*args, **kwargs):  # no gc.collect() here: sessions must go with their last reference
         held = Held(real(*args, **kwargs))
         alive.add(held)
         most.append(len(alive))
@@ -189,6 +187,26 @@ def test_verify_holds_one_onnxruntime_session_at_a_time(monkeypatch):
     assert len(most) == 4 and max(most) == 1, (
         most
     )  # the candidate as written (per-layer), reference, baseline, candidate
+
+
+def test_freed_memory_goes_back_to_the_system_after_large_sessions_only(monkeypatch):
+    """malloc_trim after each session of a model over TRIM_BYTES; none after a small one, whose
+    freed pages the next session reuses."""
+    import bnfold.verification.stages as stages
+
+    trims = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+    monkeypatch.setattr(stages.ctypes, "CDLL", lambda name: Libc())
+    model = resnet_bottleneck()
+    folded, _ = bnfold.fold(model)
+    assert bnfold.verify(model, folded, dims={"N": 2}, samples=1) and trims == []
+    monkeypatch.setattr(stages, "TRIM_BYTES", model.ByteSize())
+    assert bnfold.verify(model, folded, dims={"N": 2}, samples=1)
+    assert trims == [0, 0, 0]  # after the reference, the baseline and the candidate
 
 
 def test_kept_values_spill_to_a_folder_and_give_the_same_verdict(monkeypatch):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import json
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ from .quantizers import fed_from_reference, fed_quantizers
 from .sessions import check_providers, make_session, session_source
 
 SPILL_BYTES = 256 << 20  # inputs and reference values kept in memory up to this, then in a temporary folder
+TRIM_BYTES = 256 << 20  # after a session of a model larger than this, freed memory goes back to the system
 MEMORY_HINT = "use smaller dynamic dimensions (dims, input_shapes: --dim, --input-shape) or fewer samples"
 
 
@@ -51,6 +51,7 @@ class Prepared:
     layers: list[str]  # BN outputs compared with per_layer, and the inputs of fed quantizers
     report: VerifyReport
     fed: list[str] = field(default_factory=list)  # quantizer outputs the candidate takes from the reference
+    model_bytes: int = 0  # the larger model's files (or proto), for :func:`_release_memory`
 
 
 @dataclass
@@ -75,6 +76,14 @@ def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set
     proto, source = open_model(model)
     path = Path(model)
     return proto, path, {path.resolve()} | source.files()
+
+
+def _size(model: onnx.ModelProto, files: set[Path]) -> int:
+    """The bytes of a model's file and data files, or of its proto where it has no file."""
+    try:
+        return sum(f.stat().st_size for f in files) if files else model.ByteSize()
+    except OSError:  # a data file gone meanwhile: onnxruntime will say so when it loads the model
+        return 0
 
 
 def check_save_paths(options: VerifyOptions, protected: Iterable[Path]) -> None:
@@ -182,6 +191,7 @@ def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prep
         )
     prepared = Prepared(o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report)
     prepared.fed = [q for _, q in fed]
+    prepared.model_bytes = max(_size(ref_model, ref_files), _size(cand_model, cand_files))
     return prepared
 
 
@@ -350,10 +360,13 @@ def _inputs_used(p: Prepared, feeds: Mapping[str, np.ndarray]) -> str:
     )
 
 
-def _release_memory() -> None:
-    """Give the memory of the session just closed back to the system before the next one loads:
-    glibc keeps freed memory for the process otherwise, and the next session's pages add to it."""
-    gc.collect()
+def _release_memory(model_bytes: int) -> None:
+    """After the session of a large model, give the memory it freed back to the system before the
+    next one loads: glibc keeps freed memory for the process otherwise, and the next session's
+    pages may add to it. Not after a small one: the next session would fault in again the pages it
+    could have reused (on ResNet-50, 100 MB, trimming cost 7% of verify's time for 15 MB of peak)."""
+    if model_bytes < TRIM_BYTES:
+        return
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
@@ -370,7 +383,7 @@ def run(p: Prepared, progress: Callable[[int], None] | None = None) -> Tally:
         kept = _Kept(stack)
         with ExitStack() as session:
             reference = _reference_phase(p, tally, kept, session)
-        _release_memory()
+        _release_memory(p.model_bytes)
         p.report.samples = kept.count
         if progress:
             for k in range(kept.count):
@@ -378,11 +391,11 @@ def run(p: Prepared, progress: Callable[[int], None] | None = None) -> Tally:
         if p.report.baseline:
             with ExitStack() as session:
                 _baseline_phase(p, tally, kept, session)
-            _release_memory()
+            _release_memory(p.model_bytes)
         for provider in p.providers:
             with ExitStack() as session:
                 names = _candidate_phase(p, tally, kept, provider, session)
-            _release_memory()
+            _release_memory(p.model_bytes)
             if not set(reference) & set(names) & set(p.outputs):
                 raise BnfoldError(
                     "the two models have no output name in common: they are not two versions of one model"
