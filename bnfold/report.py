@@ -387,7 +387,7 @@ class ErrorStats:
     criterion: str = "scaled"  # "scaled" (max|d| / max|ref|, by default) or "elementwise" (rtol/atol given)
     threshold: float = 0.0  # scaled: the dtype's threshold
     bound: float = 0.0  # scaled: the bound applied (threshold, or baseline / earlier layers raised it)
-    decided_by: str = "threshold"  # what set the bound: threshold, baseline (outputs), jump (layers)
+    decided_by: str = "threshold"  # what set the bound: threshold, baseline, jump (layers only)
     error: float = 0.0  # scaled error: max|d| / max|ref| (layers: the worst channel's)
     baseline_error: float | None = None  # onnxruntime's own fusion of the original, same measure
     worst_channel: int | None = None

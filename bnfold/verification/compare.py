@@ -10,8 +10,9 @@ tensor of tiny activations is judged like one of large ones.
   that fused nothing), the bound is the dtype's threshold.
 * A layer (``--per-layer``) is judged per channel along axis 1, so that one wrong channel among
   a thousand shows: its error is the worst channel's ``max|d_c| / max|ref_c|``. Rounding noise grows
-  gradually with depth while a wrong layer jumps: a layer diverges when its error exceeds both the
-  dtype's threshold and ``LAYER_JUMP`` times the largest error of the layers before it.
+  gradually with depth while a wrong layer jumps: a layer diverges when its error exceeds the
+  dtype's threshold, ``LAYER_JUMP`` times the largest error of the layers before it, and
+  ``BASELINE_FACTOR`` times onnxruntime's own fusion's error of the same layer (its floor).
 * With ``rtol``/``atol`` given, elementwise tolerances decide instead: an element fails when its
   error is above both ``atol`` and ``rtol * |ref|``.
 
@@ -21,7 +22,7 @@ The thresholds come from measurements on calibrated networks (README, "How verif
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -152,13 +153,21 @@ def judge_outputs(outputs: Sequence[ErrorStats], floors: Sequence[float | None])
             stats.bound, stats.decided_by = output_bound(stats.threshold, floor)
 
 
-def judge_layers(layers: Sequence[ErrorStats]) -> None:
-    """Set each layer's per-channel error and verdict, in graph order (see the module's text)."""
+def judge_layers(layers: Sequence[ErrorStats], floors: Mapping[str, float] | None = None) -> None:
+    """Set each layer's per-channel error and verdict, in graph order (see the module's text);
+    ``floors``: the baseline's error of each layer, same measure."""
     worst_before = 0.0
     for stats in layers:
         stats.error, stats.worst_channel = channel_error(stats)
+        floor = (floors or {}).get(stats.name)
         if stats.criterion == "scaled":
-            stats.bound = max(stats.threshold, LAYER_JUMP * worst_before)
-            stats.decided_by = "jump" if stats.bound > stats.threshold else "threshold"
+            stats.baseline_error = floor
+            bounds = {
+                "threshold": stats.threshold,
+                "jump": LAYER_JUMP * worst_before,
+                "baseline": BASELINE_FACTOR * (floor or 0.0),
+            }
+            stats.decided_by = max(bounds, key=lambda k: bounds[k])  # the threshold where they tie
+            stats.bound = bounds[stats.decided_by]
         if np.isfinite(stats.error):
             worst_before = max(worst_before, stats.error)
