@@ -352,6 +352,20 @@ def test_an_output_failure_with_no_layer_over_its_bound_still_names_a_layer(monk
     assert "the error rises most at bn" in note and "channel" in note, note
 
 
+def test_a_wrong_last_layer_that_writes_the_output_is_named():
+    """A BN whose output is a graph output is compared as that output, not as a layer: when it is
+    the one that is wrong, --per-layer names it (a note named an earlier layer before)."""
+    from models import mobilenet_se, perturb_channel
+
+    model = calibrate(mobilenet_se())
+    folded, _ = bnfold.fold(model)
+    wrong, layer = perturb_channel(folded, model, 1.01, at=1.0)
+    assert layer in {o.name for o in model.graph.output}
+    report = bnfold.verify(model, wrong, per_layer=True)
+    assert not report and report.first_divergent_layer == layer, report.render_text()
+    assert not [n for n in report.notes if n.startswith("no layer crosses")]
+
+
 def test_the_suspect_is_the_largest_rise():
     from bnfold.report import ErrorStats
     from bnfold.verification.stages import _suspect

@@ -503,6 +503,9 @@ def judge(p: Prepared, tally: Tally) -> VerifyReport:
     for provider in p.providers:
         judge_layers([s for s in report.layers if s.provider == _short(provider)], layer_floors)
     bad_layers = [s.name for s in report.layers if not s.passed]
+    if p.options.per_layer and not bad_layers:  # a BN that writes an output is compared as the output
+        bns = set(_bn_outputs(p.original))
+        bad_layers = [s.name for s in report.outputs if not s.passed and s.name in bns]
     report.first_divergent_layer = bad_layers[0] if bad_layers else None
     report.passed = all(s.passed for s in report.outputs + report.layers)
     if not report.passed and report.layers and not bad_layers:
