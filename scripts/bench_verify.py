@@ -12,7 +12,10 @@ interleaved, each as a whole process timed from outside, with its peak resident 
   original unoptimized, the original at BASIC (the baseline), the folded model unoptimized, each on
   the 3 samples: the time floor.
 
-    python scripts/bench_verify.py --models resnet50,external2.5g --runs 3
+Each round runs the four, in an order that turns round every other round; the time is read both
+from the medians and round by round (verify against the bare runs of the same round).
+
+    python scripts/bench_verify.py --models resnet50,external2.5g --runs 6
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     print(f"{args.runs} runs each, interleaved; peak RSS of each whole process")
-    print(f"| {'model':12} | {'process':12} | {'median s':>9} | {'peak RSS MiB':>12} |")
-    print(f"|{'-' * 14}|{'-' * 14}|{'-' * 11}|{'-' * 14}|")
+    print(f"| {'model':12} | {'process':13} | {'median s':>9} | {'peak RSS MiB':>12} |")
+    print(f"|{'-' * 14}|{'-' * 15}|{'-' * 11}|{'-' * 14}|")
     for name in args.models.split(","):
         original, folded = work / f"{name}.onnx", work / f"{name}_folded.onnx"
         if not original.exists():
@@ -96,16 +99,21 @@ def main() -> None:
             "bare runs": [py, "-c", BARE, str(original), str(folded), "all"],
         }
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
-        for _ in range(args.runs):
-            for kind, cmd in kinds.items():
-                results[kind].append(run(cmd))
+        for r in range(args.runs):
+            # The order turns round every other round, so that a drift in the machine's speed
+            # within a round (it moves by 2x within minutes) does not favour the process run first.
+            for kind in list(kinds)[:: 1 if r % 2 == 0 else -1]:
+                results[kind].append(run(kinds[kind]))
         med = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in results.items()}
         for kind, (wall, rss) in med.items():
-            print(f"| {name:12} | {kind:12} | {wall:9.2f} | {rss:12.0f} |")
+            print(f"| {name:12} | {kind:13} | {wall:9.2f} | {rss:12.0f} |")
+        ratios = [v / b - 1 for (v, _), (b, _) in zip(results["verify"], results["bare runs"], strict=True)]
         print(
             f"  {name}: verify's peak {med['verify'][1] / med['one session'][1]:.2f}x one session's, "
             f"{med['verify'][1] / med['basic session'][1]:.2f}x the basic session's; "
-            f"time {(med['verify'][0] / med['bare runs'][0] - 1) * 100:+.1f}% against the bare runs"
+            f"time {(med['verify'][0] / med['bare runs'][0] - 1) * 100:+.1f}% against the bare runs (medians); "
+            f"round by round {statistics.median(ratios) * 100:+.1f}% median, "
+            f"{min(ratios) * 100:+.1f}% to {max(ratios) * 100:+.1f}%"
         )
 
 

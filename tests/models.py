@@ -276,15 +276,16 @@ def calibrate(
 
 
 def perturb_channel(
-    folded: onnx.ModelProto, original: onnx.ModelProto, factor: float = 1.01, channel: int = 0
+    folded: onnx.ModelProto, original: onnx.ModelProto, factor: float = 1.01, channel: int = 0, at: float = 0.5
 ) -> tuple:
-    """A wrong candidate: one output channel (weight row and bias) of the middle folded layer
-    scaled by ``factor``. Returns the model and the BN output name of that layer."""
+    """A wrong candidate: one output channel (weight row and bias) of a folded layer scaled by
+    ``factor``: the middle one by default, ``at`` the fraction of the way through the folded layers
+    (0: the first, 1: the last). Returns the model and the BN output name of that layer."""
     bn_outputs = [n.output[0] for n in original.graph.node if n.op_type == "BatchNormalization"]
     layers = [
         n for n in folded.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm") and n.output[0] in bn_outputs
     ]
-    layer = layers[len(layers) // 2]
+    layer = layers[min(int(len(layers) * at), len(layers) - 1)]
     out = onnx.ModelProto()
     out.CopyFrom(folded)
     node = next(n for n in out.graph.node if n.output[0] == layer.output[0])
