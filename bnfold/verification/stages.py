@@ -19,7 +19,7 @@ import onnx
 
 from ..errors import BnfoldError
 from ..io.arrays import write_npz
-from ..io.load import ModelLike, open_model
+from ..io.load import ModelLike, file_size, open_model
 from ..io.save import check_destination
 from ..options import PROVIDERS, VerifyOptions
 from ..proto import is_batchnorm
@@ -69,21 +69,14 @@ class Tally:
 # -- prepare -------------------------------------------------------------------------------------
 
 
-def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set[Path]]:
-    """The model, its path, and the resolved paths of its file and data files (never overwritten)."""
+def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set[Path], int]:
+    """The model, its path, the resolved paths of its file and data files (never overwritten), and
+    its size in bytes (its files', or its proto's where it has none)."""
     if isinstance(model, onnx.ModelProto):
-        return model, None, set()
+        return model, None, set(), model.ByteSize()
     proto, source = open_model(model)
     path = Path(model)
-    return proto, path, {path.resolve()} | source.files()
-
-
-def _size(model: onnx.ModelProto, files: set[Path]) -> int:
-    """The bytes of a model's file and data files, or of its proto where it has no file."""
-    try:
-        return sum(f.stat().st_size for f in files) if files else model.ByteSize()
-    except OSError:  # a data file gone meanwhile: onnxruntime will say so when it loads the model
-        return 0
+    return proto, path, {path.resolve()} | source.files(), file_size(path, source)
 
 
 def check_save_paths(options: VerifyOptions, protected: Iterable[Path]) -> None:
@@ -165,8 +158,8 @@ def _note_outputs(report: VerifyReport, outputs: list[str], candidate_outputs: l
 def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prepared:
     """Load both models, refuse what onnxruntime must not see, and decide what is compared."""
     providers = check_providers(o.providers)
-    ref_model, ref_path, ref_files = _proto_and_path(original)
-    cand_model, cand_path, cand_files = _proto_and_path(candidate)
+    ref_model, ref_path, ref_files, ref_bytes = _proto_and_path(original)
+    cand_model, cand_path, cand_files, cand_bytes = _proto_and_path(candidate)
     check_save_paths(o, ref_files | cand_files)
     for which, model in (("the original", ref_model), ("the candidate", cand_model)):
         problem = inconsistency(model)  # before onnxruntime sees it: some releases crash on such graphs
@@ -191,7 +184,7 @@ def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prep
         )
     prepared = Prepared(o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report)
     prepared.fed = [q for _, q in fed]
-    prepared.model_bytes = max(_size(ref_model, ref_files), _size(cand_model, cand_files))
+    prepared.model_bytes = max(ref_bytes, cand_bytes)
     return prepared
 
 
