@@ -27,59 +27,44 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 from test_calibrated import NETWORKS, onnxruntime_fusion  # noqa: E402
 
 import bnfold  # noqa: E402
-from tests.models import calibrate, perturb_channel  # noqa: E402
+from tests.models import calibrate, perturb_channel, with_epsilon  # noqa: E402
 
 CHANNELS = {"first x1.01": 0.0, "middle x1.01": 0.5, "last x1.01": 1.0}
 EPSILON = "epsilon x100"
 
 
-def epsilon_times(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
-    """The model with every BN's epsilon (1e-5 where it has none) times ``factor``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for n in out.graph.node:
-        if n.op_type == "BatchNormalization":
-            eps = next((a for a in n.attribute if a.name == "epsilon"), None)
-            value = eps.f if eps is not None else 1e-5
-            if eps is not None:
-                n.attribute.remove(eps)
-            n.attribute.append(onnx.helper.make_attribute("epsilon", value * factor))
-    return out
+Network = tuple[str, onnx.ModelProto, Path | None]  # name, model, and the inputs to verify on (None: synthesized)
 
 
-def suite_networks(work: Path) -> Iterator[tuple[str, onnx.ModelProto]]:
+def suite_networks(work: Path) -> Iterator[Network]:
     for name, make in sorted(NETWORKS.items()):
-        yield name, calibrate(make(), {"N": 2})
+        yield name, calibrate(make(), {"N": 2}), None
 
 
-def zoo_networks(names: str, size: int, work: Path, images: bool) -> Iterator[tuple[str, onnx.ModelProto]]:
+def zoo_networks(names: str, size: int, work: Path, images: bool) -> Iterator[Network]:
     from zoo import SIZES, ZOO, export
     from zoo import images as make_images
 
     for name in sorted(ZOO) if names == "all" else names.split(","):
         model = onnx.load(str(export(name, work / f"{name}_export.onnx", size)))
-        if images:
-            INPUTS[name] = make_images(work / f"{name}_images.npz", SIZES.get(name, size))
-        yield name, model
+        inputs = make_images(work / f"{name}_images.npz", SIZES.get(name, size)) if images else None
+        yield name, model, inputs
 
 
-INPUTS: dict[str, Path] = {}  # --images: each network's inputs
-
-
-def row(name: str, model: onnx.ModelProto, work: Path, tally: dict[str, list[bool]]) -> str:
+def row(name: str, model: onnx.ModelProto, inputs: Path | None, work: Path, tally: dict[str, list[bool]]) -> str:
     folded, _ = bnfold.fold(model)
     candidates: dict[str, onnx.ModelProto] = {"fold": folded}
     layers: dict[str, str | None] = {}
     for label, at in CHANNELS.items():
         candidates[label], layers[label] = perturb_channel(folded, model, 1.01, at=at)
-    candidates[EPSILON], layers[EPSILON] = bnfold.fold(epsilon_times(model, 100))[0], None
+    candidates[EPSILON], layers[EPSILON] = bnfold.fold(with_epsilon(model, 100, times=True))[0], None
     original = work / f"{name}.onnx"
     onnx.save(model, str(original))
     paths = {k: work / f"{name}_{k.replace(' ', '_')}.onnx" for k in candidates}
     for k, m in candidates.items():
         onnx.save(m, str(paths[k]))
     paths["ort"] = onnxruntime_fusion(model, work / f"{name}_ort.onnx")
-    given = {"inputs": INPUTS[name]} if name in INPUTS else {}
+    given = {"inputs": inputs} if inputs else {}
     reports = {k: bnfold.verify(original, p, **given) for k, p in paths.items()}
     cells = {k: f"{r.outputs[0].error:.1e} {'pass' if r else 'FAIL'}" for k, r in reports.items()}
     tally["correct folds pass"] += [bool(reports["fold"]), bool(reports["ort"])]
@@ -121,8 +106,8 @@ def main() -> None:
         "wrong folds fail": [],
         "--per-layer names the layer": [],
     }
-    for name, model in networks:
-        print(row(name, model, work, tally), flush=True)
+    for name, model, inputs in networks:
+        print(row(name, model, inputs, work, tally), flush=True)
     print("; ".join(f"{what}: {sum(v)} of {len(v)}" for what, v in tally.items()))
 
 
