@@ -90,35 +90,53 @@ def _has_external(model: onnx.ModelProto) -> bool:
 
 
 def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, stack: ExitStack) -> str | bytes:
-    """What onnxruntime loads: the file itself when untouched, else the bytes, or (with external data,
-    or weights left in the input file) a temporary copy whose data files are linked beside it. Each
-    data file is validated first (inside the model's folder) and linked under a name of our own, so
-    nothing is created outside the temporary folder whatever the model names."""
+    """What onnxruntime loads. Where weights lie in files (external data, or large weights left in
+    the input file), a temporary copy of the graph whose data files are hard-linked beside it:
+    onnxruntime maps such data instead of reading it into its heap (on ResNet-50 with its weights in
+    the model file, 197 against 212 MiB unoptimized and 231 against 320 MiB at its BASIC level,
+    where its fusion keeps both the parsed weights and the fused ones). Where a link cannot be made
+    (another filesystem), the file itself when untouched, else a copy of the data files. Else the
+    file itself when untouched, or the bytes. Each data file is validated first (inside the model's
+    folder) and linked under a name of our own, so nothing is created outside the temporary folder
+    whatever the model names."""
+    if path is not None and _has_external(model):
+        linked = _linked(model, path, stack, copy=changed)
+        if linked is not None:
+            return linked
     if path is not None and not changed:
         return str(path)
-    if path is None or not _has_external(model):
-        data: bytes = model.SerializeToString()
-        return data
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, copy: bool) -> str | None:
+    """The temporary copy of :func:`session_source`; None where a data file cannot be linked and
+    ``copy`` is false."""
     source = Source(path.parent, model_file=path)
-    linked: dict[Path, str] = {}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    tensors = [t for t in copy.graph.initializer if external_location(t) is not None]
-    places = [source.location(t).path for t in tensors]  # all validated before anything is linked
-    for t, real in zip(tensors, places, strict=False):
-        name = linked.get(real)
-        if name is None:
-            name = linked[real] = f"data{len(linked)}.bin"
-            # onnxruntime refuses data paths that resolve outside the model's folder (symlinks too):
-            # a hard link where the filesystem allows, else a copy.
-            try:
-                os.link(real, tmp / name)
-            except OSError:
-                shutil.copyfile(real, tmp / name)
+    try:
+        tensors = [t for t in model.graph.initializer if external_location(t) is not None]
+        places = [source.location(t).path for t in tensors]  # all validated before anything is linked
+    finally:
+        source.close()
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
+    names: dict[Path, str] = {}
+    for real in places:
+        if real in names:
+            continue
+        name = names[real] = f"data{len(names)}.bin"
+        # onnxruntime refuses data paths that resolve outside the model's folder (symlinks too):
+        # a hard link where the filesystem allows, else a copy.
+        try:
+            os.link(real, tmp / name)
+        except OSError:
+            if not copy:
+                return None
+            shutil.copyfile(real, tmp / name)
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    for t, real in zip([t for t in copied.graph.initializer if external_location(t) is not None], places, strict=True):
         for e in t.external_data:
             if e.key == "location":
-                e.value = name
-    source.close()
-    (tmp / "model.onnx").write_bytes(copy.SerializeToString())
+                e.value = names[real]
+    (tmp / "model.onnx").write_bytes(copied.SerializeToString())
     return str(tmp / "model.onnx")
