@@ -5,7 +5,8 @@ interleaved, each as a whole process timed from outside, with its peak resident 
 
 * ``verify``: ``bnfold verify ORIGINAL FOLDED`` at its defaults (3 samples, the baseline on);
 * ``one session``: a process that loads the original in one onnxruntime session (optimizations off)
-  and runs it on the same 3 samples: the memory floor of any verification;
+  by its path, as a user's script would, and runs it on the same 3 samples (verify hands onnxruntime
+  inline weights to map instead: the README says what that changes);
 * ``basic session``: the same at onnxruntime's BASIC level, the baseline's session: its own Conv+BN
   fusion makes new weights, so it is the largest session verify needs;
 * ``bare runs``: a process doing the onnxruntime work verify needs, one session after another: the

@@ -304,6 +304,27 @@ def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     assert layered and len(copies) == 3 and all(ino is not None and ino not in inode for _, ino in copies), seen
 
 
+def test_separate_data_files_are_not_linked_for_an_unchanged_graph(tmp_path, monkeypatch):
+    """onnxruntime maps a separate data file from the model's path already; a link would give it a
+    second name while verify runs, and a check of it by another bnfold process would refuse it."""
+    import bnfold.verification.stages as stages
+
+    model = resnet_bottleneck(c=32)
+    folded, _ = bnfold.fold(model)
+    original, candidate = tmp_path / "orig.onnx", tmp_path / "folded.onnx"
+    for proto, path in ((model, original), (folded, candidate)):
+        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+    real, seen = stages.make_session, []
+
+    def recorded(source, *args, **kwargs):
+        seen.append((source, (tmp_path / "orig.onnx.data").stat().st_nlink))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "make_session", recorded)
+    assert bnfold.verify(original, candidate, dims={"N": 2})
+    assert seen == [(str(original), 1), (str(original), 1), (str(candidate), 1)]
+
+
 def test_kept_values_spill_to_a_folder_and_give_the_same_verdict(monkeypatch):
     import bnfold.verification.stages as stages
 

@@ -90,17 +90,16 @@ def _has_external(model: onnx.ModelProto) -> bool:
 
 
 def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, stack: ExitStack) -> str | bytes:
-    """What onnxruntime loads. Where weights lie in files (external data, or large weights left in
-    the input file), a temporary copy of the graph whose data files are hard-linked beside it:
-    onnxruntime maps such data instead of reading it into its heap (on ResNet-50 with its weights in
-    the model file, 197 against 212 MiB unoptimized and 231 against 320 MiB at its BASIC level,
-    where its fusion keeps both the parsed weights and the fused ones). Where a link cannot be made
-    (another filesystem), the file itself when untouched, else a copy of the data files. Else the
-    file itself when untouched, or the bytes. Each data file is validated first (inside the model's
-    folder) and linked under a name of our own, so nothing is created outside the temporary folder
-    whatever the model names."""
+    """What onnxruntime loads. Where large weights were left in the model file when it was read, a
+    temporary graph whose data file is a hard link to that file: onnxruntime maps the weights instead
+    of parsing them into its heap (on ResNet-50, 197 against 212 MiB unoptimized and 231 against 320
+    MiB at its BASIC level, where its fusion keeps both the parsed weights and the fused ones).
+    Where the graph changed and its weights lie in files, the same with every data file linked, or
+    copied where no link can be made (another filesystem). Else the file itself when untouched, or
+    the bytes. Each data file is validated first (inside the model's folder) and linked under a name
+    of our own, so nothing is created outside the temporary folder whatever the model names."""
     if path is not None and _has_external(model):
-        linked = _linked(model, path, stack, copy=changed)
+        linked = _linked(model, path, stack, changed)
         if linked is not None:
             return linked
     if path is not None and not changed:
@@ -109,15 +108,19 @@ def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, sta
     return data
 
 
-def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, copy: bool) -> str | None:
-    """The temporary copy of :func:`session_source`; None where a data file cannot be linked and
-    ``copy`` is false."""
+def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, changed: bool) -> str | None:
+    """The temporary copy of :func:`session_source`. Of an unchanged graph only where its weights
+    lie in the model file itself, and only by a link (else None): onnxruntime maps separate data
+    files from the model's path already, and a link would give such a file a second name while
+    verify runs, which a check of it by another process refuses."""
     source = Source(path.parent, model_file=path)
     try:
         tensors = [t for t in model.graph.initializer if external_location(t) is not None]
         places = [source.location(t).path for t in tensors]  # all validated before anything is linked
     finally:
         source.close()
+    if not changed and any(real != path.resolve() for real in places):
+        return None
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
     names: dict[Path, str] = {}
     for real in places:
@@ -129,7 +132,7 @@ def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, copy: bool) ->
         try:
             os.link(real, tmp / name)
         except OSError:
-            if not copy:
+            if not changed:
                 return None
             shutil.copyfile(real, tmp / name)
     copied = onnx.ModelProto()
