@@ -363,7 +363,7 @@ def _release_memory() -> None:
     """After each session, give the memory it freed back to the system before the next one loads:
     glibc keeps freed memory for the process otherwise, and the next session, whose weights are
     mapped from their file (:func:`.sessions.session_source`) rather than allocated, would add to it.
-    On ResNet-50: 272 against 324 MiB at the peak, for 2% of verify's time."""
+    On ResNet-50: 270-276 against 303-324 MiB at the peak, with no change of time above the noise."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
