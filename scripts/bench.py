@@ -13,6 +13,7 @@ nodes left, and the ratio of the median to onnxruntime's.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import shutil
@@ -245,6 +246,16 @@ TIMER = (
 )
 
 
+def work_folder(given: str | None, prefix: str) -> Path:
+    """The folder the user named, or a temporary one that is removed when the script ends."""
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        return Path(given)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def run_once(cmd, timeout):
     """(wall seconds, peak RSS in MiB, ok) of one whole process."""
     try:
@@ -381,8 +392,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary folder)")
     args = ap.parse_args()
     tools = available([t for t in args.tools.split(",") if t in TOOLS])
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bnfold-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.workdir, "bnfold-bench-")
     byte_compile_bnfold()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -440,8 +450,6 @@ def main() -> None:
     for model, tool, med, *_ in rows:
         if tool == "cp" and med and (model, "bnfold") in by and by[(model, "bnfold")]:
             print(f"bnfold {model} / copying its files: {by[(model, 'bnfold')] / med:.2f}x")
-    if not args.workdir:
-        shutil.rmtree(work)
 
 
 if __name__ == "__main__":

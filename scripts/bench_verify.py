@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from bench import resnet50, run_once, write_external  # noqa: E402
+from bench import resnet50, run_once, work_folder, write_external  # noqa: E402
 
 BARE = """
 import sys, numpy as np, onnx, onnxruntime as ort
@@ -74,8 +73,7 @@ def main() -> None:
     ap.add_argument("--external-gb", type=float, default=2.5)
     ap.add_argument("--work", default=None, help="folder for the models (default: a temporary one)")
     args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="bnfold-bench-verify-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "bnfold-bench-verify-")
     py = sys.executable
     print(f"{args.runs} runs each, interleaved; peak RSS of each whole process")
     print(f"| {'model':12} | {'process':13} | {'median s':>9} | {'peak RSS MiB':>12} |")

@@ -68,12 +68,13 @@ def error(ref32: onnx.ModelProto, model: onnx.ModelProto) -> float:
 
 
 def onnxruntime_fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    path = Path(tempfile.mkdtemp()) / "ort.onnx"
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = str(path)
-    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return onnx.load(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ort.onnx"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(path)
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(str(path))
 
 
 def peers() -> dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
+from bench import work_folder  # noqa: E402
 from test_calibrated import NETWORKS, onnxruntime_fusion  # noqa: E402
 
 import bnfold  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160, help="--zoo: input height and width")
     ap.add_argument("--images", action="store_true", help="--zoo: verify on images like the calibration's")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bnfold-criterion-"))
+    work = work_folder(None, "bnfold-criterion-")
     networks = zoo_networks(args.zoo, args.size, work, args.images) if args.zoo else suite_networks(work)
     print(
         f"| model | BNs | floor | bound | bnfold fold | onnxruntime fusion | {' | '.join(CHANNELS)} | {EPSILON} "
