@@ -268,6 +268,7 @@ def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     against 320 MiB). Where no link can be made: the file as written, or a copy of the data where
     the graph changed (--per-layer's declared outputs). The verdict's numbers are the same."""
     import os
+    import tempfile
 
     import bnfold.io.load
     import bnfold.verification.stages as stages
@@ -298,6 +299,15 @@ def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     seen.clear()
     assert bnfold.verify(original, candidate, dims={"N": 2}).to_dict() == mapped
     assert [source for source, _ in seen] == [str(original), str(original), str(candidate)]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # no temporary folder can be made: the files as written too
+        m.setattr(tempfile, "mkdtemp", full_disk)
+        seen.clear()
+        assert bnfold.verify(original, candidate, dims={"N": 2}).to_dict() == mapped
+        assert [source for source, _ in seen] == [str(original), str(original), str(candidate)]
     seen.clear()
     layered = bnfold.verify(original, candidate, dims={"N": 2}, per_layer=True)
     copies = [(source, ino) for source, ino in seen if Path(source).parent != tmp_path]

@@ -110,9 +110,10 @@ def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, sta
 
 def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, changed: bool) -> str | None:
     """The temporary copy of :func:`session_source`. Of an unchanged graph only where its weights
-    lie in the model file itself, and only by a link (else None): onnxruntime maps separate data
-    files from the model's path already, and a link would give such a file a second name while
-    verify runs, which a check of it by another process refuses."""
+    lie in the model file itself, and only where a link and the temporary folder can be made (else
+    None: the file as written does): onnxruntime maps separate data files from the model's path
+    already, and a link would give such a file a second name while verify runs, which a check of it
+    by another process refuses."""
     source = Source(path.parent, model_file=path)
     try:
         tensors = [t for t in model.graph.initializer if external_location(t) is not None]
@@ -121,6 +122,17 @@ def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, changed: bool)
         source.close()
     if not changed and any(real != path.resolve() for real in places):
         return None
+    try:
+        return _write_linked(model, places, stack, copy=changed)
+    except OSError:
+        if changed:
+            raise
+        return None  # no temporary folder, link or room (a full disk, say): the file as written
+
+
+def _write_linked(model: onnx.ModelProto, places: list[Path], stack: ExitStack, copy: bool) -> str:
+    """The temporary folder of :func:`_linked`: each data file linked (or copied, with ``copy``)
+    under a name of our own, and the graph pointing at them."""
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-")))
     names: dict[Path, str] = {}
     for real in places:
@@ -132,8 +144,8 @@ def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, changed: bool)
         try:
             os.link(real, tmp / name)
         except OSError:
-            if not changed:
-                return None
+            if not copy:
+                raise
             shutil.copyfile(real, tmp / name)
     copied = onnx.ModelProto()
     copied.CopyFrom(model)
