@@ -314,6 +314,35 @@ def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     assert layered and len(copies) == 3 and all(ino is not None and ino not in inode for _, ino in copies), seen
 
 
+def test_a_model_file_that_is_a_link_is_mapped_from_its_target(tmp_path, monkeypatch):
+    """The model file may be a link to anywhere (the user named it): the weights left in it are read
+    from its target, with and without --per-layer (which refused such a model before: 'leads out of
+    the model's folder')."""
+    import bnfold.io.load
+    import bnfold.verification.stages as stages
+
+    monkeypatch.setattr(bnfold.io.load, "SCAN_BYTES", 0)
+    model = resnet_bottleneck(c=32)
+    folded, _ = bnfold.fold(model)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "work").mkdir()
+    target, link, candidate = tmp_path / "cache" / "m.onnx", tmp_path / "work" / "m.onnx", tmp_path / "work" / "f.onnx"
+    onnx.save(model, str(target))
+    onnx.save(folded, str(candidate))
+    link.symlink_to(target)
+    real, inodes = stages.make_session, []
+
+    def recorded(source, *args, **kwargs):
+        data = Path(source).with_name("data0.bin")
+        inodes.append(data.stat().st_ino if data.exists() else None)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "make_session", recorded)
+    assert bnfold.verify(link, candidate, dims={"N": 2})
+    assert bnfold.verify(link, candidate, dims={"N": 2}, per_layer=True)
+    assert inodes.count(target.stat().st_ino) == 4, inodes  # reference and baseline, twice
+
+
 def test_separate_data_files_are_not_linked_for_an_unchanged_graph(tmp_path, monkeypatch):
     """onnxruntime maps a separate data file from the model's path already; a link would give it a
     second name while verify runs, and a check of it by another bnfold process would refuse it."""

@@ -114,9 +114,12 @@ def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, changed: bool)
     None: the file as written does): onnxruntime maps separate data files from the model's path
     already, and a link would give such a file a second name while verify runs, which a check of it
     by another process refuses."""
-    source = Source(path.parent, model_file=path)
+    tensors = [t for t in model.graph.initializer if external_location(t) is not None]
+    # Weights left in the model file when it was read name the file itself (io.load.parse): they are
+    # read from the file the user named, wherever a link to it leads, as when it was opened.
+    inline = {t.name for t in tensors if (external_location(t) or {}).get("location") == path.name}
+    source = Source(path.parent, inline, path)
     try:
-        tensors = [t for t in model.graph.initializer if external_location(t) is not None]
         places = [source.location(t).path for t in tensors]  # all validated before anything is linked
     finally:
         source.close()
