@@ -22,12 +22,16 @@ from onnx import numpy_helper
 from ..proto import ONNX_DOMAINS, constant_node_value
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def _constants(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, np.ndarray]:
+    """The values of the graph's constants named in ``wanted`` (initializers held in the model,
+    Constant nodes): only those, as a graph of many layers would spend a second on the others."""
     values = {
-        t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
+        t.name: numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.name in wanted and t.data_location != onnx.TensorProto.EXTERNAL
     }
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS and node.output:
+        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS and node.output and node.output[0] in wanted:
             value = constant_node_value(node)
             if value is not None:
                 values[node.output[0]] = value
@@ -55,7 +59,10 @@ def fed_quantizers(original: onnx.ModelProto, candidate: onnx.ModelProto) -> lis
     and output names, equal constant scale and zero point, the same attributes. Quantizers of
     constants (a weight's) and those feeding graph outputs are not fed."""
     ref_q, cand_q = _quantizers(original.graph), _quantizers(candidate.graph)
-    ref_c, cand_c = _constants(original.graph), _constants(candidate.graph)
+    if not ref_q or not cand_q:
+        return []
+    wanted = {name for node in [*ref_q.values(), *cand_q.values()] for name in node.input[:3] if name}
+    ref_c, cand_c = _constants(original.graph, wanted), _constants(candidate.graph, wanted)
     outputs = {o.name for o in original.graph.output} | {o.name for o in candidate.graph.output}
     fed = []
     for out, node in ref_q.items():
