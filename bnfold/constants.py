@@ -157,15 +157,19 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _quantization_params(node: onnx.NodeProto, ops: list[Any]) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-    """scale, zero point and axis of a (De)QuantizeLinear computed here: per tensor or per axis
-    (blocked quantization, opset 21's block_size, is left to the runtime)."""
+    """scale, zero point and axis of a (De)QuantizeLinear computed here: per tensor or per axis, one
+    scale per slice of the input along the axis (blocked quantization, opset 21's block_size, is left
+    to the runtime)."""
     if attr(node, "block_size", 0) or len(ops) < 2:
         return None
-    scale = ops[1].value
+    x, scale = ops[0].value, ops[1].value
     zero_point = ops[2].value if len(ops) > 2 and ops[2] is not None else None
     if scale.ndim > 1 or (zero_point is not None and zero_point.shape != scale.shape):
         return None
-    return scale, zero_point, int(attr(node, "axis", 1))
+    axis = int(attr(node, "axis", 1))
+    if scale.ndim and (not x.ndim or x.shape[axis % x.ndim] != scale.size):
+        return None
+    return scale, zero_point, axis
 
 
 def _dequantize(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | None:
@@ -174,8 +178,6 @@ def _dequantize(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray 
     if params is None or x.dtype.type not in INTEGER_TYPES + (np.int32,):
         return None
     scale, zero_point, axis = params
-    if scale.ndim and (not x.ndim or x.shape[axis % x.ndim] != scale.size):
-        return None
     return dequantize(x, scale, zero_point, axis)
 
 
@@ -188,8 +190,6 @@ def _quantize(node: onnx.NodeProto, ops: list[Any], opset: int) -> np.ndarray | 
     to = attr(node, "output_dtype", 0)
     dtype = np_dtype(to) if to else None
     if (dtype or (zero_point.dtype if zero_point is not None else np.dtype(np.uint8))).type not in INTEGER_TYPES:
-        return None
-    if scale.ndim and (not x.ndim or x.shape[axis % x.ndim] != scale.size):
         return None
     return quantize(x, scale, zero_point, axis, dtype)
 
