@@ -90,6 +90,14 @@ def _per_channel(v: np.ndarray, channels: int) -> np.ndarray:
     return np.broadcast_to(v.reshape(-1), (channels,)) if v.size == 1 else v.reshape(-1)
 
 
+def _scaled(scale: np.ndarray, s: np.ndarray, channels: int) -> np.ndarray:
+    """The scale of each of ``channels`` times ``|s|``: computed in float64, cast once to the scale's
+    type."""
+    with np.errstate(all="ignore"):  # a scale past the type's range: check() refuses it
+        out: np.ndarray = (_per_channel(scale.astype(np.float64), channels) * np.abs(s.reshape(-1))).astype(scale.dtype)
+    return out
+
+
 def check(scope: Scope, weight: str, factor: np.ndarray, w_shape: tuple[int, ...], axis: int) -> Reason | None:
     """Why the factor cannot fold into the quantized weight ``weight`` exactly (None: it can): it must
     scale whole slices along the weight's output-channel ``axis`` (its quantization axis, when per
@@ -116,8 +124,7 @@ def check(scope: Scope, weight: str, factor: np.ndarray, w_shape: tuple[int, ...
             f"'{weight}' channel {int(zero[0])}: a factor of 0 would give its DequantizeLinear a zero scale",
         )
     top, tiny, _ = finfo(qw.scale.dtype)
-    with np.errstate(all="ignore"):
-        new = (_per_channel(qw.scale.astype(np.float64), s.size) * np.abs(s)).astype(qw.scale.dtype).astype(np.float64)
+    new = _scaled(qw.scale, s, s.size).astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(new) | (new < tiny) | (new > top))
     if bad.size:
         c = int(bad[0])
@@ -158,7 +165,7 @@ def rewrite_weight(scope: Scope, qw: Quantized, s: np.ndarray, axis: int, label:
     s = per_channel
     negative = s < 0
     ints = _channel_slices(qw.integers, axis, negative)
-    scale = (_per_channel(qw.scale.astype(np.float64), channels) * np.abs(s)).astype(qw.scale.dtype)
+    scale = _scaled(qw.scale, s, channels)
     inputs = [
         index.add_initializer(ints, f"{label}_weight_quantized"),
         index.add_initializer(scale, f"{label}_weight_scale"),
@@ -182,8 +189,7 @@ def _new_dequantizer(scope: Scope, qw: Quantized, inputs: list[str], axis: int, 
 def requantize_bias(qb: Quantized, new_bias: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """The new scale and int32 values of a quantized bias that is to hold ``new_bias``, and the
     largest rounding in steps of the new scale."""
-    channels = new_bias.size
-    scale = (_per_channel(qb.scale.astype(np.float64), channels) * np.abs(s.reshape(-1))).astype(qb.scale.dtype)
+    scale = _scaled(qb.scale, s, new_bias.size)
     with np.errstate(all="ignore"):
         steps = new_bias.reshape(-1) / scale.astype(np.float64)
     ints = np.rint(steps)
