@@ -79,10 +79,10 @@ def _stackable(scope: Scope, chain: Chain) -> tuple[np.ndarray, np.ndarray] | No
         return None
     node = scope.index.node(chain.producer)
     w_name = node.input[chain.target.weight_slot]
-    if scope.index.producer.get(w_name) is not None and scope.constant(w_name) is not None:
-        return None  # computed from constants (a quantized weight, say): folded on its own
     w = scope.constant(w_name)
-    if w is None or w.dtype not in (np.float32, np.float64) or not w.ndim or not w.size or w.nbytes > SMALL_BYTES:
+    if w is None or scope.index.producer.get(w_name) is not None:
+        return None  # computed from constants (a quantized weight, say): folded on its own
+    if w.dtype not in (np.float32, np.float64) or not w.ndim or not w.size or w.nbytes > SMALL_BYTES:
         return None
     factor = chain.target.factor(w, chain.s)
     if factor.shape != (w.shape[0],) + (1,) * (w.ndim - 1):

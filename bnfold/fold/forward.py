@@ -678,7 +678,7 @@ def apply(
         raise ValueError(f"weight '{w_name}' is no longer constant")
     qw = quantized.find(scope, w_name)
     if isinstance(qw, quantized.Quantized):
-        return _rewrite_quantized(scope, chain, qw, w.dtype)
+        return _rewrite_quantized(scope, chain, qw, w)
     if then is not None:
         assert chain.identity is None  # an identity branch's Conv takes no backward fold (plan)
         with np.errstate(all="ignore"):
@@ -698,19 +698,18 @@ def apply(
     return _rewrite(scope, chain, new_w, new_b)
 
 
-def _rewrite_quantized(scope: Scope, chain: Chain, qw: quantized.Quantized, dtype: np.dtype) -> list[str]:
+def _rewrite_quantized(scope: Scope, chain: Chain, qw: quantized.Quantized, w: np.ndarray) -> list[str]:
     """The chain folded into a weight behind a DequantizeLinear: new integers (complemented where
     the factor is negative), scales and zero points; the bias re-quantized where it is int32 behind
-    its own, else float."""
+    its own, else float (of ``w``'s type: the weight's dequantized value)."""
     old, target = scope.index.node(chain.producer), chain.target
     assert chain.s is not None
     label = old.name or old.input[1]
-    w = cast(np.ndarray, scope.constant(old.input[target.weight_slot]))
     s = target.factor(w, chain.s)
     weight = quantized.rewrite_weight(scope, qw, s, target.channel_axis, label)
     b64, b_name = new_bias(scope, old, chain), bias_input(old, target)
     bias = quantized.rewrite_bias(scope, b_name, b64, chain.s, label) if b_name else None
-    return _rewrite(scope, chain, weight, b64.astype(dtype) if bias is None else bias)
+    return _rewrite(scope, chain, weight, b64.astype(w.dtype) if bias is None else bias)
 
 
 def _rewrite(
