@@ -310,16 +310,12 @@ def _echo(lines: list[Line], err: bool = False) -> None:
     columns = terminal.width(sys.stderr if err else sys.stdout)
     for line in lines:
         text = "".join(t for t, _ in line)
+        rows = [line]
         if columns is not None and len(text) > columns:
             style = line[0][1] if line else ""
-            line = [(part, style) for part in terminal.fit(text, columns)]
-            for part, style in line:
-                click.echo(click.style(part, **STYLES[style]) if colour and style in STYLES else part, err=err)
-            continue
-        click.echo(
-            "".join(click.style(t, **STYLES[s]) if colour and s in STYLES else t for t, s in line),
-            err=err,
-        )
+            rows = [[(part, style)] for part in terminal.fit(text, columns)]
+        for row in rows:
+            click.echo("".join(click.style(t, **STYLES[s]) if colour and s in STYLES else t for t, s in row), err=err)
 
 
 def _json_or_quiet(as_json: bool, quiet: bool) -> None:
