@@ -166,12 +166,12 @@ def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prep
     layers = _layers(ref_model, cand_model, cand_path, set(outputs)) if o.per_layer else []
     fed = fed_quantizers(ref_model, cand_model) if o.rtol is None and o.atol is None else []
     layers += [x for x, _ in fed if x not in layers and x not in outputs]
+    fed_outputs = [q for _, q in fed]
     reference, compared = ref_model, cand_model
     if layers:
         types = _elem_types(ref_model)
-        extra = layers + [q for _, q in fed]
-        reference, compared = _with_outputs(ref_model, extra, types), _with_outputs(cand_model, layers, types)
-        compared = fed_from_reference(compared, [q for _, q in fed], types)
+        reference = _with_outputs(ref_model, layers + fed_outputs, types)
+        compared = fed_from_reference(_with_outputs(cand_model, layers, types), fed_outputs, types)
     report = _new_report(o, providers)
     _note_outputs(report, outputs, [out.name for out in cand_model.graph.output])
     if fed:
@@ -179,9 +179,9 @@ def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prep
             f"quantized activations: the candidate takes the integers of {len(fed)} QuantizeLinear output(s) from the "
             "original, so that each segment between quantizers is compared on its own; their inputs are compared per channel"
         )
-    prepared = Prepared(o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report)
-    prepared.fed = [q for _, q in fed]
-    return prepared
+    return Prepared(
+        o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report, fed_outputs
+    )
 
 
 # -- run -----------------------------------------------------------------------------------------
