@@ -89,17 +89,20 @@ def _has_external(model: onnx.ModelProto) -> bool:
     return any(external_location(t) is not None for t in model.graph.initializer)
 
 
-def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, stack: ExitStack) -> str | bytes:
-    """What onnxruntime loads. Where large weights were left in the model file when it was read, a
-    temporary graph whose data file is a hard link to that file: onnxruntime maps the weights instead
-    of parsing them into its heap (on ResNet-50, 197 against 212 MiB unoptimized and 231 against 320
-    MiB at its BASIC level, where its fusion keeps both the parsed weights and the fused ones).
-    Where the graph changed and its weights lie in files, the same with every data file linked, or
-    copied where no link can be made (another filesystem). Else the file itself when untouched, or
-    the bytes. Each data file is validated first (inside the model's folder) and linked under a name
-    of our own, so nothing is created outside the temporary folder whatever the model names."""
-    if path is not None and _has_external(model):
-        linked = _linked(model, path, stack, changed)
+def session_source(model: onnx.ModelProto, source: Source | None, changed: bool, stack: ExitStack) -> str | bytes:
+    """What onnxruntime loads of a model opened from ``source`` (None: a proto in memory). Where
+    large weights were left in the model file when it was read, a temporary graph whose data file is
+    a hard link to that file: onnxruntime maps the weights instead of parsing them into its heap (on
+    ResNet-50, 197 against 212 MiB unoptimized and 231 against 320 MiB at its BASIC level, where its
+    fusion keeps both the parsed weights and the fused ones). Where the graph changed and its
+    weights lie in files, the same with every data file linked, or copied where no link can be made
+    (another filesystem). Else the file itself when untouched, or the bytes. Each data file is where
+    ``source`` validated it when the model was opened (inside the model's folder; the model file
+    itself wherever a link to it leads) and is linked under a name of our own, so nothing is created
+    outside the temporary folder whatever the model names."""
+    path = source.model_file if source is not None else None
+    if source is not None and path is not None and _has_external(model):
+        linked = _linked(model, source, path, stack, changed)
         if linked is not None:
             return linked
     if path is not None and not changed:
@@ -108,21 +111,13 @@ def session_source(model: onnx.ModelProto, path: Path | None, changed: bool, sta
     return data
 
 
-def _linked(model: onnx.ModelProto, path: Path, stack: ExitStack, changed: bool) -> str | None:
+def _linked(model: onnx.ModelProto, source: Source, path: Path, stack: ExitStack, changed: bool) -> str | None:
     """The temporary copy of :func:`session_source`. Of an unchanged graph only where its weights
     lie in the model file itself, and only where a link and the temporary folder can be made (else
     None: the file as written does): onnxruntime maps separate data files from the model's path
     already, and a link would give such a file a second name while verify runs, which a check of it
     by another process refuses."""
-    tensors = [t for t in model.graph.initializer if external_location(t) is not None]
-    # Weights left in the model file when it was read name the file itself (io.load.parse): they are
-    # read from the file the user named, wherever a link to it leads, as when it was opened.
-    inline = {t.name for t in tensors if (external_location(t) or {}).get("location") == path.name}
-    source = Source(path.parent, inline, path)
-    try:
-        places = [source.location(t).path for t in tensors]  # all validated before anything is linked
-    finally:
-        source.close()
+    places = [source.location(t).path for t in model.graph.initializer if external_location(t) is not None]
     if not changed and any(real != path.resolve() for real in places):
         return None
     try:

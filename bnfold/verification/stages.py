@@ -21,6 +21,7 @@ from ..errors import BnfoldError
 from ..io.arrays import write_npz
 from ..io.load import ModelLike, open_model
 from ..io.save import check_destination
+from ..io.tensors import Source
 from ..options import PROVIDERS, VerifyOptions
 from ..proto import is_batchnorm
 from ..report import ErrorStats, VerifyReport
@@ -43,9 +44,9 @@ class Prepared:
     providers: list[str]  # onnxruntime's names
     reference: onnx.ModelProto  # the original, with the BN outputs compared per layer declared as outputs
     original: onnx.ModelProto  # the original as written (onnxruntime's own fusion of it is the floor)
-    original_path: Path | None
+    original_source: Source | None  # where its weights are read from (None: a proto in memory)
     candidate: onnx.ModelProto
-    candidate_path: Path | None
+    candidate_source: Source | None
     outputs: list[str]  # the original's outputs, compared by name
     layers: list[str]  # BN outputs compared with per_layer, and the inputs of fed quantizers
     report: VerifyReport
@@ -67,13 +68,13 @@ class Tally:
 # -- prepare -------------------------------------------------------------------------------------
 
 
-def _proto_and_path(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, set[Path]]:
-    """The model, its path, and the resolved paths of its file and data files (never overwritten)."""
+def _proto_and_source(model: ModelLike) -> tuple[onnx.ModelProto, Source | None, set[Path]]:
+    """The model, the source of its weights (None for a proto), and the resolved paths of its file
+    and data files (never overwritten)."""
     if isinstance(model, onnx.ModelProto):
         return model, None, set()
     proto, source = open_model(model)
-    path = Path(model)
-    return proto, path, {path.resolve()} | source.files()
+    return proto, source, {Path(model).resolve()} | source.files()
 
 
 def check_save_paths(options: VerifyOptions, protected: Iterable[Path]) -> None:
@@ -111,12 +112,12 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.output) + list(g.input)}
 
 
-def _layers(ref: onnx.ModelProto, cand: onnx.ModelProto, cand_path: Path | None, outputs: set[str]) -> list[str]:
+def _layers(ref: onnx.ModelProto, cand: onnx.ModelProto, cand_source: Source | None, outputs: set[str]) -> list[str]:
     """The BN outputs compared per layer: those both models compute and that are not outputs already.
     The candidate must load as written first (with more outputs declared it may load where it does
     not: an output's declared type replaces a stale value_info entry)."""
     with ExitStack() as stack:
-        make_session(session_source(cand, cand_path, False, stack))
+        make_session(session_source(cand, cand_source, False, stack))
     # A BN folded backward or lowered leaves no tensor of its own name: only names both have count.
     produced = {name for n in cand.graph.node for name in n.output}
     return [n for n in _bn_outputs(ref) if n in produced and n not in outputs]
@@ -155,15 +156,15 @@ def _note_outputs(report: VerifyReport, outputs: list[str], candidate_outputs: l
 def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prepared:
     """Load both models, refuse what onnxruntime must not see, and decide what is compared."""
     providers = check_providers(o.providers)
-    ref_model, ref_path, ref_files = _proto_and_path(original)
-    cand_model, cand_path, cand_files = _proto_and_path(candidate)
+    ref_model, ref_source, ref_files = _proto_and_source(original)
+    cand_model, cand_source, cand_files = _proto_and_source(candidate)
     check_save_paths(o, ref_files | cand_files)
     for which, model in (("the original", ref_model), ("the candidate", cand_model)):
         problem = inconsistency(model)  # before onnxruntime sees it: some releases crash on such graphs
         if problem:
             raise BnfoldError(f"{which} is not a consistent graph: {problem}")
     outputs = [out.name for out in ref_model.graph.output]
-    layers = _layers(ref_model, cand_model, cand_path, set(outputs)) if o.per_layer else []
+    layers = _layers(ref_model, cand_model, cand_source, set(outputs)) if o.per_layer else []
     fed = fed_quantizers(ref_model, cand_model) if o.rtol is None and o.atol is None else []
     layers += [x for x, _ in fed if x not in layers and x not in outputs]
     fed_outputs = [q for _, q in fed]
@@ -180,7 +181,7 @@ def prepare(original: ModelLike, candidate: ModelLike, o: VerifyOptions) -> Prep
             "original, so that each segment between quantizers is compared on its own; their inputs are compared per channel"
         )
     return Prepared(
-        o, providers, reference, ref_model, ref_path, compared, cand_path, outputs, layers, report, fed_outputs
+        o, providers, reference, ref_model, ref_source, compared, cand_source, outputs, layers, report, fed_outputs
     )
 
 
@@ -267,7 +268,7 @@ def _spans(tally: Tally, values: Mapping[str, np.ndarray]) -> None:
 
 def _reference_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) -> list[str]:
     """Run the reference on every sample, keeping its values; returns its output names."""
-    ref = make_session(session_source(p.reference, p.original_path, bool(p.layers), stack))
+    ref = make_session(session_source(p.reference, p.original_source, bool(p.layers), stack))
     names = [out.name for out in ref.get_outputs()]
     for feeds in _feeds(p.reference, p.options):
         values = _run(ref, feeds, "the original", functools.partial(_inputs_used, p, feeds))
@@ -289,7 +290,7 @@ def _baseline_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) ->
     by rounding would count as the floor there."""
     layers = not p.fed and bool(p.layers)
     model = p.reference if layers else p.original  # the reference: the original with the layers declared
-    base = make_session(session_source(model, p.original_path, layers, stack), level="basic")
+    base = make_session(session_source(model, p.original_source, layers, stack), level="basic")
     channels = set(p.layers) if layers else set()
     for k in range(kept.count):
         feeds, ref_vals = kept.get(k)
@@ -300,7 +301,7 @@ def _baseline_phase(p: Prepared, tally: Tally, kept: _Kept, stack: ExitStack) ->
 def _candidate_phase(p: Prepared, tally: Tally, kept: _Kept, provider: str, stack: ExitStack) -> list[str]:
     """Run the candidate on ``provider`` on every sample, comparing; returns its output names."""
     o = p.options
-    source = session_source(p.candidate, p.candidate_path, bool(p.layers or p.fed), stack)
+    source = session_source(p.candidate, p.candidate_source, bool(p.layers or p.fed), stack)
     sess = make_session(source, provider, o.graph_optimization, o.allow_tf32)
     fed = set(p.fed)
     for k in range(kept.count):
