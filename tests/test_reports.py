@@ -262,6 +262,27 @@ def test_freed_memory_goes_back_to_the_system_after_each_session(monkeypatch):
     assert trims == [0, 0]
 
 
+def _record_sessions(monkeypatch, what):
+    """``what(source)`` of each onnxruntime session verify makes, taken as it is made (a temporary
+    folder it loads from is gone afterwards)."""
+    import bnfold.verification.stages as stages
+
+    real, seen = stages.make_session, []
+
+    def recorded(source, *args, **kwargs):
+        seen.append(what(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "make_session", recorded)
+    return seen
+
+
+def _data_inode(source):
+    """The inode of the data file beside a temporary graph verify wrote (None: it loads a model as written)."""
+    data = Path(source).with_name("data0.bin")
+    return data.stat().st_ino if data.exists() else None
+
+
 def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     """onnxruntime loads a temporary graph whose data file is a hard link to the model file, so that
     it maps the weights rather than reading them into its heap (ResNet-50 at the BASIC level: 231
@@ -271,7 +292,6 @@ def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     import tempfile
 
     import bnfold.io.load
-    import bnfold.verification.stages as stages
 
     monkeypatch.setattr(bnfold.io.load, "SCAN_BYTES", 0)  # weights stay in the file from 64 MiB on
     model = resnet_bottleneck(c=32)  # 128 x 32 weights: large enough to stay in the file
@@ -279,14 +299,7 @@ def test_sessions_map_the_weights_left_in_the_model_file(tmp_path, monkeypatch):
     original, candidate = tmp_path / "orig.onnx", tmp_path / "folded.onnx"
     onnx.save(model, str(original))
     onnx.save(folded, str(candidate))
-    real, seen = stages.make_session, []
-
-    def recorded(source, *args, **kwargs):
-        data = Path(source).with_name("data0.bin")
-        seen.append((source, data.stat().st_ino if data.exists() else None))
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(stages, "make_session", recorded)
+    seen = _record_sessions(monkeypatch, lambda source: (source, _data_inode(source)))
     inode = {original.stat().st_ino: "original", candidate.stat().st_ino: "candidate"}
     mapped = bnfold.verify(original, candidate, dims={"N": 2}).to_dict()
     assert [inode.get(ino) for _, ino in seen] == ["original", "original", "candidate"], seen
@@ -319,7 +332,6 @@ def test_a_model_file_that_is_a_link_is_mapped_from_its_target(tmp_path, monkeyp
     from its target, with and without --per-layer (which refused such a model before: 'leads out of
     the model's folder')."""
     import bnfold.io.load
-    import bnfold.verification.stages as stages
 
     monkeypatch.setattr(bnfold.io.load, "SCAN_BYTES", 0)
     model = resnet_bottleneck(c=32)
@@ -330,14 +342,7 @@ def test_a_model_file_that_is_a_link_is_mapped_from_its_target(tmp_path, monkeyp
     onnx.save(model, str(target))
     onnx.save(folded, str(candidate))
     link.symlink_to(target)
-    real, inodes = stages.make_session, []
-
-    def recorded(source, *args, **kwargs):
-        data = Path(source).with_name("data0.bin")
-        inodes.append(data.stat().st_ino if data.exists() else None)
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(stages, "make_session", recorded)
+    inodes = _record_sessions(monkeypatch, _data_inode)
     assert bnfold.verify(link, candidate, dims={"N": 2})
     assert bnfold.verify(link, candidate, dims={"N": 2}, per_layer=True)
     assert inodes.count(target.stat().st_ino) == 4, inodes  # reference and baseline, twice
@@ -346,20 +351,12 @@ def test_a_model_file_that_is_a_link_is_mapped_from_its_target(tmp_path, monkeyp
 def test_separate_data_files_are_not_linked_for_an_unchanged_graph(tmp_path, monkeypatch):
     """onnxruntime maps a separate data file from the model's path already; a link would give it a
     second name while verify runs, and a check of it by another bnfold process would refuse it."""
-    import bnfold.verification.stages as stages
-
     model = resnet_bottleneck(c=32)
     folded, _ = bnfold.fold(model)
     original, candidate = tmp_path / "orig.onnx", tmp_path / "folded.onnx"
     for proto, path in ((model, original), (folded, candidate)):
         onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
-    real, seen = stages.make_session, []
-
-    def recorded(source, *args, **kwargs):
-        seen.append((source, (tmp_path / "orig.onnx.data").stat().st_nlink))
-        return real(source, *args, **kwargs)
-
-    monkeypatch.setattr(stages, "make_session", recorded)
+    seen = _record_sessions(monkeypatch, lambda source: (source, (tmp_path / "orig.onnx.data").stat().st_nlink))
     assert bnfold.verify(original, candidate, dims={"N": 2})
     assert seen == [(str(original), 1), (str(original), 1), (str(candidate), 1)]
 
